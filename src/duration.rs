@@ -1,0 +1,84 @@
+//! Durations as users write them in the config file: an integer and one unit, `s`, `m`, `h` or
+//! `d` (`0s`, `90m`, `30d`). A day is a fixed 24 hours: rotation intervals are elapsed time, not
+//! calendar arithmetic, so a DST change never makes a key rotate an hour early or late.
+
+use jiff::SignedDuration;
+
+/// Parses `30d`, `12h`, `90m`, `45s`. Anything else is an error message fit for a diagnostic.
+pub fn parse(text: &str) -> Result<SignedDuration, String> {
+    let t = text.trim();
+    let bad = || {
+        format!("invalid duration `{text}`: expected an integer and a unit s, m, h or d (e.g. 30d, 12h, 90m, 45s)")
+    };
+    let unit = t.chars().last().ok_or_else(bad)?;
+    let digits = &t[..t.len() - unit.len_utf8()];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: i64 = digits.parse().map_err(|_| bad())?;
+    let secs_per = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(bad()),
+    };
+    let secs = n.checked_mul(secs_per).ok_or_else(bad)?;
+    Ok(SignedDuration::from_secs(secs))
+}
+
+/// Renders a duration the way users write them: the largest unit that divides it exactly.
+pub fn format(d: SignedDuration) -> String {
+    let s = d.as_secs();
+    if s != 0 && s % 86_400 == 0 {
+        format!("{}d", s / 86_400)
+    } else if s != 0 && s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s != 0 && s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Renders an age or distance approximately, for humans: `31d`, `5h`, `12m`, `40s`.
+pub fn humanize(d: SignedDuration) -> String {
+    let s = d.as_secs().abs();
+    if s >= 86_400 {
+        format!("{}d", s / 86_400)
+    } else if s >= 3600 {
+        format!("{}h", s / 3600)
+    } else if s >= 60 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_unit() {
+        assert_eq!(parse("0s").unwrap().as_secs(), 0);
+        assert_eq!(parse("45s").unwrap().as_secs(), 45);
+        assert_eq!(parse("90m").unwrap().as_secs(), 5400);
+        assert_eq!(parse("12h").unwrap().as_secs(), 43_200);
+        assert_eq!(parse("30d").unwrap().as_secs(), 2_592_000);
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        for bad in ["", "d", "30", "30w", "-5s", "1.5h", "30 d", "3d4h", "99999999999999999999d"] {
+            assert!(parse(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn format_round_trips() {
+        for text in ["0s", "45s", "90m", "12h", "30d"] {
+            assert_eq!(format(parse(text).unwrap()), text);
+        }
+    }
+}

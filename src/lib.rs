@@ -1,0 +1,17 @@
+//! keyward: keeps service users and their API keys at SaaS providers (ngrok, Okta ASA) in the
+//! state one YAML file declares, delivering every new secret to a sink before anything it
+//! replaces is revoked.
+//!
+//! The flow is one direction: config → desired, providers → observed, state dir → state; the pure
+//! planner turns those into a [`plan::Plan`], which is rendered or executed by [`apply`].
+
+pub mod apply;
+pub mod cli;
+pub mod config;
+pub mod duration;
+pub mod model;
+pub mod plan;
+pub mod providers;
+pub mod sandbox;
+pub mod sinks;
+pub mod state;

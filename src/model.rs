@@ -1,0 +1,135 @@
+//! Provider-neutral types shared by the planner, the providers, the executor and the state:
+//! what a remote service user and a remote key look like once a provider has listed them.
+//! Nothing here knows a provider's wire format.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// The kind of provider account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ProviderType {
+    #[serde(rename = "ngrok")]
+    Ngrok,
+    #[serde(rename = "okta-asa")]
+    OktaAsa,
+}
+
+impl ProviderType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderType::Ngrok => "ngrok",
+            ProviderType::OktaAsa => "okta-asa",
+        }
+    }
+}
+
+impl fmt::Display for ProviderType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a key slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyKind {
+    /// ngrok API key, or an ASA service-user API key.
+    ApiKey,
+    /// ngrok credential (agent authtoken).
+    Credential,
+}
+
+impl KeyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::ApiKey => "api_key",
+            KeyKind::Credential => "credential",
+        }
+    }
+}
+
+impl fmt::Display for KeyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A service user as listed at the provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteUser {
+    pub id: String,
+    pub name: String,
+    pub active: bool,
+    /// ASA's soft-deleted users keep their name reserved; ngrok has no such state.
+    pub deleted: bool,
+    pub created_at: Option<Timestamp>,
+}
+
+/// A key (API key or credential) as listed at the provider. Never carries a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteKey {
+    pub id: String,
+    pub kind: KeyKind,
+    /// The owning service user's id; `None` for keys owned by a human or the account.
+    pub owner_id: Option<String>,
+    pub description: String,
+    /// ngrok's free-form metadata string; keyward's tag lives here.
+    pub metadata: String,
+    pub created_at: Timestamp,
+    /// Provider-side expiry (ASA); `None` = never.
+    pub expires_at: Option<Timestamp>,
+}
+
+/// The tag keyward writes into the `metadata` of every ngrok key it creates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyTag {
+    pub managed_by: String,
+    pub slot: String,
+}
+
+impl KeyTag {
+    pub const MANAGED_BY: &'static str = "keyward";
+
+    pub fn new(slot: &str) -> Self {
+        KeyTag {
+            managed_by: Self::MANAGED_BY.to_string(),
+            slot: slot.to_string(),
+        }
+    }
+
+    /// The metadata string: `{"managed_by":"keyward","slot":"<slot>"}`.
+    pub fn to_metadata(&self) -> String {
+        serde_json::json!({"managed_by": self.managed_by, "slot": self.slot}).to_string()
+    }
+
+    /// The tag in a key's metadata, if keyward wrote it.
+    pub fn parse(metadata: &str) -> Option<KeyTag> {
+        let tag: KeyTag = serde_json::from_str(metadata).ok()?;
+        (tag.managed_by == Self::MANAGED_BY).then_some(tag)
+    }
+}
+
+/// Everything observed at one provider account: its service users and the keys they own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountSnapshot {
+    pub users: Vec<RemoteUser>,
+    pub keys: Vec<RemoteKey>,
+}
+
+impl AccountSnapshot {
+    pub fn user_by_name(&self, name: &str) -> Option<&RemoteUser> {
+        self.users.iter().find(|u| u.name == name && !u.deleted)
+    }
+
+    pub fn keys_of<'a>(&'a self, user_id: &'a str) -> impl Iterator<Item = &'a RemoteKey> + 'a {
+        self.keys
+            .iter()
+            .filter(move |k| k.owner_id.as_deref() == Some(user_id))
+    }
+}
+
+/// The remote world across every provider account in the config, by account name.
+pub type Observed = BTreeMap<String, AccountSnapshot>;

@@ -1,0 +1,119 @@
+//! The `Provider` trait: the six operations keyward needs from a SaaS account (observe, create /
+//! update / delete a service user, create / revoke a key), and the provider-neutral error that
+//! names provider, operation, user and the provider's own error code. Each API's pagination,
+//! auth, retries and rate limits stay behind this trait.
+
+pub mod http;
+pub mod ngrok;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use secrecy::SecretString;
+
+use crate::config::ProviderAccount;
+use crate::model::{AccountSnapshot, KeyKind, RemoteKey, RemoteUser};
+
+/// What to create a key with.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub kind: KeyKind,
+    pub slot: String,
+    pub description: String,
+    /// The metadata tag (ngrok).
+    pub metadata: String,
+    pub acl: Vec<String>,
+}
+
+/// A key just created: the one moment its secret is known.
+pub struct CreatedKey {
+    pub key: RemoteKey,
+    pub secret: SecretString,
+}
+
+impl fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatedKey")
+            .field("key", &self.key)
+            .field("secret", &"[REDACTED]")
+            .finish()
+    }
+}
+
+/// A provider account keyward can observe and change.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// The account's name in the config.
+    fn name(&self) -> &str;
+    /// Lists every service user and every key owned by one, using list endpoints only.
+    async fn observe(&self) -> Result<AccountSnapshot, ProviderError>;
+    async fn create_user(&self, name: &str, active: bool) -> Result<RemoteUser, ProviderError>;
+    async fn update_user(&self, user: &RemoteUser, active: bool)
+    -> Result<RemoteUser, ProviderError>;
+    async fn delete_user(&self, user: &RemoteUser) -> Result<(), ProviderError>;
+    async fn create_key(&self, user: &RemoteUser, key: &NewKey)
+    -> Result<CreatedKey, ProviderError>;
+    async fn revoke_key(&self, user: &str, key: &RemoteKey) -> Result<(), ProviderError>;
+    /// How many HTTP requests this client has sent (retries included).
+    fn requests_sent(&self) -> u64;
+}
+
+/// Builds the client for one provider account.
+pub fn connect(account: &ProviderAccount, concurrency: usize) -> anyhow::Result<Arc<dyn Provider>> {
+    match account.kind {
+        crate::model::ProviderType::Ngrok => {
+            let _ = concurrency;
+            anyhow::bail!("todo")
+        }
+        crate::model::ProviderType::OktaAsa => {
+            anyhow::bail!("provider {}: okta-asa is not supported by this build yet", account.name)
+        }
+    }
+}
+
+/// Why a provider call failed, in terms a user can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Bad or missing credential, missing permission or plan: fix the config, retrying won't help.
+    Credential,
+    /// 429, 5xx, connection problems: retried with backoff before being reported.
+    Transient,
+    /// Anything else the provider refused (validation, conflict, not found).
+    Rejected,
+}
+
+/// A failed provider call. Never carries a secret: messages are built from the provider's error
+/// body, which echoes no credential.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ProviderError {
+    pub provider: String,
+    pub operation: String,
+    pub user: Option<String>,
+    pub status: Option<u16>,
+    /// The provider's own code, e.g. `ERR_NGROK_4112`.
+    pub code: Option<String>,
+    pub message: String,
+    pub class: ErrorClass,
+}
+
+impl fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "provider {}: {}", self.provider, self.operation)?;
+        if let Some(user) = &self.user {
+            write!(f, " for user {user}")?;
+        }
+        write!(f, " failed")?;
+        match (&self.status, &self.code) {
+            (Some(s), Some(c)) => write!(f, " (HTTP {s}, {c})")?,
+            (Some(s), None) => write!(f, " (HTTP {s})")?,
+            (None, Some(c)) => write!(f, " ({c})")?,
+            (None, None) => {}
+        }
+        write!(f, ": {}", self.message)?;
+        if self.class == ErrorClass::Credential {
+            write!(f, " (check the provider's credential and its permissions)")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! Provider emulators: being written.
