@@ -1,1 +1,472 @@
-//! (being written)
+//! The executor: runs a plan's changes against the providers in dependency order (a user before
+//! its keys, delivery before anything is recorded, a new key before the old one is revoked),
+//! users concurrently up to `settings.concurrency`, and writes the state after every change so
+//! an interrupted or partly failed apply is finished by the next run. It reports precisely what
+//! was done, what failed and what was not attempted.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use futures::StreamExt;
+use jiff::Timestamp;
+use tokio::sync::Mutex;
+
+use crate::config::{Config, SlotSpec};
+use crate::model::{KeyTag, Observed, RemoteKey, RemoteUser};
+use crate::plan::diff::short_id;
+use crate::plan::{Action, Change, Plan};
+use crate::providers::{NewKey, Provider};
+use crate::sinks::{self, SinkDocument};
+use crate::state::{KeyRecord, State, StateDir};
+
+/// How one change ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Done(String),
+    Failed(String),
+    NotAttempted(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ChangeResult {
+    pub change: Change,
+    pub outcome: Outcome,
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub results: Vec<ChangeResult>,
+}
+
+impl Report {
+    pub fn failed(&self) -> usize {
+        self.results
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Failed(_)))
+            .count()
+    }
+
+    pub fn not_attempted(&self) -> usize {
+        self.results
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::NotAttempted(_)))
+            .count()
+    }
+
+    pub fn done(&self) -> usize {
+        self.results
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Done(_)))
+            .count()
+    }
+
+    pub fn ok(&self) -> bool {
+        self.failed() == 0 && self.not_attempted() == 0
+    }
+
+    fn count_done(&self, actions: &[Action]) -> usize {
+        self.results
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Done(_)) && actions.contains(&r.change.action))
+            .count()
+    }
+
+    /// The closing summary, for stdout.
+    pub fn summary(&self) -> String {
+        let counts = format!(
+            "{} created, {} updated, {} rotated, {} revoked, {} deleted",
+            self.count_done(&[Action::CreateUser, Action::CreateKey]),
+            self.count_done(&[Action::UpdateUser]),
+            self.count_done(&[Action::RotateKey]),
+            self.count_done(&[Action::RevokeKey]),
+            self.count_done(&[Action::DeleteUser]),
+        );
+        if self.ok() {
+            return format!("Apply complete: {counts}.\n");
+        }
+        let mut out = format!(
+            "Apply failed: {} of {} changes done ({counts}), {} failed, {} not attempted.\n",
+            self.done(),
+            self.results.len(),
+            self.failed(),
+            self.not_attempted()
+        );
+        for r in &self.results {
+            let what = describe(&r.change);
+            match &r.outcome {
+                Outcome::Failed(e) => out.push_str(&format!("  failed:        {what}: {e}\n")),
+                Outcome::NotAttempted(why) => {
+                    out.push_str(&format!("  not attempted: {what}: {why}\n"))
+                }
+                Outcome::Done(_) => {}
+            }
+        }
+        out.push_str(
+            "Everything done is recorded; run `keyward apply` again to finish the rest.\n",
+        );
+        out
+    }
+}
+
+/// One line naming a change, for progress and reports.
+pub fn describe(c: &Change) -> String {
+    let slot = c.slot.as_deref().unwrap_or("");
+    let what = match c.action {
+        Action::CreateUser => "create service user".to_string(),
+        Action::UpdateUser => "update service user".to_string(),
+        Action::DeleteUser => "delete service user".to_string(),
+        Action::CreateKey => format!("create key {slot}"),
+        Action::RotateKey => format!("rotate key {slot}"),
+        Action::RevokeKey => format!("revoke key {}", c.key_id.as_deref().unwrap_or("")),
+    };
+    format!("{} / {}: {what}", c.provider, c.user)
+}
+
+/// Everything the executor works with.
+pub struct Executor {
+    pub config: Arc<Config>,
+    pub providers: BTreeMap<String, Arc<dyn Provider>>,
+    pub state_dir: StateDir,
+    pub state: Mutex<State>,
+}
+
+/// The per-user context carried across that user's changes.
+struct UserRun {
+    provider: Arc<dyn Provider>,
+    remote: Option<RemoteUser>,
+    keys: Vec<RemoteKey>,
+}
+
+impl Executor {
+    /// Runs `plan`; `observed` is the listing the plan was checked against.
+    pub async fn run(self: &Arc<Self>, plan: &Plan, observed: &Observed) -> Report {
+        // Group by user, keeping the plan's order (create user < update < keys < revoke < delete).
+        let mut groups: Vec<((String, String), Vec<Change>)> = Vec::new();
+        for c in &plan.changes {
+            let k = (c.provider.clone(), c.user.clone());
+            match groups.iter_mut().find(|(g, _)| *g == k) {
+                Some((_, v)) => v.push(c.clone()),
+                None => groups.push((k, vec![c.clone()])),
+            }
+        }
+        let concurrency = self.config.settings.concurrency.max(1);
+        let results: Vec<Vec<ChangeResult>> =
+            futures::stream::iter(groups.into_iter().map(|((provider, user), changes)| {
+                let snapshot = observed.get(&provider).cloned().unwrap_or_default();
+                let this = Arc::clone(self);
+                async move {
+                    let remote = snapshot.user_by_name(&user).cloned();
+                    let keys = remote
+                        .as_ref()
+                        .map(|u| snapshot.keys_of(&u.id).cloned().collect())
+                        .unwrap_or_default();
+                    this.run_user(&provider, changes, remote, keys).await
+                }
+            }))
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let mut report = Report::default();
+        for r in results {
+            report.results.extend(r);
+        }
+        // Report in plan order, whatever order the users finished in.
+        let pos = |c: &Change| {
+            plan.changes
+                .iter()
+                .position(|p| p == c)
+                .unwrap_or(usize::MAX)
+        };
+        report.results.sort_by_key(|r| pos(&r.change));
+        report
+    }
+
+    async fn run_user(
+        &self,
+        provider: &str,
+        changes: Vec<Change>,
+        remote: Option<RemoteUser>,
+        keys: Vec<RemoteKey>,
+    ) -> Vec<ChangeResult> {
+        let mut out = Vec::with_capacity(changes.len());
+        let Some(p) = self.providers.get(provider).cloned() else {
+            for change in changes {
+                out.push(ChangeResult {
+                    change,
+                    outcome: Outcome::Failed(format!("provider {provider} is not configured")),
+                });
+            }
+            return out;
+        };
+        let mut run = UserRun {
+            provider: p,
+            remote,
+            keys,
+        };
+        let mut failed_before = false;
+        for change in changes {
+            if failed_before {
+                out.push(ChangeResult {
+                    change,
+                    outcome: Outcome::NotAttempted(
+                        "an earlier change for this user failed".to_string(),
+                    ),
+                });
+                continue;
+            }
+            let outcome = match self.execute(&mut run, &change).await {
+                Ok(detail) => {
+                    tracing::info!(
+                        "{}: done{}",
+                        describe(&change),
+                        if detail.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({detail})")
+                        }
+                    );
+                    Outcome::Done(detail)
+                }
+                Err(e) => {
+                    tracing::error!("{}: {e:#}", describe(&change));
+                    failed_before = true;
+                    Outcome::Failed(format!("{e:#}"))
+                }
+            };
+            out.push(ChangeResult { change, outcome });
+        }
+        out
+    }
+
+    async fn save(&self, update: impl FnOnce(&mut State)) -> anyhow::Result<()> {
+        let mut state = self.state.lock().await;
+        update(&mut state);
+        let mut copy = state.clone();
+        let dir = self.state_dir.clone();
+        let saved =
+            tokio::task::spawn_blocking(move || dir.save(&mut copy).map(|_| copy.serial)).await??;
+        state.serial = saved;
+        Ok(())
+    }
+
+    fn slot_spec(&self, change: &Change) -> anyhow::Result<&SlotSpec> {
+        let slot = change.slot.as_deref().unwrap_or("");
+        self.config
+            .users
+            .iter()
+            .find(|u| u.provider == change.provider && u.name == change.user)
+            .and_then(|u| u.slots.get(slot))
+            .ok_or_else(|| {
+                anyhow::anyhow!("slot {slot} is not declared for this user in the config")
+            })
+    }
+
+    async fn execute(&self, run: &mut UserRun, change: &Change) -> anyhow::Result<String> {
+        let provider = change.provider.as_str();
+        let name = change.user.as_str();
+        let want_active = change
+            .after
+            .as_ref()
+            .and_then(|a| a.get("active"))
+            .and_then(|v| v.as_bool());
+        match change.action {
+            Action::CreateUser => {
+                let user = run
+                    .provider
+                    .create_user(name, want_active.unwrap_or(true))
+                    .await?;
+                let id = user.id.clone();
+                self.save(|s| s.record_user(provider, name, &user.id, true, user.created_at))
+                    .await?;
+                run.remote = Some(user);
+                run.keys.clear();
+                Ok(id)
+            }
+            Action::UpdateUser => {
+                let user = run
+                    .remote
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("the user no longer exists"))?;
+                let updated = run
+                    .provider
+                    .update_user(user, want_active.unwrap_or(true))
+                    .await?;
+                run.remote = Some(updated);
+                Ok(String::new())
+            }
+            Action::DeleteUser => {
+                let user = run
+                    .remote
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("the user no longer exists"))?;
+                run.provider.delete_user(user).await?;
+                self.save(|s| s.forget_user(provider, name)).await?;
+                run.remote = None;
+                Ok(String::new())
+            }
+            Action::CreateKey | Action::RotateKey => self.mint(run, change).await,
+            Action::RevokeKey => {
+                let id = change.key_id.as_deref().unwrap_or("");
+                let key = run
+                    .keys
+                    .iter()
+                    .find(|k| k.id == id)
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("key {id} is not on this user any more"))?;
+                self.revoke(run, &key).await?;
+                Ok(String::new())
+            }
+        }
+    }
+
+    async fn revoke(&self, run: &mut UserRun, key: &RemoteKey) -> anyhow::Result<()> {
+        let (provider, name) = (
+            run.provider.name().to_string(),
+            run.remote
+                .as_ref()
+                .map(|u| u.name.clone())
+                .unwrap_or_default(),
+        );
+        run.provider.revoke_key(&name, key).await?;
+        run.keys.retain(|k| k.id != key.id);
+        self.save(|s| {
+            if let Some(u) = s.user_mut(&provider, &name) {
+                for slot in u.slots.values_mut() {
+                    slot.retiring.retain(|r| r.id != key.id);
+                    if slot.current.as_ref().is_some_and(|c| c.id == key.id) {
+                        slot.current = None;
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Creates a key for a slot, delivers it to every sink, records it as current, and (for a
+    /// rotation) moves the previous key to retiring — revoking it at once when `overlap` is 0.
+    async fn mint(&self, run: &mut UserRun, change: &Change) -> anyhow::Result<String> {
+        let slot = self.slot_spec(change)?.clone();
+        let user = run.remote.clone().ok_or_else(|| {
+            anyhow::anyhow!("the user does not exist (its creation failed or was not planned)")
+        })?;
+        let provider = change.provider.clone();
+        let new_key = NewKey {
+            kind: slot.kind,
+            slot: slot.name.clone(),
+            description: slot
+                .description
+                .clone()
+                .unwrap_or_else(|| format!("keyward: {}/{}", user.name, slot.name)),
+            metadata: KeyTag::new(&slot.name).to_metadata(),
+            acl: slot.acl.clone(),
+        };
+        let created = run.provider.create_key(&user, &new_key).await?;
+        let key = created.key.clone();
+        let account = self.config.providers.get(&provider);
+        let doc = SinkDocument {
+            provider: provider.clone(),
+            provider_type: account
+                .map(|a| a.kind)
+                .unwrap_or(crate::model::ProviderType::Ngrok),
+            team: account.and_then(|a| match &a.auth {
+                crate::config::ProviderAuth::OktaAsa { team, .. } => Some(team.clone()),
+                _ => None,
+            }),
+            user: user.name.clone(),
+            user_id: user.id.clone(),
+            slot: slot.name.clone(),
+            kind: slot.kind,
+            key_id: key.id.clone(),
+            secret: created.secret,
+            created_at: key.created_at,
+            expires_at: key.expires_at,
+            rotate_after: slot
+                .rotate_every
+                .and_then(|d| key.created_at.checked_add(d).ok()),
+        };
+        if let Err(e) = self.deliver_all(&slot, &doc).await {
+            // The secret exists nowhere else: without delivery the key is useless, so it goes,
+            // and the key it would have replaced stays.
+            let revoked = run.provider.revoke_key(&user.name, &key).await;
+            return Err(match revoked {
+                Ok(()) => e.context(format!("delivery failed; the new key {} was revoked and the current key left in place", key.id)),
+                Err(r) => e.context(format!(
+                    "delivery failed; revoking the undelivered key {} also failed ({r}); the next run revokes it",
+                    key.id
+                )),
+            });
+        }
+        let now = Timestamp::now();
+        let record = KeyRecord {
+            id: key.id.clone(),
+            kind: key.kind,
+            created_at: key.created_at,
+            delivered_at: now,
+            sinks: slot.sinks.clone(),
+            retire_after: None,
+        };
+        let retire_after = now.checked_add(slot.overlap).unwrap_or(now);
+        let mut replaced: Option<String> = None;
+        let remote_ids: std::collections::HashSet<String> =
+            run.keys.iter().map(|k| k.id.clone()).collect();
+        self.save(|s| {
+            s.record_user(&provider, &user.name, &user.id, false, user.created_at);
+            if let Some(u) = s.user_mut(&provider, &user.name) {
+                let srec = u.slots.entry(slot.name.clone()).or_default();
+                // A previous key that vanished remotely has nothing left to retire.
+                if let Some(mut old) = srec.current.take().filter(|o| remote_ids.contains(&o.id)) {
+                    old.retire_after = Some(retire_after);
+                    replaced = Some(old.id.clone());
+                    srec.retiring.push(old);
+                }
+                srec.current = Some(record);
+            }
+        })
+        .await?;
+        run.keys.push(key.clone());
+        let mut detail = format!("{} delivered to {}", key.id, slot.sinks.join(", "));
+        if let Some(old) = replaced {
+            if slot.overlap <= jiff::SignedDuration::ZERO {
+                if let Some(old_key) = run.keys.iter().find(|k| k.id == old).cloned() {
+                    self.revoke(run, &old_key).await?;
+                    detail.push_str(&format!("; {} revoked (overlap 0s)", short_id(&old)));
+                }
+            } else {
+                detail.push_str(&format!(
+                    "; {} retiring until {}",
+                    short_id(&old),
+                    retire_after.strftime("%Y-%m-%d %H:%M:%SZ")
+                ));
+            }
+        }
+        Ok(detail)
+    }
+
+    /// Delivers to every sink of the slot, each retried with backoff.
+    async fn deliver_all(&self, slot: &SlotSpec, doc: &SinkDocument) -> anyhow::Result<()> {
+        for name in &slot.sinks {
+            let sink = self
+                .config
+                .sinks
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("sink {name} is not defined"))?;
+            (|| async { sinks::deliver(sink, doc).await })
+                .retry(
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(200))
+                        .with_max_delay(Duration::from_secs(5))
+                        .with_max_times(4)
+                        .with_jitter(),
+                )
+                .notify(|e, wait| {
+                    tracing::warn!("sink {name}: {e:#}; retrying in {:.1}s", wait.as_secs_f64())
+                })
+                .await
+                .map_err(|e| e.context(format!("sink {name}")))?;
+        }
+        Ok(())
+    }
+}

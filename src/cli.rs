@@ -1,1 +1,566 @@
-//! (being written)
+//! The `keyward` command line: argument parsing (global flags work before or after the
+//! subcommand), logging setup, and one function per command wiring config → observe → plan →
+//! render / execute. stdout carries only a command's result; logs, progress and prompts go to
+//! stderr.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use jiff::Timestamp;
+
+use crate::apply::Executor;
+use crate::config::{self, Config, Diagnostic};
+use crate::model::Observed;
+use crate::plan::{self, Plan, PlanOptions, Warning};
+use crate::providers::{self, Provider};
+use crate::state::{State, StateDir, StateLock, write_private_file};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keyward",
+    version,
+    about = "Keeps service users and their API keys at ngrok and Okta ASA as one YAML file declares, and rotates the keys."
+)]
+pub struct Cli {
+    /// Config file [default: $KEYWARD_CONFIG, else /etc/keyward/keyward.yaml]
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "KEYWARD_CONFIG",
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// More log output (repeatable).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only warnings and errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// No colour (also: the NO_COLOR environment variable).
+    #[arg(long, global = true)]
+    pub no_color: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Parse and check the config; no network.
+    Validate,
+    /// Observe the providers and show what apply would change; changes nothing.
+    Plan {
+        /// Print the plan as one JSON document.
+        #[arg(long)]
+        json: bool,
+        /// Save the plan to this file, for `keyward apply FILE`.
+        #[arg(long, value_name = "PLANFILE")]
+        out: Option<PathBuf>,
+        /// Exit 0 when there are no changes, 2 when there are, 1 on error.
+        #[arg(long)]
+        detailed_exitcode: bool,
+        /// Limit the plan to these users (NAME or PROVIDER:NAME); repeatable.
+        #[arg(long, value_name = "USER")]
+        only: Vec<String>,
+    },
+    /// Plan, confirm, and make the changes.
+    Apply {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        auto_approve: bool,
+        /// Limit the run to these users (NAME or PROVIDER:NAME); repeatable.
+        #[arg(long, value_name = "USER")]
+        only: Vec<String>,
+        /// A plan saved by `keyward plan --out`: executes exactly that plan, refused if stale.
+        planfile: Option<PathBuf>,
+    },
+    /// Rotate keys now, with the same safety steps as a scheduled rotation.
+    Rotate {
+        /// USER, USER/SLOT, or PROVIDER:USER[/SLOT].
+        #[arg(required = true, value_name = "TARGET")]
+        targets: Vec<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        auto_approve: bool,
+    },
+    /// Every managed key: age, expiry, next rotation, state.
+    Status {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the config file's JSON Schema (for editors).
+    Schema,
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+    /// Run plan, apply and status against a built-in sandbox: no account needed.
+    Demo,
+}
+
+/// Entry point of the `keyward` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.no_color || std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()) {
+        anstream::ColorChoice::Never.write_global();
+    }
+    init_logging(&cli);
+    if let Command::Demo = cli.command {
+        return crate::demo::main(&cli);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(run(&cli))
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let level = if cli.quiet {
+        "warn"
+    } else {
+        match cli.verbose {
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = EnvFilter::try_from_env("KEYWARD_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},hyper=warn,reqwest=warn")));
+    let ansi =
+        std::io::stderr().is_terminal() && !cli.no_color && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_ansi(ansi)
+            .with_target(false)
+            .without_time()
+            .init(),
+    }
+}
+
+/// Runs a command and maps its result to the exit code.
+pub async fn run(cli: &Cli) -> ExitCode {
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Validate => Ok(validate(cli)),
+        Command::Schema => {
+            println!("{}", serde_json::to_string_pretty(&config::schema())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "keyward",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan {
+            json,
+            out,
+            detailed_exitcode,
+            only,
+        } => {
+            let ctx = Context_::load(cli)?;
+            check_only(&ctx.config, only)?;
+            let (observed, state) = ctx.observe().await?;
+            let opts = PlanOptions {
+                only: only.clone(),
+                force: Vec::new(),
+            };
+            let plan = ctx.plan(&observed, &state, &opts);
+            if let Some(path) = out {
+                write_private_file(path, plan::render::json(&plan).as_bytes())
+                    .with_context(|| format!("saving the plan to {}", path.display()))?;
+                tracing::info!(
+                    "plan saved to {}; apply it with `keyward apply {}`",
+                    path.display(),
+                    path.display()
+                );
+            }
+            print_plan(&plan, *json);
+            Ok(if *detailed_exitcode && plan.has_changes() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Apply {
+            auto_approve,
+            only,
+            planfile,
+        } => {
+            let ctx = Context_::load(cli)?;
+            check_only(&ctx.config, only)?;
+            match planfile {
+                Some(path) => {
+                    if !only.is_empty() {
+                        anyhow::bail!(
+                            "--only cannot be combined with a saved plan: the plan file already says what to do"
+                        );
+                    }
+                    ctx.apply_saved(path).await
+                }
+                None => {
+                    let opts = PlanOptions {
+                        only: only.clone(),
+                        force: Vec::new(),
+                    };
+                    ctx.apply(opts, *auto_approve).await
+                }
+            }
+        }
+        Command::Rotate {
+            targets,
+            auto_approve,
+        } => {
+            let ctx = Context_::load(cli)?;
+            let force = resolve_targets(&ctx.config, targets)?;
+            let only = force.iter().map(|(p, u, _)| format!("{p}:{u}")).collect();
+            ctx.apply(PlanOptions { only, force }, *auto_approve).await
+        }
+        Command::Status { json } => {
+            let ctx = Context_::load(cli)?;
+            let (observed, state) = ctx.observe().await?;
+            let now = Timestamp::now();
+            let entries = crate::status::entries(&ctx.config, &observed, &state, now);
+            if *json {
+                let doc = serde_json::json!({"keys": entries});
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!("{}", crate::status::table(&entries, now));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => unreachable!("demo is dispatched before the runtime starts"),
+    }
+}
+
+/// The config path the flags, environment and default choose.
+pub fn config_path(cli: &Cli) -> PathBuf {
+    cli.config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/etc/keyward/keyward.yaml"))
+}
+
+fn print_diagnostics(diags: &[Diagnostic]) {
+    for d in diags {
+        eprintln!("{d}");
+    }
+}
+
+fn validate(cli: &Cli) -> ExitCode {
+    let path = config_path(cli);
+    match config::load(&path) {
+        Ok(loaded) => {
+            print_diagnostics(&loaded.warnings);
+            println!(
+                "{}: valid ({} provider(s), {} user(s), {} sink(s))",
+                path.display(),
+                loaded.config.providers.len(),
+                loaded.config.users.len(),
+                loaded.config.sinks.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(diags) => {
+            print_diagnostics(&diags);
+            let errors = diags
+                .iter()
+                .filter(|d| d.severity == config::Severity::Error)
+                .count();
+            eprintln!(
+                "{}: {errors} error(s); the file is not valid",
+                path.display()
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn check_only(config: &Config, only: &[String]) -> anyhow::Result<()> {
+    for o in only {
+        let found = config.users.iter().any(|u| match o.split_once(':') {
+            Some((p, n)) => u.provider == p && u.name == n,
+            None => u.name == *o,
+        });
+        if !found {
+            anyhow::bail!("--only {o}: no such user in the config");
+        }
+    }
+    Ok(())
+}
+
+/// Resolves `rotate` targets (product contract §9): USER, USER/SLOT, PROVIDER:USER[/SLOT].
+pub fn resolve_targets(
+    config: &Config,
+    targets: &[String],
+) -> anyhow::Result<Vec<(String, String, Option<String>)>> {
+    let mut out = Vec::new();
+    for t in targets {
+        let (provider, rest) = match t.split_once(':') {
+            Some((p, r)) => (Some(p), r),
+            None => (None, t.as_str()),
+        };
+        let (user, slot) = match rest.split_once('/') {
+            Some((u, s)) => (u, Some(s.to_string())),
+            None => (rest, None),
+        };
+        let matches: Vec<_> = config
+            .users
+            .iter()
+            .filter(|u| u.name == user && provider.is_none_or(|p| u.provider == p))
+            .collect();
+        let spec = match matches.as_slice() {
+            [] => anyhow::bail!(
+                "rotate {t}: no user {user} in the config{}; nothing was rotated",
+                provider
+                    .map(|p| format!(" under provider {p}"))
+                    .unwrap_or_default()
+            ),
+            [one] => *one,
+            many => anyhow::bail!(
+                "rotate {t}: user {user} is declared under several providers; pick one of: {}; nothing was rotated",
+                many.iter()
+                    .map(|u| format!("{}:{}", u.provider, u.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        if let Some(s) = &slot
+            && !spec.slots.contains_key(s)
+        {
+            anyhow::bail!("rotate {t}: user {user} has no slot {s}; nothing was rotated");
+        }
+        if spec.slots.is_empty() {
+            anyhow::bail!("rotate {t}: user {user} declares no key slots; nothing was rotated");
+        }
+        out.push((spec.provider.clone(), spec.name.clone(), slot));
+    }
+    Ok(out)
+}
+
+fn print_plan(plan: &Plan, json: bool) {
+    if json {
+        print!("{}", plan::render::json(plan));
+    } else {
+        let colored = anstream::stdout().is_terminal()
+            && anstream::ColorChoice::global() != anstream::ColorChoice::Never;
+        let text = plan::render::text(plan, colored);
+        let mut out = anstream::stdout();
+        let _ = out.write_all(text.as_bytes());
+    }
+}
+
+/// A loaded config with its provider clients.
+struct Context_ {
+    config: Arc<Config>,
+    warnings: Vec<Diagnostic>,
+    providers: BTreeMap<String, Arc<dyn Provider>>,
+    state_dir: StateDir,
+}
+
+impl Context_ {
+    fn load(cli: &Cli) -> anyhow::Result<Self> {
+        let path = config_path(cli);
+        Self::from_path(&path)
+    }
+
+    fn from_path(path: &Path) -> anyhow::Result<Self> {
+        let loaded = match config::load(path) {
+            Ok(l) => l,
+            Err(diags) => {
+                print_diagnostics(&diags);
+                anyhow::bail!("{}: the config is not valid (see above)", path.display());
+            }
+        };
+        print_diagnostics(&loaded.warnings);
+        let config = Arc::new(loaded.config);
+        let mut providers = BTreeMap::new();
+        for (name, account) in &config.providers {
+            providers.insert(
+                name.clone(),
+                providers::connect(account, config.settings.concurrency)?,
+            );
+        }
+        Ok(Context_ {
+            state_dir: StateDir::new(config.settings.state_dir.clone()),
+            config,
+            warnings: loaded.warnings,
+            providers,
+        })
+    }
+
+    /// Lists every provider account concurrently and loads the state.
+    async fn observe(&self) -> anyhow::Result<(Observed, State)> {
+        let state = self.state_dir.load()?;
+        let lists = futures::future::join_all(
+            self.providers
+                .iter()
+                .map(|(name, p)| async move { (name.clone(), p.observe().await) }),
+        )
+        .await;
+        let mut observed = Observed::new();
+        let mut errors = Vec::new();
+        for (name, result) in lists {
+            match result {
+                Ok(snapshot) => {
+                    observed.insert(name, snapshot);
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if !errors.is_empty() {
+            anyhow::bail!("{}", errors.join("\nerror: "));
+        }
+        Ok((observed, state))
+    }
+
+    fn plan(&self, observed: &Observed, state: &State, opts: &PlanOptions) -> Plan {
+        let mut plan = plan::plan(&self.config, observed, state, Timestamp::now(), opts);
+        // Config warnings (an inline secret, say) belong in the plan too: scripts read them there.
+        for w in &self.warnings {
+            plan.warnings.push(Warning {
+                kind: "config".to_string(),
+                provider: None,
+                user: None,
+                key_id: None,
+                message: w.to_string(),
+            });
+        }
+        plan.summary.warnings = plan.warnings.len();
+        plan
+    }
+
+    fn lock(&self) -> anyhow::Result<StateLock> {
+        self.state_dir.lock()
+    }
+
+    async fn apply(&self, opts: PlanOptions, auto_approve: bool) -> anyhow::Result<ExitCode> {
+        let _lock = self.lock()?;
+        let (observed, state) = self.observe().await?;
+        let plan = self.plan(&observed, &state, &opts);
+        print_plan(&plan, false);
+        if !plan.has_changes() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        self.check_deletions(&plan)?;
+        if !auto_approve {
+            confirm()?;
+        }
+        self.execute(&plan, &observed, state).await
+    }
+
+    async fn apply_saved(&self, path: &Path) -> anyhow::Result<ExitCode> {
+        let text = fs_err::read_to_string(path)?;
+        let saved: Plan = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a keyward plan file", path.display()))?;
+        if saved.format_version != plan::FORMAT_VERSION {
+            anyhow::bail!(
+                "{}: plan format version {} is not supported (expected {})",
+                path.display(),
+                saved.format_version,
+                plan::FORMAT_VERSION
+            );
+        }
+        let _lock = self.lock()?;
+        let (observed, state) = self.observe().await?;
+        let digest = plan::observed_digest(&self.config, &observed, &state);
+        if digest != saved.observed {
+            anyhow::bail!(
+                "plan is stale: the remote objects it was made from have changed since; nothing was changed. Run `keyward plan` again"
+            );
+        }
+        print_plan(&saved, false);
+        if !saved.has_changes() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        self.check_deletions(&saved)?;
+        self.execute(&saved, &observed, state).await
+    }
+
+    fn check_deletions(&self, plan: &Plan) -> anyhow::Result<()> {
+        let n = plan.deletions();
+        let max = self.config.settings.max_deletions;
+        if n > max {
+            anyhow::bail!(
+                "refusing to apply: the plan deletes or revokes {n} objects, more than settings.max_deletions ({max}); nothing was changed"
+            );
+        }
+        Ok(())
+    }
+
+    async fn execute(
+        &self,
+        plan: &Plan,
+        observed: &Observed,
+        state: State,
+    ) -> anyhow::Result<ExitCode> {
+        let executor = Arc::new(Executor {
+            config: Arc::clone(&self.config),
+            providers: self.providers.clone(),
+            state_dir: self.state_dir.clone(),
+            state: tokio::sync::Mutex::new(state),
+        });
+        let report = executor.run(plan, observed).await;
+        print!("\n{}", report.summary());
+        Ok(if report.ok() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    }
+}
+
+/// Asks for `yes` on a terminal; refuses without one.
+fn confirm() -> anyhow::Result<()> {
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "apply needs confirmation, but stdin is not a terminal; run with --auto-approve (or apply a saved plan file)"
+        );
+    }
+    eprint!(
+        "\nDo you want to perform these actions?\n  Only 'yes' will be accepted to approve.\n\n  Enter a value: "
+    );
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() != "yes" {
+        anyhow::bail!("apply cancelled; nothing was changed");
+    }
+    Ok(())
+}

@@ -8,7 +8,9 @@ use jiff::SignedDuration;
 pub fn parse(text: &str) -> Result<SignedDuration, String> {
     let t = text.trim();
     let bad = || {
-        format!("invalid duration `{text}`: expected an integer and a unit s, m, h or d (e.g. 30d, 12h, 90m, 45s)")
+        format!(
+            "invalid duration `{text}`: expected an integer and a unit s, m, h or d (e.g. 30d, 12h, 90m, 45s)"
+        )
     };
     let unit = t.chars().last().ok_or_else(bad)?;
     let digits = &t[..t.len() - unit.len_utf8()];
@@ -70,7 +72,17 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "d", "30", "30w", "-5s", "1.5h", "30 d", "3d4h", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "d",
+            "30",
+            "30w",
+            "-5s",
+            "1.5h",
+            "30 d",
+            "3d4h",
+            "99999999999999999999d",
+        ] {
             assert!(parse(bad).is_err(), "{bad} should be rejected");
         }
     }

@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod duration;
 pub mod model;
 pub mod plan;
@@ -15,3 +16,4 @@ pub mod providers;
 pub mod sandbox;
 pub mod sinks;
 pub mod state;
+pub mod status;

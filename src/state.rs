@@ -1,1 +1,313 @@
-//! (being written)
+//! keyward's own record of what it created: for each provider account, the users it created and,
+//! for each key slot, the current key and the keys retiring after a rotation — ids, slots,
+//! timestamps and which sinks received the secret. Never a secret. Written atomically and
+//! durably (temp file, fsync, rename, fsync of the directory), mode 0600, under an exclusive
+//! lock so two keyward processes never write at once.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::model::KeyKind;
+
+/// The state file's layout version.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub format_version: u32,
+    /// Incremented on every write.
+    pub serial: u64,
+    /// By provider account name.
+    #[serde(default)]
+    pub accounts: BTreeMap<String, AccountState>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AccountState {
+    /// By user name.
+    #[serde(default)]
+    pub users: BTreeMap<String, UserRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub id: String,
+    /// True when keyward created the user: only such users are ever pruned.
+    pub created_by_keyward: bool,
+    pub created_at: Option<Timestamp>,
+    /// By slot name.
+    #[serde(default)]
+    pub slots: BTreeMap<String, SlotRecord>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SlotRecord {
+    /// The key whose secret the sinks hold now.
+    pub current: Option<KeyRecord>,
+    /// Replaced keys, valid until their `retire_after`.
+    #[serde(default)]
+    pub retiring: Vec<KeyRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub id: String,
+    pub kind: KeyKind,
+    pub created_at: Timestamp,
+    /// When every sink of the slot had the secret.
+    pub delivered_at: Timestamp,
+    /// The sinks that received it.
+    pub sinks: Vec<String>,
+    /// For a retiring key: when it may be revoked.
+    #[serde(default)]
+    pub retire_after: Option<Timestamp>,
+}
+
+impl State {
+    pub fn user(&self, provider: &str, name: &str) -> Option<&UserRecord> {
+        self.accounts.get(provider)?.users.get(name)
+    }
+
+    pub fn user_mut(&mut self, provider: &str, name: &str) -> Option<&mut UserRecord> {
+        self.accounts.get_mut(provider)?.users.get_mut(name)
+    }
+
+    pub fn slot(&self, provider: &str, user: &str, slot: &str) -> Option<&SlotRecord> {
+        self.user(provider, user)?.slots.get(slot)
+    }
+
+    /// Records a user (created or adopted); keeps existing slot records if the id is unchanged.
+    pub fn record_user(
+        &mut self,
+        provider: &str,
+        name: &str,
+        id: &str,
+        created_by_keyward: bool,
+        created_at: Option<Timestamp>,
+    ) {
+        let users = &mut self.accounts.entry(provider.to_string()).or_default().users;
+        match users.get_mut(name) {
+            Some(rec) if rec.id == id => {
+                rec.created_by_keyward |= created_by_keyward;
+            }
+            _ => {
+                users.insert(
+                    name.to_string(),
+                    UserRecord {
+                        id: id.to_string(),
+                        created_by_keyward,
+                        created_at,
+                        slots: BTreeMap::new(),
+                    },
+                );
+            }
+        }
+    }
+
+    pub fn forget_user(&mut self, provider: &str, name: &str) {
+        if let Some(acc) = self.accounts.get_mut(provider) {
+            acc.users.remove(name);
+        }
+    }
+
+    /// Every key id keyward recorded for a user, current and retiring.
+    pub fn key_ids<'a>(
+        &'a self,
+        provider: &str,
+        user: &str,
+    ) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        self.user(provider, user)
+            .into_iter()
+            .flat_map(|u| u.slots.iter())
+            .flat_map(|(slot, rec)| {
+                rec.current
+                    .iter()
+                    .chain(rec.retiring.iter())
+                    .map(move |k| (slot.as_str(), k.id.as_str()))
+            })
+    }
+}
+
+/// The state directory: state file, journal and lock.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub dir: PathBuf,
+}
+
+/// Holds the exclusive lock on a state directory until dropped.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+impl StateDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        StateDir { dir: dir.into() }
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    /// Creates the directory (0700) if needed.
+    pub fn ensure(&self) -> anyhow::Result<()> {
+        create_private_dir(&self.dir)
+    }
+
+    /// Takes the exclusive lock, failing at once (with who to blame) if another process holds it.
+    pub fn lock(&self) -> anyhow::Result<StateLock> {
+        self.ensure()?;
+        let path = self.dir.join("lock");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                anyhow::bail!(
+                    "the state directory {} is locked by another keyward process{}; wait for it to finish",
+                    self.dir.display(),
+                    if holder.trim().is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", holder.trim())
+                    }
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+        file.set_len(0)?;
+        let _ = writeln!(file, "pid {}", std::process::id());
+        Ok(StateLock { _file: file })
+    }
+
+    /// Loads the state; a missing file is an empty state, a corrupt one an error (never
+    /// silently replaced: it is the only record of which keys keyward created).
+    pub fn load(&self) -> anyhow::Result<State> {
+        let path = self.state_path();
+        match fs_err::read(&path) {
+            Ok(bytes) => {
+                let state: State = serde_json::from_slice(&bytes).with_context(|| {
+                    format!("the state file {} is not valid; fix or move it aside (keyward will not overwrite it)", path.display())
+                })?;
+                if state.format_version > FORMAT_VERSION {
+                    anyhow::bail!(
+                        "the state file {} has format version {}, newer than this keyward understands ({})",
+                        path.display(),
+                        state.format_version,
+                        FORMAT_VERSION
+                    );
+                }
+                Ok(state)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State {
+                format_version: FORMAT_VERSION,
+                ..State::default()
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes the state durably; bumps its serial.
+    pub fn save(&self, state: &mut State) -> anyhow::Result<()> {
+        self.ensure()?;
+        state.format_version = FORMAT_VERSION;
+        state.serial += 1;
+        let mut bytes = serde_json::to_vec_pretty(state)?;
+        bytes.push(b'\n');
+        write_private_file(&self.state_path(), &bytes)
+    }
+}
+
+/// Creates `dir` and any missing parents with mode 0700.
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating directory {}", dir.display()))
+}
+
+/// Replaces `path` with `bytes` atomically and durably, mode 0600: a temp file in the same
+/// directory, fsync, rename over the target, fsync of the directory.
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use atomic_write_file::AtomicWriteFile;
+    use atomic_write_file::unix::OpenOptionsExt as _;
+    let mut options = AtomicWriteFile::options();
+    options.preserve_mode(false).preserve_owner(false);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("opening {} for writing", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.commit()
+        .with_context(|| format!("committing {}", path.display()))?;
+    // The mode is set at creation, but make sure an umask never widened it.
+    let perms = std::fs::metadata(path)?.permissions();
+    if perms.mode() & 0o777 != 0o600 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_then_load_round_trips_with_private_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path().join("nested/state"));
+        let mut st = dir.load().unwrap();
+        assert_eq!(st.serial, 0);
+        st.record_user("ngrok", "ci", "bot_1", true, None);
+        dir.save(&mut st).unwrap();
+        let back = dir.load().unwrap();
+        assert_eq!(back, st);
+        assert_eq!(back.serial, 1);
+        let mode = std::fs::metadata(dir.state_path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let dmode = std::fs::metadata(&dir.dir).unwrap().permissions().mode();
+        assert_eq!(dmode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn corrupt_state_is_an_error_not_a_reset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        std::fs::write(dir.state_path(), b"{not json").unwrap();
+        let err = dir.load().unwrap_err().to_string();
+        assert!(err.contains("not valid"), "{err}");
+    }
+
+    #[test]
+    fn second_lock_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        let _held = dir.lock().unwrap();
+        let err = dir.lock().unwrap_err().to_string();
+        assert!(err.contains("locked by another keyward process"), "{err}");
+    }
+}

@@ -1,1 +1,306 @@
-//! (being written)
+//! The HTTP plumbing every provider client shares: one reqwest client per account, a
+//! client-side rate budget (governor), bounded concurrency, a shared "not before" instant after
+//! a 429, and retries with exponential backoff and jitter (backon) that honour `Retry-After`.
+//! Provider modules decide what a response means; this module decides when to send it again.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use reqwest::{Method, Response, StatusCode};
+use tokio::sync::{Mutex, Semaphore};
+use tokio::time::Instant;
+
+use super::{ErrorClass, ProviderError};
+use crate::config::RateLimit;
+
+/// Longest wait keyward accepts from a provider's `Retry-After` before trying again anyway.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// Attempts after the first for transient failures (429, 5xx, connection errors).
+const MAX_RETRIES: usize = 10;
+
+/// What a request is for, so an error can name it.
+#[derive(Debug, Clone)]
+pub struct Op {
+    pub operation: String,
+    pub user: Option<String>,
+}
+
+impl Op {
+    pub fn new(operation: impl Into<String>, user: Option<&str>) -> Self {
+        Op {
+            operation: operation.into(),
+            user: user.map(str::to_string),
+        }
+    }
+}
+
+/// A response the provider module has read: status, headers it cares about, and the body text.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+/// Classifies a non-success answer into a [`ProviderError`]; supplied by each provider.
+pub type ErrorDecoder = fn(provider: &str, op: &Op, answer: &Answer) -> ProviderError;
+
+/// One provider account's HTTP client with its budget and retry policy.
+pub struct HttpClient {
+    provider: String,
+    client: reqwest::Client,
+    limiter: DefaultDirectRateLimiter,
+    in_flight: Semaphore,
+    not_before: Mutex<Option<Instant>>,
+    requests: AtomicU64,
+    decode_error: ErrorDecoder,
+}
+
+impl HttpClient {
+    pub fn new(
+        provider: &str,
+        rate: RateLimit,
+        concurrency: usize,
+        decode_error: ErrorDecoder,
+    ) -> anyhow::Result<Arc<Self>> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("keyward/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Arc::new(HttpClient {
+            provider: provider.to_string(),
+            client,
+            limiter: RateLimiter::direct(quota(rate)),
+            in_flight: Semaphore::new(concurrency.max(1)),
+            not_before: Mutex::new(None),
+            requests: AtomicU64::new(0),
+            decode_error,
+        }))
+    }
+
+    pub fn requests_sent(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Sends a request built by `build` (called afresh for each attempt) and returns the answer
+    /// once it is a success; transient failures are retried, others returned at once.
+    pub async fn send<F>(&self, op: &Op, build: F) -> Result<Answer, ProviderError>
+    where
+        F: Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    {
+        let attempt = || async { self.attempt(op, &build).await };
+        attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(Duration::from_secs(30))
+                    .with_max_times(MAX_RETRIES)
+                    .with_jitter(),
+            )
+            .when(|e: &Failure| e.error.class == ErrorClass::Transient)
+            .adjust(|e: &Failure, backoff| match (e.retry_after, backoff) {
+                // Out of attempts: stop, whatever the provider asked.
+                (_, None) => None,
+                (Some(wait), Some(_)) => Some(wait.min(MAX_RETRY_AFTER)),
+                (None, b) => b,
+            })
+            .notify(|e: &Failure, wait| {
+                tracing::debug!(
+                    provider = %self.provider,
+                    operation = %op.operation,
+                    "retrying in {:.1}s after: {}",
+                    wait.as_secs_f64(),
+                    e.error
+                );
+            })
+            .await
+            .map_err(|f| f.error)
+    }
+
+    async fn attempt<F>(&self, op: &Op, build: &F) -> Result<Answer, Failure>
+    where
+        F: Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    {
+        let _permit = self.in_flight.acquire().await.map_err(|_| Failure {
+            error: self.local_error(op, "client is shutting down"),
+            retry_after: None,
+        })?;
+        let wait_until = *self.not_before.lock().await;
+        if let Some(t) = wait_until {
+            tokio::time::sleep_until(t).await;
+        }
+        self.limiter
+            .until_ready_with_jitter(governor::Jitter::up_to(Duration::from_millis(50)))
+            .await;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let response = match build(&self.client).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(Failure {
+                    error: ProviderError {
+                        provider: self.provider.clone(),
+                        operation: op.operation.clone(),
+                        user: op.user.clone(),
+                        status: None,
+                        code: None,
+                        message: describe_transport_error(&e),
+                        class: ErrorClass::Transient,
+                    },
+                    retry_after: None,
+                });
+            }
+        };
+        let answer = read(response).await.map_err(|e| Failure {
+            error: ProviderError {
+                provider: self.provider.clone(),
+                operation: op.operation.clone(),
+                user: op.user.clone(),
+                status: None,
+                code: None,
+                message: format!(
+                    "reading the response failed: {}",
+                    describe_transport_error(&e)
+                ),
+                class: ErrorClass::Transient,
+            },
+            retry_after: None,
+        })?;
+        if answer.status.is_success() {
+            return Ok(answer);
+        }
+        let retry_after = retry_after(&answer.headers);
+        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            // Every caller of this account waits, not just this one: the budget is shared.
+            let wait = retry_after
+                .unwrap_or(Duration::from_secs(1))
+                .min(MAX_RETRY_AFTER);
+            let mut nb = self.not_before.lock().await;
+            let until = Instant::now() + wait;
+            if nb.is_none_or(|t| t < until) {
+                *nb = Some(until);
+            }
+        }
+        let mut error = (self.decode_error)(&self.provider, op, &answer);
+        if answer.status == StatusCode::TOO_MANY_REQUESTS || answer.status.is_server_error() {
+            error.class = ErrorClass::Transient;
+        }
+        Err(Failure { error, retry_after })
+    }
+
+    fn local_error(&self, op: &Op, message: &str) -> ProviderError {
+        ProviderError {
+            provider: self.provider.clone(),
+            operation: op.operation.clone(),
+            user: op.user.clone(),
+            status: None,
+            code: None,
+            message: message.to_string(),
+            class: ErrorClass::Rejected,
+        }
+    }
+
+    /// The generic request builder with a method and an absolute URL.
+    pub fn request(client: &reqwest::Client, method: Method, url: &str) -> reqwest::RequestBuilder {
+        client.request(method, url)
+    }
+}
+
+struct Failure {
+    error: ProviderError,
+    retry_after: Option<Duration>,
+}
+
+async fn read(response: Response) -> Result<Answer, reqwest::Error> {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.text().await?;
+    Ok(Answer {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// `Retry-After` as delta-seconds or an HTTP-date.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+fn quota(rate: RateLimit) -> Quota {
+    let requests = NonZeroU32::new(rate.requests.max(1)).unwrap_or(NonZeroU32::MIN);
+    let per = Duration::from_millis(rate.per.as_millis().max(1) as u64);
+    let period = per / requests.get();
+    Quota::with_period(period.max(Duration::from_nanos(1)))
+        .unwrap_or_else(|| Quota::per_second(requests))
+        .allow_burst(requests)
+}
+
+/// A transport error in words, without the URL's query (which could one day carry a token).
+fn describe_transport_error(e: &reqwest::Error) -> String {
+    let mut text = if e.is_timeout() {
+        "request timed out".to_string()
+    } else if e.is_connect() {
+        "could not connect".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+
+    #[test]
+    fn retry_after_seconds_and_date() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_str(&httpdate::fmt_http_date(later)).unwrap(),
+        );
+        let d = retry_after(&h).unwrap();
+        assert!(
+            d > Duration::from_secs(110) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn quota_spreads_budget() {
+        let q = quota(RateLimit {
+            requests: 100,
+            per: jiff::SignedDuration::from_secs(60),
+        });
+        assert_eq!(q.burst_size().get(), 100);
+        assert_eq!(q.replenish_interval(), Duration::from_millis(600));
+    }
+}

@@ -1,6 +1,380 @@
-//! (being written)
-use crate::config::ProviderAccount;
-pub struct NgrokProvider;
+//! The ngrok API client: service users (`/service_users`), API keys (`/api_keys`) and
+//! credentials, i.e. agent authtokens (`/credentials`). Lists follow `next_page_uri` verbatim
+//! with `limit=100`; responses are decoded tolerantly (missing fields default, unknown fields are
+//! ignored); errors carry the `ERR_NGROK_*` code. Observing uses list endpoints only.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use reqwest::Method;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::http::{Answer, HttpClient, Op};
+use super::{CreatedKey, ErrorClass, NewKey, Provider, ProviderError};
+use crate::config::{ProviderAccount, ProviderAuth};
+use crate::model::{AccountSnapshot, KeyKind, RemoteKey, RemoteUser};
+
+/// Page size: the API's maximum, so a listing costs as few requests as possible.
+const PAGE_LIMIT: u32 = 100;
+
+pub struct NgrokProvider {
+    name: String,
+    base_url: String,
+    api_key: SecretString,
+    http: Arc<HttpClient>,
+}
+
 impl NgrokProvider {
-    pub fn new(_a: &ProviderAccount, _c: usize) -> anyhow::Result<Self> { anyhow::bail!("todo") }
+    pub fn new(account: &ProviderAccount, concurrency: usize) -> anyhow::Result<Self> {
+        let ProviderAuth::Ngrok { api_key } = &account.auth else {
+            anyhow::bail!("provider {}: not an ngrok account", account.name);
+        };
+        Ok(NgrokProvider {
+            name: account.name.clone(),
+            base_url: account.base_url.trim_end_matches('/').to_string(),
+            api_key: api_key.clone(),
+            http: HttpClient::new(&account.name, account.rate_limit, concurrency, decode_error)?,
+        })
+    }
+
+    async fn call(
+        &self,
+        op: &Op,
+        method: Method,
+        url: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Answer, ProviderError> {
+        self.http
+            .send(op, |client| {
+                let mut rb = client
+                    .request(method.clone(), url)
+                    .bearer_auth(self.api_key.expose_secret())
+                    .header("ngrok-version", "2");
+                if let Some(b) = body {
+                    rb = rb.json(b);
+                }
+                rb
+            })
+            .await
+    }
+
+    fn decode<T: DeserializeOwned>(&self, op: &Op, answer: &Answer) -> Result<T, ProviderError> {
+        serde_json::from_str(&answer.body).map_err(|e| ProviderError {
+            provider: self.name.clone(),
+            operation: op.operation.clone(),
+            user: op.user.clone(),
+            status: Some(answer.status.as_u16()),
+            code: None,
+            message: format!("unexpected response body: {e}"),
+            class: ErrorClass::Rejected,
+        })
+    }
+
+    /// Every item of a list endpoint, following `next_page_uri` exactly as given.
+    async fn list_all<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        list_key: &str,
+    ) -> Result<Vec<T>, ProviderError> {
+        let op = Op::new(format!("list {path}"), None);
+        let mut url = format!("{}{path}?limit={PAGE_LIMIT}", self.base_url);
+        let mut items = Vec::new();
+        loop {
+            let answer = self.call(&op, Method::GET, &url, None).await?;
+            let mut page: serde_json::Map<String, serde_json::Value> = self.decode(&op, &answer)?;
+            let next = page
+                .remove("next_page_uri")
+                .and_then(|v| v.as_str().map(str::to_string));
+            let batch: Vec<T> = match page.remove(list_key) {
+                Some(v) => serde_json::from_value(v).map_err(|e| ProviderError {
+                    provider: self.name.clone(),
+                    operation: op.operation.clone(),
+                    user: None,
+                    status: Some(answer.status.as_u16()),
+                    code: None,
+                    message: format!("unexpected `{list_key}` in list response: {e}"),
+                    class: ErrorClass::Rejected,
+                })?,
+                None => Vec::new(),
+            };
+            let empty = batch.is_empty();
+            items.extend(batch);
+            match next {
+                // An empty page ends the listing even if a next page is announced.
+                Some(next) if !empty => {
+                    self.check_same_origin(&op, &next)?;
+                    url = next;
+                }
+                _ => break,
+            }
+        }
+        Ok(items)
+    }
+
+    /// The API key goes only to the configured host: a `next_page_uri` elsewhere is refused.
+    fn check_same_origin(&self, op: &Op, next: &str) -> Result<(), ProviderError> {
+        let origin = |u: &str| {
+            url::Url::parse(u).ok().map(|u| {
+                (
+                    u.scheme().to_string(),
+                    u.host_str().map(str::to_string),
+                    u.port_or_known_default(),
+                )
+            })
+        };
+        if origin(next).is_some() && origin(next) == origin(&self.base_url) {
+            Ok(())
+        } else {
+            Err(ProviderError {
+                provider: self.name.clone(),
+                operation: op.operation.clone(),
+                user: None,
+                status: None,
+                code: None,
+                message: format!(
+                    "the API answered a next page on another host ({}); refusing to send the API key there",
+                    url::Url::parse(next)
+                        .ok()
+                        .and_then(|u| u.host_str().map(str::to_string))
+                        .unwrap_or_else(|| "unparsable URL".into())
+                ),
+                class: ErrorClass::Rejected,
+            })
+        }
+    }
+
+    fn key_path(kind: KeyKind) -> &'static str {
+        match kind {
+            KeyKind::ApiKey => "/api_keys",
+            KeyKind::Credential => "/credentials",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct WireUser {
+    id: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default = "yes")]
+    active: bool,
+    #[serde(default)]
+    created_at: Option<Timestamp>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl From<WireUser> for RemoteUser {
+    fn from(w: WireUser) -> Self {
+        RemoteUser {
+            id: w.id,
+            name: w.name,
+            active: w.active,
+            deleted: false,
+            created_at: w.created_at,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WireKey {
+    id: String,
+    #[serde(default)]
+    owner_id: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    metadata: Option<String>,
+    created_at: Timestamp,
+    /// Only in a create response.
+    #[serde(default)]
+    token: Option<String>,
+}
+
+impl WireKey {
+    fn into_remote(self, kind: KeyKind) -> (RemoteKey, Option<SecretString>) {
+        let key = RemoteKey {
+            id: self.id,
+            kind,
+            owner_id: self.owner_id.filter(|o| !o.is_empty()),
+            description: self.description.unwrap_or_default(),
+            metadata: self.metadata.unwrap_or_default(),
+            created_at: self.created_at,
+            expires_at: None,
+        };
+        (key, self.token.map(SecretString::from))
+    }
+}
+
+#[derive(Deserialize)]
+struct WireError {
+    #[serde(default)]
+    error_code: Option<String>,
+    #[serde(default)]
+    msg: Option<String>,
+}
+
+/// Maps an ngrok error answer to a [`ProviderError`], keeping the `ERR_NGROK_*` code.
+fn decode_error(provider: &str, op: &Op, answer: &Answer) -> ProviderError {
+    let parsed: Option<WireError> = serde_json::from_str(&answer.body).ok();
+    let code = parsed.as_ref().and_then(|e| e.error_code.clone());
+    let message = parsed
+        .and_then(|e| e.msg)
+        .map(|m| m.trim().to_string())
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| {
+            answer
+                .status
+                .canonical_reason()
+                .unwrap_or("unexpected status")
+                .to_string()
+        });
+    let status = answer.status.as_u16();
+    // Credential, permission and plan problems: a retry cannot fix them.
+    let config_codes = [
+        "ERR_NGROK_4119",
+        "ERR_NGROK_4111",
+        "ERR_NGROK_630",
+        "ERR_NGROK_200",
+        "ERR_NGROK_203",
+    ];
+    let class = if status == 401
+        || status == 403
+        || code.as_deref().is_some_and(|c| config_codes.contains(&c))
+    {
+        ErrorClass::Credential
+    } else if status == 429 || status >= 500 {
+        ErrorClass::Transient
+    } else {
+        ErrorClass::Rejected
+    };
+    ProviderError {
+        provider: provider.to_string(),
+        operation: op.operation.clone(),
+        user: op.user.clone(),
+        status: Some(status),
+        code,
+        message,
+        class,
+    }
+}
+
+#[async_trait]
+impl Provider for NgrokProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn observe(&self) -> Result<AccountSnapshot, ProviderError> {
+        // The three lists are independent: run them concurrently.
+        let (users, api_keys, credentials) = tokio::try_join!(
+            self.list_all::<WireUser>("/service_users", "service_users"),
+            self.list_all::<WireKey>("/api_keys", "keys"),
+            self.list_all::<WireKey>("/credentials", "credentials"),
+        )?;
+        let mut snapshot = AccountSnapshot {
+            users: users.into_iter().map(RemoteUser::from).collect(),
+            keys: Vec::with_capacity(api_keys.len() + credentials.len()),
+        };
+        // List responses carry no token; anything else would be dropped here regardless.
+        snapshot.keys.extend(
+            api_keys
+                .into_iter()
+                .map(|k| k.into_remote(KeyKind::ApiKey).0),
+        );
+        snapshot.keys.extend(
+            credentials
+                .into_iter()
+                .map(|k| k.into_remote(KeyKind::Credential).0),
+        );
+        Ok(snapshot)
+    }
+
+    async fn create_user(&self, name: &str, active: bool) -> Result<RemoteUser, ProviderError> {
+        let op = Op::new("create service user", Some(name));
+        let body = serde_json::json!({"name": name, "active": active});
+        let url = format!("{}/service_users", self.base_url);
+        let answer = self.call(&op, Method::POST, &url, Some(&body)).await?;
+        let user: WireUser = self.decode(&op, &answer)?;
+        Ok(user.into())
+    }
+
+    async fn update_user(
+        &self,
+        user: &RemoteUser,
+        active: bool,
+    ) -> Result<RemoteUser, ProviderError> {
+        let op = Op::new("update service user", Some(&user.name));
+        let body = serde_json::json!({"active": active});
+        let url = format!("{}/service_users/{}", self.base_url, user.id);
+        let answer = self.call(&op, Method::PATCH, &url, Some(&body)).await?;
+        let user: WireUser = self.decode(&op, &answer)?;
+        Ok(user.into())
+    }
+
+    async fn delete_user(&self, user: &RemoteUser) -> Result<(), ProviderError> {
+        let op = Op::new("delete service user", Some(&user.name));
+        let url = format!("{}/service_users/{}", self.base_url, user.id);
+        match self.call(&op, Method::DELETE, &url, None).await {
+            Ok(_) => Ok(()),
+            // Already gone is what we wanted.
+            Err(e) if e.status == Some(404) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn create_key(
+        &self,
+        user: &RemoteUser,
+        key: &NewKey,
+    ) -> Result<CreatedKey, ProviderError> {
+        let op = Op::new(
+            format!("create {} for slot {}", key.kind, key.slot),
+            Some(&user.name),
+        );
+        let mut body = serde_json::json!({
+            "description": key.description,
+            "metadata": key.metadata,
+            "owner_id": user.id,
+        });
+        if key.kind == KeyKind::Credential {
+            body["acl"] = serde_json::json!(key.acl);
+        }
+        let url = format!("{}{}", self.base_url, Self::key_path(key.kind));
+        let answer = self.call(&op, Method::POST, &url, Some(&body)).await?;
+        let wire: WireKey = self.decode(&op, &answer)?;
+        let (remote, secret) = wire.into_remote(key.kind);
+        let secret = secret.ok_or_else(|| ProviderError {
+            provider: self.name.clone(),
+            operation: op.operation.clone(),
+            user: op.user.clone(),
+            status: Some(answer.status.as_u16()),
+            code: None,
+            message: format!("the create response for {} carried no token", remote.id),
+            class: ErrorClass::Rejected,
+        })?;
+        Ok(CreatedKey {
+            key: remote,
+            secret,
+        })
+    }
+
+    async fn revoke_key(&self, user: &str, key: &RemoteKey) -> Result<(), ProviderError> {
+        let op = Op::new(format!("revoke {} {}", key.kind, key.id), Some(user));
+        let url = format!("{}{}/{}", self.base_url, Self::key_path(key.kind), key.id);
+        match self.call(&op, Method::DELETE, &url, None).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.status == Some(404) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn requests_sent(&self) -> u64 {
+        self.http.requests_sent()
+    }
 }

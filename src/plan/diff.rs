@@ -1,0 +1,478 @@
+//! The planner: a pure function of the desired config, the observed remote accounts, keyward's
+//! state and `now`. It reads no clock and does no I/O, so it is where the product's decisions
+//! are pinned by unit and property tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use jiff::{SignedDuration, Timestamp};
+use serde_json::json;
+
+use super::{Action, Change, Plan, Warning, observed_digest};
+use crate::config::{Config, PruneKeys, PruneUsers, SlotSpec, UserSpec};
+use crate::duration;
+use crate::model::{AccountSnapshot, KeyTag, Observed, ProviderType, RemoteKey, RemoteUser};
+use crate::state::State;
+
+/// What to limit or force in a plan.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    /// Restrict the plan to these users (`NAME` or `PROVIDER:NAME`); empty = everything.
+    pub only: Vec<String>,
+    /// Slots to rotate now whatever their age: (provider, user, slot or every slot).
+    pub force: Vec<(String, String, Option<String>)>,
+}
+
+impl PlanOptions {
+    fn selects(&self, provider: &str, user: &str) -> bool {
+        self.only.is_empty()
+            || self.only.iter().any(|o| match o.split_once(':') {
+                Some((p, u)) => p == provider && u == user,
+                None => o == user,
+            })
+    }
+
+    fn forced(&self, provider: &str, user: &str, slot: &str) -> bool {
+        self.force
+            .iter()
+            .any(|(p, u, s)| p == provider && u == user && s.as_deref().is_none_or(|s| s == slot))
+    }
+}
+
+/// Abbreviates a key id for human-facing reasons: `ak_2abc…`.
+pub fn short_id(id: &str) -> String {
+    match id.char_indices().nth(7) {
+        Some((i, _)) => format!("{}…", &id[..i]),
+        None => id.to_string(),
+    }
+}
+
+/// Where each remote key on a managed user belongs.
+#[derive(Debug, Default)]
+struct KeySort<'a> {
+    /// Slot → recorded current key present remotely.
+    current: BTreeMap<String, &'a RemoteKey>,
+    /// Slot → recorded retiring keys present remotely, with their revoke time.
+    retiring: BTreeMap<String, Vec<(&'a RemoteKey, Option<Timestamp>)>>,
+    /// Keys keyward tagged but never recorded as delivered, by the slot in their tag.
+    orphans: Vec<(String, &'a RemoteKey)>,
+    /// Keys keyward did not create.
+    unknown: Vec<&'a RemoteKey>,
+}
+
+fn sort_keys<'a>(
+    provider: &str,
+    user: &'a RemoteUser,
+    snapshot: &'a AccountSnapshot,
+    state: &State,
+) -> KeySort<'a> {
+    let record = state.user(provider, &user.name).filter(|r| r.id == user.id);
+    let mut sorted = KeySort::default();
+    for key in snapshot.keys_of(&user.id) {
+        let mut placed = false;
+        if let Some(rec) = record {
+            for (slot, srec) in &rec.slots {
+                if srec.current.as_ref().is_some_and(|c| c.id == key.id) {
+                    sorted.current.insert(slot.clone(), key);
+                    placed = true;
+                } else if let Some(r) = srec.retiring.iter().find(|r| r.id == key.id) {
+                    sorted
+                        .retiring
+                        .entry(slot.clone())
+                        .or_default()
+                        .push((key, r.retire_after));
+                    placed = true;
+                }
+            }
+        }
+        if placed {
+            continue;
+        }
+        match KeyTag::parse(&key.metadata) {
+            Some(tag) => sorted.orphans.push((tag.slot, key)),
+            None => sorted.unknown.push(key),
+        }
+    }
+    sorted
+}
+
+/// Builds the plan. Pure: same inputs, same plan.
+pub fn plan(
+    config: &Config,
+    observed: &Observed,
+    state: &State,
+    now: Timestamp,
+    opts: &PlanOptions,
+) -> Plan {
+    let empty = AccountSnapshot::default();
+    let mut changes = Vec::new();
+    let mut warnings = Vec::new();
+
+    for spec in &config.users {
+        if !opts.selects(&spec.provider, &spec.name) {
+            continue;
+        }
+        let snapshot = observed.get(&spec.provider).unwrap_or(&empty);
+        match snapshot.user_by_name(&spec.name) {
+            None => plan_new_user(spec, state, &mut changes),
+            Some(remote) => plan_existing_user(
+                config,
+                spec,
+                remote,
+                snapshot,
+                state,
+                now,
+                opts,
+                &mut changes,
+                &mut warnings,
+            ),
+        }
+    }
+
+    plan_undeclared_users(config, observed, state, opts, &mut changes, &mut warnings);
+
+    // The file's order first (people read the plan next to the file), then undeclared users.
+    let order: std::collections::HashMap<(&str, &str), usize> = config
+        .users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| ((u.provider.as_str(), u.name.as_str()), i))
+        .collect();
+    let rank =
+        |provider: &str, user: &str| order.get(&(provider, user)).copied().unwrap_or(usize::MAX);
+    changes.sort_by(|a, b| {
+        (
+            rank(&a.provider, &a.user),
+            &a.provider,
+            &a.user,
+            a.action,
+            &a.slot,
+            &a.key_id,
+        )
+            .cmp(&(
+                rank(&b.provider, &b.user),
+                &b.provider,
+                &b.user,
+                b.action,
+                &b.slot,
+                &b.key_id,
+            ))
+    });
+    let wrank = |w: &Warning| {
+        rank(
+            w.provider.as_deref().unwrap_or(""),
+            w.user.as_deref().unwrap_or(""),
+        )
+    };
+    warnings.sort_by(|a, b| {
+        (wrank(a), &a.provider, &a.user, &a.key_id, &a.kind).cmp(&(
+            wrank(b),
+            &b.provider,
+            &b.user,
+            &b.key_id,
+            &b.kind,
+        ))
+    });
+    Plan::new(changes, warnings, observed_digest(config, observed, state))
+}
+
+fn change(action: Action, spec_provider: &str, user: &str) -> Change {
+    Change {
+        action,
+        provider: spec_provider.to_string(),
+        user: user.to_string(),
+        slot: None,
+        key_id: None,
+        reason: String::new(),
+        before: None,
+        after: None,
+    }
+}
+
+fn key_after(slot: &SlotSpec) -> serde_json::Value {
+    json!({"kind": slot.kind, "sinks": slot.sinks})
+}
+
+fn plan_new_user(spec: &UserSpec, state: &State, changes: &mut Vec<Change>) {
+    let gone = state.user(&spec.provider, &spec.name).is_some();
+    changes.push(Change {
+        reason: if gone {
+            "recorded by keyward but no longer exists at the provider".to_string()
+        } else {
+            String::new()
+        },
+        after: Some(json!({"name": spec.name, "active": spec.active})),
+        ..change(Action::CreateUser, &spec.provider, &spec.name)
+    });
+    for slot in spec.slots.values() {
+        changes.push(Change {
+            slot: Some(slot.name.clone()),
+            reason: "new slot".to_string(),
+            after: Some(key_after(slot)),
+            ..change(Action::CreateKey, &spec.provider, &spec.name)
+        });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_existing_user(
+    config: &Config,
+    spec: &UserSpec,
+    remote: &RemoteUser,
+    snapshot: &AccountSnapshot,
+    state: &State,
+    now: Timestamp,
+    opts: &PlanOptions,
+    changes: &mut Vec<Change>,
+    warnings: &mut Vec<Warning>,
+) {
+    let provider = spec.provider.as_str();
+    if remote.active != spec.active {
+        changes.push(Change {
+            reason: format!("active: {} -> {}", remote.active, spec.active),
+            before: Some(json!({"active": remote.active})),
+            after: Some(json!({"active": spec.active})),
+            ..change(Action::UpdateUser, provider, &spec.name)
+        });
+    }
+    let sorted = sort_keys(provider, remote, snapshot, state);
+    let recorded = state
+        .user(provider, &spec.name)
+        .filter(|r| r.id == remote.id);
+
+    for slot in spec.slots.values() {
+        let current = sorted.current.get(&slot.name).copied();
+        match current {
+            None => {
+                let lost = recorded
+                    .and_then(|r| r.slots.get(&slot.name))
+                    .and_then(|s| s.current.as_ref());
+                changes.push(Change {
+                    slot: Some(slot.name.clone()),
+                    reason: match lost {
+                        Some(k) => format!(
+                            "current key {} no longer exists at the provider",
+                            short_id(&k.id)
+                        ),
+                        None => "no current key".to_string(),
+                    },
+                    after: Some(key_after(slot)),
+                    ..change(Action::CreateKey, provider, &spec.name)
+                });
+            }
+            Some(key) => {
+                if let Some(reason) = rotation_reason(provider, &spec.name, slot, key, now, opts) {
+                    changes.push(Change {
+                        slot: Some(slot.name.clone()),
+                        key_id: Some(key.id.clone()),
+                        reason,
+                        before: Some(json!({"key_id": key.id, "created_at": key.created_at})),
+                        after: Some(key_after(slot)),
+                        ..change(Action::RotateKey, provider, &spec.name)
+                    });
+                }
+            }
+        }
+        for (key, retire_after) in sorted.retiring.get(&slot.name).into_iter().flatten() {
+            if retire_after.is_none_or(|t| t <= now) {
+                changes.push(Change {
+                    slot: Some(slot.name.clone()),
+                    key_id: Some(key.id.clone()),
+                    reason: match retire_after {
+                        Some(t) => format!("retired {}, overlap ended", t.strftime("%Y-%m-%d")),
+                        None => "retired, overlap ended".to_string(),
+                    },
+                    before: Some(json!({"key_id": key.id, "created_at": key.created_at})),
+                    ..change(Action::RevokeKey, provider, &spec.name)
+                });
+            }
+        }
+    }
+
+    // Keys keyward owns on slots that left the file: the slot is gone, so are its keys.
+    let declared: BTreeSet<&str> = spec.slots.keys().map(String::as_str).collect();
+    for (slot, key) in &sorted.current {
+        if !declared.contains(slot.as_str()) {
+            changes.push(revoke(
+                provider,
+                &spec.name,
+                slot,
+                key,
+                format!("slot {slot} is no longer declared"),
+            ));
+        }
+    }
+    for (slot, keys) in &sorted.retiring {
+        if !declared.contains(slot.as_str()) {
+            for (key, _) in keys {
+                changes.push(revoke(
+                    provider,
+                    &spec.name,
+                    slot,
+                    key,
+                    format!("slot {slot} is no longer declared"),
+                ));
+            }
+        }
+    }
+    for (slot, key) in &sorted.orphans {
+        changes.push(revoke(
+            provider,
+            &spec.name,
+            slot,
+            key,
+            "created by keyward but never recorded as delivered (interrupted run)".to_string(),
+        ));
+    }
+    for key in &sorted.unknown {
+        let revoke_it = config.prune.unknown_keys == PruneKeys::Revoke;
+        warnings.push(Warning {
+            kind: "unknown_key".to_string(),
+            provider: Some(provider.to_string()),
+            user: Some(spec.name.clone()),
+            key_id: Some(key.id.clone()),
+            message: format!(
+                "{} {} was not created by keyward (prune.unknown_keys: {})",
+                key.kind,
+                key.id,
+                if revoke_it { "revoke" } else { "report" }
+            ),
+        });
+        if revoke_it {
+            changes.push(Change {
+                key_id: Some(key.id.clone()),
+                reason: "not created by keyward (prune.unknown_keys: revoke)".to_string(),
+                before: Some(
+                    json!({"key_id": key.id, "kind": key.kind, "created_at": key.created_at}),
+                ),
+                ..change(Action::RevokeKey, provider, &spec.name)
+            });
+        }
+    }
+}
+
+fn revoke(provider: &str, user: &str, slot: &str, key: &RemoteKey, reason: String) -> Change {
+    Change {
+        slot: Some(slot.to_string()),
+        key_id: Some(key.id.clone()),
+        reason,
+        before: Some(json!({"key_id": key.id, "created_at": key.created_at})),
+        ..change(Action::RevokeKey, provider, user)
+    }
+}
+
+/// Why the current key of a slot must be rotated now, if it must.
+fn rotation_reason(
+    provider: &str,
+    user: &str,
+    slot: &SlotSpec,
+    key: &RemoteKey,
+    now: Timestamp,
+    opts: &PlanOptions,
+) -> Option<String> {
+    if opts.forced(provider, user, &slot.name) {
+        return Some(format!("{} rotation forced", short_id(&key.id)));
+    }
+    if key.kind != slot.kind {
+        return Some(format!(
+            "{} is a {}, the slot now wants a {}",
+            short_id(&key.id),
+            key.kind,
+            slot.kind
+        ));
+    }
+    if let Some(every) = slot.rotate_every {
+        let age = now.duration_since(key.created_at);
+        if age >= every {
+            return Some(format!(
+                "{} is {} old (rotate_every {})",
+                short_id(&key.id),
+                duration::humanize(age),
+                duration::format(every)
+            ));
+        }
+    }
+    if let Some(exp) = key.expires_at
+        && exp.duration_since(now) <= slot.overlap.max(SignedDuration::ZERO)
+    {
+        return Some(format!(
+            "{} expires {} (within overlap {})",
+            short_id(&key.id),
+            exp,
+            duration::format(slot.overlap)
+        ));
+    }
+    None
+}
+
+fn plan_undeclared_users(
+    config: &Config,
+    observed: &Observed,
+    state: &State,
+    opts: &PlanOptions,
+    changes: &mut Vec<Change>,
+    warnings: &mut Vec<Warning>,
+) {
+    // --only narrows a run to named users: nothing outside them is pruned or reported.
+    if !opts.only.is_empty() {
+        return;
+    }
+    for (provider, snapshot) in observed {
+        let Some(account) = config.providers.get(provider) else {
+            continue;
+        };
+        for remote in &snapshot.users {
+            if remote.deleted
+                || config
+                    .users
+                    .iter()
+                    .any(|u| u.provider == *provider && u.name == remote.name)
+            {
+                continue;
+            }
+            let created_by_us = state
+                .user(provider, &remote.name)
+                .is_some_and(|r| r.id == remote.id && r.created_by_keyward);
+            if !created_by_us {
+                warnings.push(Warning {
+                    kind: "unmanaged_user".to_string(),
+                    provider: Some(provider.clone()),
+                    user: Some(remote.name.clone()),
+                    key_id: None,
+                    message: "service user not in the file; keyward never changes it".to_string(),
+                });
+                continue;
+            }
+            match config.prune.users {
+                PruneUsers::Keep => warnings.push(Warning {
+                    kind: "pruned_user_kept".to_string(),
+                    provider: Some(provider.clone()),
+                    user: Some(remote.name.clone()),
+                    key_id: None,
+                    message: "created by keyward and no longer in the file; kept (prune.users: keep)".to_string(),
+                }),
+                PruneUsers::Disable => {
+                    if remote.active {
+                        changes.push(Change {
+                            reason: "no longer in the file (prune.users: disable)".to_string(),
+                            before: Some(json!({"active": true})),
+                            after: Some(json!({"active": false})),
+                            ..change(Action::UpdateUser, provider, &remote.name)
+                        });
+                    }
+                }
+                PruneUsers::Delete => changes.push(Change {
+                    reason: match account.kind {
+                        ProviderType::OktaAsa => {
+                            "no longer in the file (prune.users: delete); irreversible: ASA keeps the name reserved".to_string()
+                        }
+                        ProviderType::Ngrok => {
+                            "no longer in the file (prune.users: delete); revokes every key it owns".to_string()
+                        }
+                    },
+                    before: Some(json!({"id": remote.id, "active": remote.active})),
+                    ..change(Action::DeleteUser, provider, &remote.name)
+                }),
+            }
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Shows a plan to people (Terraform-style text, one line per change, grouped by provider and
+//! user) and to programs (one JSON document). Rendering never decides anything: it only reads
+//! the plan.
+
+use anstyle::{AnsiColor, Style};
+
+use super::diff::short_id;
+use super::{Action, Change, Plan, Warning};
+
+const WIDTH: usize = 27;
+
+fn paint(text: &str, color: Option<AnsiColor>, enabled: bool) -> String {
+    match (color, enabled) {
+        (Some(c), true) => {
+            let style = Style::new().fg_color(Some(c.into()));
+            format!("{style}{text}{style:#}")
+        }
+        _ => text.to_string(),
+    }
+}
+
+fn bold(text: &str, enabled: bool) -> String {
+    if enabled {
+        let style = Style::new().bold();
+        format!("{style}{text}{style:#}")
+    } else {
+        text.to_string()
+    }
+}
+
+fn change_line(c: &Change) -> (&'static str, Option<AnsiColor>, String, String) {
+    let slot = c.slot.as_deref().unwrap_or("");
+    let key = c.key_id.as_deref().map(short_id).unwrap_or_default();
+    match c.action {
+        Action::CreateUser => {
+            let inactive = c
+                .after
+                .as_ref()
+                .and_then(|a| a.get("active"))
+                .and_then(|v| v.as_bool())
+                == Some(false);
+            let mut detail = c.reason.clone();
+            if inactive {
+                detail = if detail.is_empty() {
+                    "active: false".into()
+                } else {
+                    format!("active: false; {detail}")
+                };
+            }
+            (
+                "+",
+                Some(AnsiColor::Green),
+                "create service user".into(),
+                detail,
+            )
+        }
+        Action::UpdateUser => (
+            "~",
+            Some(AnsiColor::Yellow),
+            "update service user".into(),
+            c.reason.clone(),
+        ),
+        Action::DeleteUser => (
+            "-",
+            Some(AnsiColor::Red),
+            "delete service user".into(),
+            c.reason.clone(),
+        ),
+        Action::CreateKey => {
+            let sinks: Vec<String> = c
+                .after
+                .as_ref()
+                .and_then(|a| a.get("sinks"))
+                .and_then(|s| s.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let detail = match sinks.len() {
+                0 => String::new(),
+                1 => format!("-> sink {}", sinks[0]),
+                _ => format!("-> sinks {}", sinks.join(", ")),
+            };
+            let detail =
+                if c.reason.is_empty() || c.reason == "new slot" || c.reason == "no current key" {
+                    detail
+                } else {
+                    format!("{detail} ({})", c.reason)
+                };
+            (
+                "+",
+                Some(AnsiColor::Green),
+                format!("create key {slot}"),
+                detail,
+            )
+        }
+        Action::RotateKey => (
+            "↻",
+            Some(AnsiColor::Cyan),
+            format!("rotate key {slot}"),
+            c.reason.clone(),
+        ),
+        Action::RevokeKey => (
+            "-",
+            Some(AnsiColor::Red),
+            format!("revoke key {key}"),
+            c.reason.clone(),
+        ),
+    }
+}
+
+fn warning_line(w: &Warning) -> (String, String) {
+    match w.kind.as_str() {
+        "unknown_key" => {
+            let key = w.key_id.as_deref().map(short_id).unwrap_or_default();
+            let detail = w
+                .message
+                .split_once("was ")
+                .map(|(_, rest)| rest.to_string())
+                .unwrap_or_else(|| w.message.clone());
+            (format!("unknown key {key}"), detail)
+        }
+        "unmanaged_user" => ("unmanaged service user".into(), w.message.clone()),
+        "pruned_user_kept" => ("kept service user".into(), w.message.clone()),
+        _ => (w.kind.replace('_', " "), w.message.clone()),
+    }
+}
+
+fn line(
+    out: &mut String,
+    symbol: &str,
+    color: Option<AnsiColor>,
+    what: &str,
+    detail: &str,
+    colored: bool,
+) {
+    let head = if detail.is_empty() {
+        what.to_string()
+    } else {
+        format!("{what:<WIDTH$} {detail}")
+    };
+    out.push_str(&format!(
+        "    {} {}\n",
+        paint(symbol, color, colored),
+        head.trim_end()
+    ));
+}
+
+/// The human form of a plan.
+pub fn text(plan: &Plan, colored: bool) -> String {
+    let mut out = String::new();
+    if plan.has_changes() {
+        out.push_str(&bold(
+            "keyward will perform the following actions:",
+            colored,
+        ));
+        out.push('\n');
+    } else {
+        out.push_str(&bold(
+            "No changes. The provider accounts match the configuration.",
+            colored,
+        ));
+        out.push('\n');
+    }
+
+    // Groups in the order the planner put the changes (the file's order), warnings joining
+    // their user's group.
+    let mut groups: Vec<(String, String)> = Vec::new();
+    let key_of = |p: &Option<String>, u: &Option<String>| {
+        (p.clone().unwrap_or_default(), u.clone().unwrap_or_default())
+    };
+    for c in &plan.changes {
+        let k = (c.provider.clone(), c.user.clone());
+        if !groups.contains(&k) {
+            groups.push(k);
+        }
+    }
+    let mut loose = Vec::new();
+    for w in &plan.warnings {
+        if w.user.is_none() {
+            loose.push(w);
+            continue;
+        }
+        let k = key_of(&w.provider, &w.user);
+        if !groups.contains(&k) {
+            groups.push(k);
+        }
+    }
+    if !groups.is_empty() {
+        out.push('\n');
+    }
+    for (provider, user) in &groups {
+        out.push_str(&format!(
+            "  {}\n",
+            bold(&format!("{provider} / {user}"), colored)
+        ));
+        for c in plan
+            .changes
+            .iter()
+            .filter(|c| &c.provider == provider && &c.user == user)
+        {
+            let (sym, color, what, detail) = change_line(c);
+            line(&mut out, sym, color, &what, &detail, colored);
+        }
+        for w in plan.warnings.iter().filter(|w| {
+            w.user.is_some() && key_of(&w.provider, &w.user) == (provider.clone(), user.clone())
+        }) {
+            let (what, detail) = warning_line(w);
+            line(
+                &mut out,
+                "!",
+                Some(AnsiColor::Yellow),
+                &what,
+                &detail,
+                colored,
+            );
+        }
+    }
+    if !loose.is_empty() {
+        out.push('\n');
+        for w in loose {
+            out.push_str(&format!(
+                "  {} {}\n",
+                paint("!", Some(AnsiColor::Yellow), colored),
+                w.message
+            ));
+        }
+    }
+    out.push('\n');
+    let s = &plan.summary;
+    let warnings = match s.warnings {
+        0 => String::new(),
+        1 => " 1 warning.".to_string(),
+        n => format!(" {n} warnings."),
+    };
+    if plan.has_changes() {
+        let mut counts = format!(
+            "Plan: {} to create, {} to update, {} to rotate, {} to revoke",
+            s.create, s.update, s.rotate, s.revoke
+        );
+        if s.delete > 0 {
+            counts.push_str(&format!(", {} to delete", s.delete));
+        }
+        out.push_str(&format!("{}.{warnings}\n", bold(&counts, colored)));
+    } else if !warnings.is_empty() {
+        out.push_str(&format!("{}\n", warnings.trim_start()));
+    } else {
+        // Nothing more to say; drop the blank line before the (absent) footer.
+        out.pop();
+    }
+    out
+}
+
+/// The JSON form: exactly one document.
+pub fn json(plan: &Plan) -> String {
+    let mut s = serde_json::to_string_pretty(plan).unwrap_or_else(|_| "{}".to_string());
+    s.push('\n');
+    s
+}
