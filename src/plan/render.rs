@@ -7,7 +7,7 @@ use anstyle::{AnsiColor, Style};
 use super::diff::short_id;
 use super::{Action, Change, Plan, Warning};
 
-const WIDTH: usize = 27;
+const WIDTH: usize = 26;
 
 fn paint(text: &str, color: Option<AnsiColor>, enabled: bool) -> String {
     match (color, enabled) {
