@@ -86,6 +86,7 @@ pub struct Sandbox {
     addr: SocketAddr,
     url: String,
     admin_key: String,
+    shared: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -142,7 +143,7 @@ impl Sandbox {
         });
 
         let (stop, stopped) = oneshot::channel::<()>();
-        let app = router(shared);
+        let app = router(shared.clone());
         let task = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async {
@@ -156,6 +157,7 @@ impl Sandbox {
             addr,
             url,
             admin_key,
+            shared,
             stop: Some(stop),
             task: Some(task),
         })
@@ -174,6 +176,21 @@ impl Sandbox {
     /// The bootstrap ngrok admin API key.
     pub fn ngrok_admin_key(&self) -> String {
         self.admin_key.clone()
+    }
+
+    /// The faults currently injected.
+    pub fn faults(&self) -> Faults {
+        self.shared.control().faults.clone()
+    }
+
+    /// Changes the injected faults at runtime (as `PUT /_sandbox/faults` does).
+    pub fn set_faults(&self, faults: Faults) {
+        self.shared.control().set_faults(faults);
+    }
+
+    /// The request counters, in the JSON shape of `GET /_sandbox/stats`.
+    pub fn stats(&self) -> serde_json::Value {
+        self.shared.control().stats.to_json()
     }
 
     /// Stops accepting connections and waits (at most a few seconds) for open ones to finish.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -28,8 +28,15 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/_sandbox/stats/reset", post(reset_stats))
         .route("/_sandbox/faults", get(get_faults).put(put_faults))
         .route("/_sandbox/verify", post(verify))
-        .route("/_sandbox/ngrok/seed", post(seed_ngrok))
+        .route(
+            "/_sandbox/ngrok/seed",
+            // Large seed documents (thousands of objects) exceed axum's 2 MB default.
+            post(seed_ngrok).layer(DefaultBodyLimit::max(SEED_BODY_LIMIT)),
+        )
 }
+
+/// Largest accepted seed document.
+const SEED_BODY_LIMIT: usize = 64 * 1024 * 1024;
 
 fn invalid(msg: impl Into<String>) -> ApiError {
     ApiError::with_code(StatusCode::BAD_REQUEST, "SANDBOX_INVALID_REQUEST", msg)

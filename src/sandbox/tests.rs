@@ -461,3 +461,26 @@ async fn credentials_and_ssh_credentials_validate_their_fields() {
     );
     api.sb.shutdown().await;
 }
+
+#[tokio::test]
+async fn faults_can_be_changed_in_process() {
+    let api = Api::start(SandboxOptions::default()).await;
+    api.sb.set_faults(super::Faults {
+        latency: Duration::from_millis(1),
+        error_rate: 1.0,
+        rate_limit: None,
+    });
+    assert!(api.call("GET", "/api_keys", None).await.0 >= 500);
+    api.sb.set_faults(super::Faults::default());
+    assert_eq!(api.call("GET", "/api_keys", None).await.0, 200);
+    assert_eq!(api.sb.faults(), super::Faults::default());
+    let stats = api.sb.stats();
+    assert_eq!(
+        (
+            stats["requests"].as_u64(),
+            stats["injected_errors"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    api.sb.shutdown().await;
+}
