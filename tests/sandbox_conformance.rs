@@ -52,6 +52,24 @@ impl SandboxProcess {
         }
     }
 
+    /// Runs `python3 ARGS` with the sandbox's URL and key in the environment and fails the test,
+    /// showing the script's output, unless it succeeds.
+    fn run_python(&self, args: &[&str]) {
+        let out = Command::new("python3")
+            .args(args)
+            .env("KEYWARD_SANDBOX_URL", &self.url)
+            .env("NGROK_API_KEY", &self.key)
+            .output()
+            .expect("run python3");
+        assert!(
+            out.status.success(),
+            "python3 {args:?} failed ({})\n--- stdout\n{}\n--- stderr\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Sends SIGTERM and returns the exit status.
     fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
@@ -94,22 +112,10 @@ fn official_python_client_accepts_the_sandbox() {
         );
     }
     let sandbox = SandboxProcess::spawn(&["--listen", "127.0.0.1:0", "--rng-seed", "42"]);
-    let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/conformance/ngrok_client.py"
-        ))
-        .env("KEYWARD_SANDBOX_URL", &sandbox.url)
-        .env("NGROK_API_KEY", &sandbox.key)
-        .output()
-        .expect("run python3");
-    assert!(
-        out.status.success(),
-        "ngrok_client.py failed ({})\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sandbox.run_python(&[concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/conformance/ngrok_client.py"
+    )]);
     let status = sandbox.terminate();
     assert!(status.success(), "SIGTERM should exit 0, got {status}");
 }
@@ -158,23 +164,13 @@ fn seed_file_is_loaded_at_startup() {
     )
     .expect("write seed");
     let sandbox = SandboxProcess::spawn(&["--seed", path.to_str().expect("utf-8 path")]);
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import os, ngrok\n\
-             c = ngrok.Client(os.environ['NGROK_API_KEY'], base_url=os.environ['KEYWARD_SANDBOX_URL'])\n\
-             users = list(c.service_users.list())\n\
-             assert [(u.name, u.active, u.created_at) for u in users] == [('seeded', False, '2024-01-02T03:04:05Z')], users\n\
-             keys = [k for k in c.api_keys.list() if k.owner_id == users[0].id]\n\
-             assert [(k.description, k.created_at) for k in keys] == [('old', '2024-01-03T00:00:00Z')], keys\n",
-        ])
-        .env("KEYWARD_SANDBOX_URL", &sandbox.url)
-        .env("NGROK_API_KEY", &sandbox.key)
-        .output()
-        .expect("run python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sandbox.run_python(&[
+        "-c",
+        "import os, ngrok\n\
+         c = ngrok.Client(os.environ['NGROK_API_KEY'], base_url=os.environ['KEYWARD_SANDBOX_URL'])\n\
+         users = list(c.service_users.list())\n\
+         assert [(u.name, u.active, u.created_at) for u in users] == [('seeded', False, '2024-01-02T03:04:05Z')], users\n\
+         keys = [k for k in c.api_keys.list() if k.owner_id == users[0].id]\n\
+         assert [(k.description, k.created_at) for k in keys] == [('old', '2024-01-03T00:00:00Z')], keys\n",
+    ]);
 }
