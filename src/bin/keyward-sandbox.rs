@@ -1,1 +1,118 @@
-fn main() {}
+//! `keyward-sandbox`: serves local emulations of the provider APIs keyward manages, for the quick
+//! start and the integration tests.
+//!
+//! On start-up it prints shell-evaluable lines to stdout (tests parse them) and then serves until
+//! SIGINT or SIGTERM. Logs go to stderr.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use keyward::sandbox::{Sandbox, SandboxOptions, parse_latency, parse_rate_limit};
+
+/// Local emulator of the ngrok API (service users, API keys, credentials) with fault injection.
+#[derive(Debug, Parser)]
+#[command(name = "keyward-sandbox", version)]
+struct Args {
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Allow listening on a non-loopback address (the sandbox has no real security).
+    #[arg(long)]
+    allow_non_loopback: bool,
+    /// Delay before answering each API request, e.g. 20ms or 1s.
+    #[arg(long, value_parser = parse_latency, default_value = "0")]
+    latency: Duration,
+    /// Probability (0..1) of answering an API request 500/503 without applying it.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Account-wide rate limit N/WINDOW over a rolling window, e.g. 120/60s.
+    #[arg(long, value_parser = parse_rate_limit)]
+    rate_limit: Option<(u32, Duration)>,
+    /// JSON file in the format of POST /_sandbox/ngrok/seed, loaded at start-up.
+    #[arg(long)]
+    seed: Option<PathBuf>,
+    /// Seed for the random number generator, for reproducible IDs, tokens and faults.
+    #[arg(long)]
+    rng_seed: Option<u64>,
+    /// Use this bootstrap ngrok admin API key instead of generating one.
+    #[arg(long)]
+    admin_key: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyward-sandbox: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if !args.listen.ip().is_loopback() && !args.allow_non_loopback {
+        anyhow::bail!(
+            "refusing to listen on non-loopback address {} (the sandbox accepts well-known test keys); pass --allow-non-loopback to insist",
+            args.listen
+        );
+    }
+    let sandbox = Sandbox::start(
+        args.listen,
+        SandboxOptions {
+            latency: args.latency,
+            error_rate: args.error_rate,
+            rate_limit: args.rate_limit,
+            rng_seed: args.rng_seed,
+            seed_file: args.seed,
+            admin_key: args.admin_key,
+        },
+    )
+    .await?;
+
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "# keyward-sandbox: ngrok emulator listening")?;
+    writeln!(out, "KEYWARD_SANDBOX_URL={}", sandbox.url())?;
+    writeln!(out, "NGROK_API_KEY={}", sandbox.ngrok_admin_key())?;
+    // Whoever reads these lines through a pipe must see them now, not at exit.
+    out.flush()
+        .context("cannot write the start-up lines to stdout")?;
+    drop(out);
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    sandbox.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or (on Unix) SIGTERM.
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("cannot watch SIGINT")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot watch Ctrl-C")?;
+    Ok(())
+}
