@@ -321,7 +321,7 @@ impl Ctx<'_> {
                 };
                 self.d.error(
                     v.pos(),
-                    format!("`{field}` does not apply to a provider of type {kind} (it is a {other} field)"),
+                    format!("`{field}` does not apply to a provider of type {kind} (it is an {other} field)"),
                 );
             }
         }
@@ -642,8 +642,14 @@ impl Ctx<'_> {
             let tail = &rest[open + 1..];
             let Some(close) = tail.find('}') else { break };
             let name = &tail[..close];
-            let looks_like_placeholder =
-                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            // Only lower-case words count: `${X}` left by a `$${` escape, or JSON in an
+            // argument, are not meant as placeholders.
+            let after_dollar = rest[..open].ends_with('$');
+            let looks_like_placeholder = !after_dollar
+                && !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
             if looks_like_placeholder && !PLACEHOLDERS.contains(&name) {
                 self.d.error(
                     at.pos(),
