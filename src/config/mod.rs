@@ -299,3 +299,82 @@ pub fn schema() -> serde_json::Value {
     let schema = schemars::schema_for!(raw::RawConfig);
     serde_json::to_value(&schema).unwrap_or(serde_json::Value::Null)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn diag(line: usize, column: usize, severity: Severity, message: &str) -> Diagnostic {
+        Diagnostic {
+            file: PathBuf::from("etc/keyward.yaml"),
+            line,
+            column,
+            severity,
+            message: message.to_string(),
+        }
+    }
+
+    #[test]
+    fn diagnostics_render_as_file_line_col() {
+        assert_eq!(
+            diag(3, 7, Severity::Error, "bad").to_string(),
+            "etc/keyward.yaml:3:7: bad"
+        );
+        assert_eq!(
+            diag(1, 1, Severity::Warning, "hm").to_string(),
+            "etc/keyward.yaml:1:1: warning: hm"
+        );
+    }
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keyward.yaml");
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    #[test]
+    fn diagnostics_come_sorted_by_position() {
+        let (_dir, path) = write(
+            "version: 1\nsinks:\n  s: {type: exec, command: [x], timeout: 1x}\nsettings: {interval: 2y, concurrency: 0}\n",
+        );
+        let errs = load_with_env(&path, &|_| None).expect_err("invalid");
+        let at: Vec<(usize, usize)> = errs.iter().map(|d| (d.line, d.column)).collect();
+        let mut sorted = at.clone();
+        sorted.sort();
+        assert_eq!(at, sorted);
+        assert_eq!(at.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn missing_version_is_reported_at_the_top() {
+        let (_dir, path) = write("settings: {mode: observe}\n");
+        let errs = load_with_env(&path, &|_| None).expect_err("invalid");
+        assert_eq!((errs[0].line, errs[0].column), (1, 1));
+        assert!(errs[0].message.contains("version: 1"), "{errs:?}");
+    }
+
+    #[test]
+    fn provider_defaults_and_trailing_slash() {
+        let (_dir, path) = write(
+            "version: 1\nproviders:\n  asa: {type: okta-asa, team: t, key_id: k, key_secret: \"${S}\", base_url: \"https://acme.pam.okta.com/\"}\n",
+        );
+        let env = |n: &str| (n == "S").then(|| "x".to_string());
+        let loaded = load_with_env(&path, &env).expect("valid");
+        let p = &loaded.config.providers["asa"];
+        assert_eq!(p.base_url, "https://acme.pam.okta.com");
+        assert_eq!(p.rate_limit.requests, 600);
+        assert_eq!(p.kind, ProviderType::OktaAsa);
+        assert!(loaded.warnings.is_empty());
+    }
+
+    #[test]
+    fn digest_is_sha256_of_the_bytes() {
+        let (_dir, path) = write("version: 1\n");
+        let loaded = load_with_env(&path, &|_| None).expect("valid");
+        assert_eq!(
+            loaded.config.digest,
+            hex::encode(Sha256::digest(b"version: 1\n"))
+        );
+    }
+}

@@ -164,7 +164,7 @@ impl<'de> Deserialize<'de> for SinkNames {
     }
 }
 
-/// The schema of `sink`: a name or a list of names.
+/// One sink name or a list of sink names.
 #[derive(JsonSchema)]
 #[allow(dead_code)] // only its schema is used
 #[serde(untagged)]
@@ -209,6 +209,7 @@ pub struct RawConfig {
 /// How keyward itself runs.
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Settings")]
 pub struct RawSettings {
     /// Directory for keyward's state and journal. Default: `$STATE_DIRECTORY` (set by systemd's
     /// `StateDirectory=`), else `./.keyward`. A relative path is relative to this file.
@@ -229,6 +230,7 @@ pub struct RawSettings {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
+#[schemars(rename = "Mode")]
 pub enum RawMode {
     Apply,
     Observe,
@@ -237,6 +239,7 @@ pub enum RawMode {
 /// A provider account. Which fields apply depends on `type`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Provider")]
 pub struct RawProvider {
     /// `ngrok` or `okta-asa` (Okta Advanced Server Access / Privileged Access).
     #[serde(rename = "type")]
@@ -266,6 +269,7 @@ pub struct RawProvider {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[schemars(rename = "ProviderType")]
 pub enum RawProviderType {
     #[serde(rename = "ngrok")]
     Ngrok,
@@ -276,6 +280,7 @@ pub enum RawProviderType {
 /// A sink: where a new secret is delivered before the key it replaces is revoked.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Sink")]
 pub struct RawSink {
     /// `file` (write a file, atomically, mode 0600) or `exec` (run a command, the document on
     /// its stdin).
@@ -296,6 +301,7 @@ pub struct RawSink {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
+#[schemars(rename = "SinkType")]
 pub enum RawSinkType {
     File,
     Exec,
@@ -303,6 +309,7 @@ pub enum RawSinkType {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
+#[schemars(rename = "SinkFormat")]
 pub enum RawSinkFormat {
     Json,
     Env,
@@ -312,6 +319,7 @@ pub enum RawSinkFormat {
 /// Key policy fields shared by `defaults` and every slot.
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Policy")]
 pub struct RawPolicy {
     /// Rotate when the current key is older than this (e.g. `30d`). Absent: rotate only when
     /// forced, or at every `schedule` time.
@@ -330,6 +338,7 @@ pub struct RawPolicy {
 /// A service user.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "User")]
 pub struct RawUser {
     /// The provider account (a name under `providers`).
     pub provider: Sp<String>,
@@ -345,6 +354,7 @@ pub struct RawUser {
 /// A key slot: one key kept current, rotated by its policy.
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Slot")]
 pub struct RawSlot {
     /// ngrok: `api_key` (default) or `credential` (agent authtoken); okta-asa: `api_key`.
     pub kind: Option<Sp<RawKeyKind>>,
@@ -367,6 +377,7 @@ pub struct RawSlot {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
+#[schemars(rename = "KeyKind")]
 pub enum RawKeyKind {
     ApiKey,
     Credential,
@@ -375,6 +386,7 @@ pub enum RawKeyKind {
 /// What to do with objects keyward manages that are no longer in the file.
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Prune")]
 pub struct RawPrune {
     /// Users keyward created that left the file: `keep` (default), `disable` or `delete`.
     pub users: Option<Sp<RawPruneUsers>>,
@@ -384,6 +396,7 @@ pub struct RawPrune {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
+#[schemars(rename = "PruneUsers")]
 pub enum RawPruneUsers {
     Keep,
     Disable,
@@ -392,6 +405,7 @@ pub enum RawPruneUsers {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
+#[schemars(rename = "PruneKeys")]
 pub enum RawPruneKeys {
     Report,
     Revoke,

@@ -229,7 +229,7 @@ fn dash_before(chars: &[char], start: usize) -> Option<usize> {
     let mut i = start;
     while i > 0 {
         i -= 1;
-        match chars[i] {
+        match *chars.get(i)? {
             ' ' | '\t' | '\n' | '\r' => continue,
             '-' => return Some(i),
             _ => return None,
@@ -257,8 +257,12 @@ fn recover(text: &str) -> Option<(Parsed, Vec<Problem>)> {
         return None;
     };
     let chars: Vec<char> = text.chars().collect();
-    let scalar_text =
-        |n: &Node| -> String { chars[n.start..n.end.min(chars.len())].iter().collect() };
+    let scalar_text = |n: &Node| -> String {
+        chars
+            .get(n.start..n.end)
+            .map(|c| c.iter().collect())
+            .unwrap_or_default()
+    };
 
     // Each piece: the character ranges to keep, and its meaning.
     let mut pieces: Vec<(Vec<(usize, usize)>, Piece)> = Vec::new();
