@@ -3,13 +3,22 @@
 //! `FILE:LINE:COL: message`. Parsing, `${VAR}` interpolation, `*_file` secrets, defaults and
 //! validation live here; nothing here touches the network.
 
+mod interp;
+mod raw;
+mod resolve;
+mod yaml;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use jiff::SignedDuration;
 use secrecy::SecretString;
+use sha2::{Digest, Sha256};
+
+use raw::Pos;
+use resolve::{Ctx, Diags};
 
 pub use crate::model::{KeyKind, ProviderType};
 
@@ -197,14 +206,175 @@ pub struct Loaded {
     pub warnings: Vec<Diagnostic>,
 }
 
-/// Reads, interpolates and validates the file at `path`. On failure returns every diagnostic
-/// found (errors and warnings), not just the first.
-pub fn load(path: &std::path::Path) -> Result<Loaded, Vec<Diagnostic>> {
-    let _ = path;
-    unimplemented!("config loader")
+/// Reads, interpolates and validates the file at `path`, taking `${VAR}` and
+/// `$STATE_DIRECTORY` from the process environment. On failure returns every diagnostic found
+/// (errors and warnings), not just the first.
+pub fn load(path: &Path) -> Result<Loaded, Vec<Diagnostic>> {
+    load_with_env(path, &|name| std::env::var(name).ok())
+}
+
+/// [`load`] with the environment given as a lookup function (tests, and callers that must not
+/// read the process environment).
+pub fn load_with_env(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Loaded, Vec<Diagnostic>> {
+    let mut d = Diags::new(path);
+    let config = load_into(path, env, &mut d);
+    let mut list = d.list;
+    list.sort_by_key(|x| (x.line, x.column));
+    // The same warning can be reached from several slots (a `defaults` field they share).
+    list.dedup();
+    match config {
+        Some(config) if !list.iter().any(|x| x.severity == Severity::Error) => Ok(Loaded {
+            config,
+            warnings: list,
+        }),
+        _ => Err(list),
+    }
+}
+
+fn load_into(path: &Path, env: &dyn Fn(&str) -> Option<String>, d: &mut Diags) -> Option<Config> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => {
+            d.error(Pos::new(1, 1), format!("cannot read the config file: {e}"));
+            return None;
+        }
+    };
+    let digest = hex::encode(Sha256::digest(&bytes));
+    let text = match std::str::from_utf8(&bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let before = &bytes[..e.valid_up_to()];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let line_start = before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            let column = String::from_utf8_lossy(&before[line_start..])
+                .chars()
+                .count()
+                + 1;
+            d.error(Pos::new(line, column), "the file is not valid UTF-8");
+            return None;
+        }
+    };
+    let blank = text
+        .trim_start_matches('\u{feff}')
+        .lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
+    if blank {
+        d.error(
+            Pos::new(1, 1),
+            "the file is empty; a keyward config starts with `version: 1`",
+        );
+        return None;
+    }
+
+    let (parsed, problems) = yaml::parse(text);
+    for p in problems {
+        d.error(p.pos, p.message);
+    }
+    let parsed = parsed?;
+    // Absolute, so that the resolved paths stay right whatever the working directory is
+    // later (std::path::absolute touches no file system).
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
+    let mut ctx = Ctx {
+        dir: &dir,
+        env,
+        broken: &parsed.broken,
+        d,
+    };
+    let config = ctx.config(&parsed.raw, path, digest);
+    (!parsed.broken.any).then_some(config)
 }
 
 /// The JSON Schema of the config file, for editors.
 pub fn schema() -> serde_json::Value {
-    unimplemented!("schema")
+    let schema = schemars::schema_for!(raw::RawConfig);
+    serde_json::to_value(&schema).unwrap_or(serde_json::Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn diag(line: usize, column: usize, severity: Severity, message: &str) -> Diagnostic {
+        Diagnostic {
+            file: PathBuf::from("etc/keyward.yaml"),
+            line,
+            column,
+            severity,
+            message: message.to_string(),
+        }
+    }
+
+    #[test]
+    fn diagnostics_render_as_file_line_col() {
+        assert_eq!(
+            diag(3, 7, Severity::Error, "bad").to_string(),
+            "etc/keyward.yaml:3:7: bad"
+        );
+        assert_eq!(
+            diag(1, 1, Severity::Warning, "hm").to_string(),
+            "etc/keyward.yaml:1:1: warning: hm"
+        );
+    }
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keyward.yaml");
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    #[test]
+    fn diagnostics_come_sorted_by_position() {
+        let (_dir, path) = write(
+            "version: 1\nsinks:\n  s: {type: exec, command: [x], timeout: 1x}\nsettings: {interval: 2y, concurrency: 0}\n",
+        );
+        let errs = load_with_env(&path, &|_| None).expect_err("invalid");
+        let at: Vec<(usize, usize)> = errs.iter().map(|d| (d.line, d.column)).collect();
+        let mut sorted = at.clone();
+        sorted.sort();
+        assert_eq!(at, sorted);
+        assert_eq!(at.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn missing_version_is_reported_at_the_top() {
+        let (_dir, path) = write("settings: {mode: observe}\n");
+        let errs = load_with_env(&path, &|_| None).expect_err("invalid");
+        assert_eq!((errs[0].line, errs[0].column), (1, 1));
+        assert!(errs[0].message.contains("version: 1"), "{errs:?}");
+    }
+
+    #[test]
+    fn provider_defaults_and_trailing_slash() {
+        let (_dir, path) = write(
+            "version: 1\nproviders:\n  asa: {type: okta-asa, team: t, key_id: k, key_secret: \"${S}\", base_url: \"https://acme.pam.okta.com/\"}\n",
+        );
+        let env = |n: &str| (n == "S").then(|| "x".to_string());
+        let loaded = load_with_env(&path, &env).expect("valid");
+        let p = &loaded.config.providers["asa"];
+        assert_eq!(p.base_url, "https://acme.pam.okta.com");
+        assert_eq!(p.rate_limit.requests, 600);
+        assert_eq!(p.kind, ProviderType::OktaAsa);
+        assert!(loaded.warnings.is_empty());
+    }
+
+    #[test]
+    fn digest_is_sha256_of_the_bytes() {
+        let (_dir, path) = write("version: 1\n");
+        let loaded = load_with_env(&path, &|_| None).expect("valid");
+        assert_eq!(
+            loaded.config.digest,
+            hex::encode(Sha256::digest(b"version: 1\n"))
+        );
+    }
 }

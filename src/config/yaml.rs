@@ -1,0 +1,419 @@
+//! From the file's text to a [`RawConfig`], with structural errors (unknown fields, wrong
+//! types, bad YAML) located at a line and column.
+//!
+//! serde stops at the first error, but `keyward validate` should report every problem it can.
+//! So when the whole document does not deserialize, the text is outlined with the YAML event
+//! parser and each piece — every top-level section, every entry of `providers` and `sinks`,
+//! every element of `users` — is deserialized again on its own, from a copy of the text in
+//! which everything else is blanked out. Blanking (rather than slicing) keeps every line and
+//! column where it was, so the pieces' errors are exactly located too, and the pieces that do
+//! parse are assembled into a partial config that the semantic checks still run on.
+
+use std::collections::BTreeSet;
+
+use serde_saphyr::granit_parser::{Event, Parser, StructureStyle};
+use serde_saphyr::{Error as YamlError, MessageFormatter, UserMessageFormatter};
+
+use super::raw::{Pos, RawConfig};
+
+/// A structural problem: where, and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub pos: Pos,
+    pub message: String,
+}
+
+/// What the semantic checks must know about pieces that failed to parse, so that they do not
+/// report follow-on errors (a user's provider is not "undefined" when its entry merely has a
+/// typo).
+#[derive(Debug, Default)]
+pub struct Broken {
+    /// The whole `providers` section failed: skip every provider-name check.
+    pub all_providers: bool,
+    pub providers: BTreeSet<String>,
+    pub all_sinks: bool,
+    pub sinks: BTreeSet<String>,
+    /// `defaults` failed: a slot without a sink may have been meant to inherit one.
+    pub defaults: bool,
+    /// Some part failed: the config is incomplete, so checks that need the whole picture
+    /// (duplicates across users) still run, but nothing is resolved.
+    pub any: bool,
+}
+
+pub struct Parsed {
+    pub raw: RawConfig,
+    pub broken: Broken,
+}
+
+/// Parses `text`. Returns the (possibly partial) raw config when the YAML itself could be read,
+/// and every structural problem found.
+pub fn parse(text: &str) -> (Option<Parsed>, Vec<Problem>) {
+    match serde_saphyr::from_str::<RawConfig>(text) {
+        Ok(raw) => (
+            Some(Parsed {
+                raw,
+                broken: Broken::default(),
+            }),
+            Vec::new(),
+        ),
+        Err(e) => {
+            let first = problem_of(&e);
+            match recover(text) {
+                Some((mut parsed, pieces)) => {
+                    parsed.broken.any = true;
+                    let mut problems = vec![first.clone()];
+                    // The piece that failed the whole document fails again on its own, at the
+                    // same place: report it once.
+                    problems.extend(pieces.into_iter().filter(|p| p.pos != first.pos));
+                    (Some(parsed), problems)
+                }
+                None => (None, vec![first]),
+            }
+        }
+    }
+}
+
+/// The location and user-facing text of a serde-saphyr error, without its source snippet
+/// (the diagnostic format is one line).
+fn problem_of(e: &YamlError) -> Problem {
+    let pos = e.location().map(|l| Pos::of(&l)).unwrap_or(Pos::new(1, 1));
+    let mut inner = e;
+    while let YamlError::AliasError { error, .. } | YamlError::WithSnippet { error, .. } = inner {
+        inner = error;
+    }
+    let raw = UserMessageFormatter.format_message(inner);
+    Problem {
+        pos,
+        message: humanize(&raw),
+    }
+}
+
+/// serde-saphyr's terse messages for scalar type errors, in words a config author knows.
+fn humanize(msg: &str) -> String {
+    let clean: String = msg
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let m = clean.trim();
+    match m {
+        "invalid u8" | "invalid u16" | "invalid u32" | "invalid u64" | "invalid usize" => {
+            "expected a whole number (0 or more)".to_string()
+        }
+        "invalid i8" | "invalid i16" | "invalid i32" | "invalid i64" | "invalid isize" => {
+            "expected a whole number".to_string()
+        }
+        "invalid bool" | "invalid boolean" => "expected true or false".to_string(),
+        "expected string scalar" => "expected a string".to_string(),
+        "expected mapping start" => "expected a mapping (`key: value` lines)".to_string(),
+        "expected sequence start" => "expected a list".to_string(),
+        _ => m.to_string(),
+    }
+}
+
+/// A node of the outline: its extent in characters, and its children.
+#[derive(Debug)]
+struct Node {
+    start: usize,
+    end: usize,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Scalar,
+    Seq {
+        flow: bool,
+        items: Vec<Node>,
+    },
+    Map {
+        flow: bool,
+        entries: Vec<(Node, Node)>,
+    },
+}
+
+type Ev<'a> = (Event<'a>, serde_saphyr::granit_parser::Span);
+
+/// The next event that matters for the outline (comments and anchor metadata are skipped).
+fn next_event<'a>(
+    it: &mut Parser<'a, serde_saphyr::granit_parser::StrInput<'a>>,
+) -> Option<Ev<'a>> {
+    loop {
+        let (ev, span) = it.next()?.ok()?;
+        match ev {
+            Event::Scalar(..)
+            | Event::SequenceStart(..)
+            | Event::SequenceEnd
+            | Event::MappingStart(..)
+            | Event::MappingEnd
+            | Event::Alias(..)
+            | Event::UnresolvedAlias(..)
+            | Event::DocumentEnd
+            | Event::StreamEnd => return Some((ev, span)),
+            _ => continue,
+        }
+    }
+}
+
+/// Builds the node that starts with `first`. `None` for aliases (a piece holding one cannot be
+/// parsed apart from its anchor) and anything unexpected: recovery is then skipped.
+fn node<'a>(
+    first: Ev<'a>,
+    it: &mut Parser<'a, serde_saphyr::granit_parser::StrInput<'a>>,
+) -> Option<Node> {
+    let (ev, span) = first;
+    let start = span.start.index();
+    match ev {
+        Event::Scalar(..) => Some(Node {
+            start,
+            end: span.end.index(),
+            kind: Kind::Scalar,
+        }),
+        Event::SequenceStart(style, ..) => {
+            let mut items = Vec::new();
+            loop {
+                let ev = next_event(it)?;
+                if matches!(ev.0, Event::SequenceEnd) {
+                    return Some(Node {
+                        start,
+                        end: ev.1.end.index(),
+                        kind: Kind::Seq {
+                            flow: style == StructureStyle::Flow,
+                            items,
+                        },
+                    });
+                }
+                items.push(node(ev, it)?);
+            }
+        }
+        Event::MappingStart(style, ..) => {
+            let mut entries = Vec::new();
+            loop {
+                let ev = next_event(it)?;
+                if matches!(ev.0, Event::MappingEnd) {
+                    return Some(Node {
+                        start,
+                        end: ev.1.end.index(),
+                        kind: Kind::Map {
+                            flow: style == StructureStyle::Flow,
+                            entries,
+                        },
+                    });
+                }
+                let key = node(ev, it)?;
+                let value = node(next_event(it)?, it)?;
+                entries.push((key, value));
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The text with everything outside `keep` (character ranges) replaced by spaces, line breaks
+/// kept: lines and columns stay where they were.
+fn masked(chars: &[char], keep: &[(usize, usize)]) -> String {
+    chars
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            if c == '\n' || c == '\r' || keep.iter().any(|&(s, e)| i >= s && i < e) {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect()
+}
+
+/// The position of the `-` that introduces a block sequence item starting at `start`.
+fn dash_before(chars: &[char], start: usize) -> Option<usize> {
+    let mut i = start;
+    while i > 0 {
+        i -= 1;
+        match *chars.get(i)? {
+            ' ' | '\t' | '\n' | '\r' => continue,
+            '-' => return Some(i),
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// A piece to parse on its own, and what its failure means.
+enum Piece {
+    Section(String),
+    Provider(String),
+    Sink(String),
+    User,
+}
+
+fn recover(text: &str) -> Option<(Parsed, Vec<Problem>)> {
+    let mut it = Parser::new_from_str(text);
+    let root = node(next_event(&mut it)?, &mut it)?;
+    let Kind::Map {
+        flow: false,
+        entries,
+    } = &root.kind
+    else {
+        return None;
+    };
+    let chars: Vec<char> = text.chars().collect();
+    let scalar_text = |n: &Node| -> String {
+        chars
+            .get(n.start..n.end)
+            .map(|c| c.iter().collect())
+            .unwrap_or_default()
+    };
+
+    // Each piece: the character ranges to keep, and its meaning.
+    let mut pieces: Vec<(Vec<(usize, usize)>, Piece)> = Vec::new();
+    for (key, value) in entries {
+        let name = scalar_text(key);
+        let head = (key.start, value.start.max(key.end));
+        match (name.as_str(), &value.kind) {
+            (
+                "providers" | "sinks",
+                Kind::Map {
+                    flow: false,
+                    entries: inner,
+                },
+            ) if !inner.is_empty() => {
+                for (k, v) in inner {
+                    let entry = scalar_text(k);
+                    let piece = if name == "providers" {
+                        Piece::Provider(entry)
+                    } else {
+                        Piece::Sink(entry)
+                    };
+                    pieces.push((vec![head, (k.start, v.end)], piece));
+                }
+            }
+            ("users", Kind::Seq { flow: false, items }) if !items.is_empty() => {
+                let mut dashes = Vec::new();
+                for item in items {
+                    dashes.push((dash_before(&chars, item.start)?, item.end));
+                }
+                let head = (key.start, dashes[0].0);
+                for d in dashes {
+                    pieces.push((vec![head, d], Piece::User));
+                }
+            }
+            _ => pieces.push((vec![(key.start, value.end)], Piece::Section(name))),
+        }
+    }
+
+    let mut raw = RawConfig::default();
+    let mut broken = Broken::default();
+    let mut problems = Vec::new();
+    for (keep, piece) in pieces {
+        match serde_saphyr::from_str::<RawConfig>(&masked(&chars, &keep)) {
+            Ok(part) => merge(&mut raw, part),
+            Err(e) => {
+                problems.push(problem_of(&e));
+                match piece {
+                    Piece::Provider(name) => {
+                        broken.providers.insert(name);
+                    }
+                    Piece::Sink(name) => {
+                        broken.sinks.insert(name);
+                    }
+                    Piece::User => {}
+                    Piece::Section(name) => match name.as_str() {
+                        "providers" => broken.all_providers = true,
+                        "sinks" => broken.all_sinks = true,
+                        "defaults" => broken.defaults = true,
+                        _ => {}
+                    },
+                }
+            }
+        }
+    }
+    Some((Parsed { raw, broken }, problems))
+}
+
+/// Adds the sections of a piece to the partial config.
+fn merge(into: &mut RawConfig, part: RawConfig) {
+    let RawConfig {
+        version,
+        settings,
+        providers,
+        sinks,
+        defaults,
+        users,
+        prune,
+    } = part;
+    into.version = into.version.take().or(version);
+    into.settings = into.settings.take().or(settings);
+    into.defaults = into.defaults.take().or(defaults);
+    into.prune = into.prune.take().or(prune);
+    if let Some(p) = providers {
+        into.providers
+            .get_or_insert_with(Default::default)
+            .0
+            .extend(p.0);
+    }
+    if let Some(s) = sinks {
+        into.sinks
+            .get_or_insert_with(Default::default)
+            .0
+            .extend(s.0);
+    }
+    if let Some(u) = users {
+        into.users.get_or_insert_with(Vec::new).extend(u);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<(usize, usize, String)> {
+        parse(text)
+            .1
+            .into_iter()
+            .map(|p| (p.pos.line, p.pos.column, p.message))
+            .collect()
+    }
+
+    #[test]
+    fn valid_document_has_no_problems() {
+        let (parsed, problems) = parse("version: 1\nusers: []\n");
+        assert!(problems.is_empty());
+        assert!(parsed.is_some());
+    }
+
+    #[test]
+    fn reports_errors_from_several_entries() {
+        let text = "version: 1\nproviders:\n  a:\n    type: ngrok\n    bogus: 1\n  b:\n    type: ngrok\n    also: 2\nusers:\n  - provider: a\n    name: x\n    extra: 1\n  - provider: a\n    name: y\n    active: maybe\n";
+        let got = problems(text);
+        let at: Vec<(usize, usize)> = got.iter().map(|p| (p.0, p.1)).collect();
+        assert!(at.contains(&(5, 5)), "{got:?}");
+        assert!(at.contains(&(8, 5)), "{got:?}");
+        assert!(at.contains(&(12, 5)), "{got:?}");
+        assert!(at.contains(&(15, 13)), "{got:?}");
+        assert_eq!(got.len(), 4, "{got:?}");
+    }
+
+    #[test]
+    fn partial_config_keeps_the_good_pieces() {
+        let text = "version: 1\nproviders:\n  a:\n    type: ngrok\n  b:\n    type: nope\nusers:\n  - provider: a\n    name: x\n";
+        let (parsed, problems) = parse(text);
+        assert_eq!(problems.len(), 1);
+        let parsed = parsed.expect("partial");
+        assert_eq!(parsed.raw.providers.as_ref().map(|p| p.0.len()), Some(1));
+        assert!(parsed.broken.providers.contains("b"));
+        assert_eq!(parsed.raw.users.as_ref().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn syntax_errors_are_reported_once() {
+        let got = problems("version: 1\nusers: [\n");
+        assert_eq!(got.len(), 1, "{got:?}");
+    }
+
+    #[test]
+    fn multibyte_text_keeps_columns() {
+        let text = "version: 1\nsinks:\n  lökal:\n    type: file\n    päth: x\n";
+        let got = problems(text);
+        assert_eq!((got[0].0, got[0].1), (5, 5), "{got:?}");
+    }
+}
