@@ -31,7 +31,9 @@ fn demo(cli: &Cli) -> anyhow::Result<ExitCode> {
         );
     }
     // A port that was free a moment ago, and a fresh admin key for this sandbox only.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let admin_key = format!("demo_{}", random_token());
     let url = format!("http://127.0.0.1:{port}");
     // SAFETY: no other thread exists yet (the async runtime starts below), so nothing can read
@@ -40,7 +42,9 @@ fn demo(cli: &Cli) -> anyhow::Result<ExitCode> {
         std::env::set_var("KEYWARD_SANDBOX_URL", &url);
         std::env::set_var("NGROK_API_KEY", &admin_key);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let sandbox = Sandbox::start(
             ([127, 0, 0, 1], port).into(),
@@ -145,6 +149,11 @@ fn random_token() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
     (0..32)
-        .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"[rng.random_range(0..62)]))
+        .map(|_| {
+            char::from(
+                b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                    [rng.random_range(0..62)],
+            )
+        })
         .collect()
 }

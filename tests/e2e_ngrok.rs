@@ -38,7 +38,11 @@ fn assert_no_leak(ws: &Workspace, outputs: &[&std::process::Output], secrets: &[
             assert!(!text(&out.stderr).contains(s.as_str()), "secret in stderr");
         }
         for (path, content) in ws.non_sink_files() {
-            assert!(!content.contains(s.as_str()), "secret in {}", path.display());
+            assert!(
+                !content.contains(s.as_str()),
+                "secret in {}",
+                path.display()
+            );
         }
     }
 }
@@ -53,11 +57,18 @@ fn fresh_account_converges_and_every_secret_works() {
     expect_code(&plan, 2, "first plan");
     let plan_text = text(&plan.stdout);
     assert!(plan_text.contains("+ create service user"), "{plan_text}");
-    assert!(plan_text.contains("Plan: 5 to create, 0 to update, 0 to rotate, 0 to revoke."), "{plan_text}");
+    assert!(
+        plan_text.contains("Plan: 5 to create, 0 to update, 0 to rotate, 0 to revoke."),
+        "{plan_text}"
+    );
 
     let apply = ws.keyward(&["apply", "--auto-approve", "-v"]);
     expect_code(&apply, 0, "apply");
-    assert!(text(&apply.stdout).contains("Apply complete: 5 created"), "{}", text(&apply.stdout));
+    assert!(
+        text(&apply.stdout).contains("Apply complete: 5 created"),
+        "{}",
+        text(&apply.stdout)
+    );
 
     // Users exist, with the declared active flags.
     let ci = sb.user_by_name("ci-deployer").expect("ci-deployer exists");
@@ -70,7 +81,10 @@ fn fresh_account_converges_and_every_secret_works() {
     let creds = sb.list("/credentials", "credentials");
     let ci_keys: Vec<_> = keys.iter().filter(|k| k["owner_id"] == ci["id"]).collect();
     assert_eq!(ci_keys.len(), 1);
-    assert_eq!(ci_keys[0]["metadata"], r#"{"managed_by":"keyward","slot":"deploy"}"#);
+    assert_eq!(
+        ci_keys[0]["metadata"],
+        r#"{"managed_by":"keyward","slot":"deploy"}"#
+    );
     assert_eq!(ci_keys[0]["description"], "CI deploys");
     let ci_creds: Vec<_> = creds.iter().filter(|k| k["owner_id"] == ci["id"]).collect();
     assert_eq!(ci_creds.len(), 1);
@@ -78,7 +92,11 @@ fn fresh_account_converges_and_every_secret_works() {
 
     // Each sink holds a working secret, privately.
     let mut secrets = Vec::new();
-    for (user, slot, kind) in [("ci-deployer", "deploy", "api_key"), ("ci-deployer", "tunnel", "credential"), ("backup-bot", "main", "api_key")] {
+    for (user, slot, kind) in [
+        ("ci-deployer", "deploy", "api_key"),
+        ("ci-deployer", "tunnel", "credential"),
+        ("backup-bot", "main", "api_key"),
+    ] {
         let doc = ws.sink(user, slot);
         assert_eq!(doc["provider"], "ng");
         assert_eq!(doc["provider_type"], "ngrok");
@@ -89,23 +107,49 @@ fn fresh_account_converges_and_every_secret_works() {
         let secret = doc["secret"].as_str().unwrap().to_string();
         if user == "backup-bot" {
             // An inactive user's API keys are suspended by the provider.
-            assert!(!sb.secret_works(kind, &secret), "suspended user's key should not work");
+            assert!(
+                !sb.secret_works(kind, &secret),
+                "suspended user's key should not work"
+            );
         } else {
-            assert!(sb.secret_works(kind, &secret), "{user}/{slot} secret does not authenticate");
+            assert!(
+                sb.secret_works(kind, &secret),
+                "{user}/{slot} secret does not authenticate"
+            );
         }
         let path = ws.path(&format!("secrets/ng/{user}/{slot}.json"));
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            std::fs::metadata(path.parent().unwrap())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
         secrets.push(secret);
     }
     let deploy = ws.sink("ci-deployer", "deploy");
-    assert!(deploy["rotate_after"].is_string(), "rotate_after = created_at + rotate_every");
+    assert!(
+        deploy["rotate_after"].is_string(),
+        "rotate_after = created_at + rotate_every"
+    );
     assert!(ws.sink("ci-deployer", "tunnel")["rotate_after"].is_null());
 
     // State: private, no secrets, records the keys.
     let state = ws.state_text();
     assert!(state.contains(deploy["key_id"].as_str().unwrap()));
-    assert_eq!(std::fs::metadata(ws.path("state/state.json")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(ws.path("state/state.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
 
     // Converged: a second plan has nothing to do.
     let again = ws.keyward(&["plan", "--detailed-exitcode"]);
@@ -130,20 +174,37 @@ fn out_of_band_deactivation_is_planned_and_fixed() {
     expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "apply");
 
     let ci = sb.user_by_name("ci-deployer").unwrap();
-    let (status, _) = sb.api("PATCH", &format!("/service_users/{}", ci["id"].as_str().unwrap()), Some(json!({"active": false})));
+    let (status, _) = sb.api(
+        "PATCH",
+        &format!("/service_users/{}", ci["id"].as_str().unwrap()),
+        Some(json!({"active": false})),
+    );
     assert_eq!(status, 200);
 
     let plan = ws.keyward(&["plan", "--detailed-exitcode"]);
     expect_code(&plan, 2, "plan after drift");
     let out = text(&plan.stdout);
-    assert!(out.contains("~ update service user        active: false -> true"), "{out}");
-    assert!(out.contains("Plan: 0 to create, 1 to update, 0 to rotate, 0 to revoke."), "{out}");
+    assert!(
+        out.contains("~ update service user        active: false -> true"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Plan: 0 to create, 1 to update, 0 to rotate, 0 to revoke."),
+        "{out}"
+    );
 
     expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "apply fix");
     assert_eq!(sb.user_by_name("ci-deployer").unwrap()["active"], true);
-    expect_code(&ws.keyward(&["plan", "--detailed-exitcode"]), 0, "plan after fix");
+    expect_code(
+        &ws.keyward(&["plan", "--detailed-exitcode"]),
+        0,
+        "plan after fix",
+    );
     // The key survived the suspension and works again.
-    let secret = ws.sink("ci-deployer", "deploy")["secret"].as_str().unwrap().to_string();
+    let secret = ws.sink("ci-deployer", "deploy")["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(sb.secret_works("api_key", &secret));
 }
 
@@ -169,26 +230,48 @@ fn two_hundred_fifty_users_across_pages_are_all_seen() {
 
 #[test]
 fn faults_and_rate_limits_still_converge() {
-    let sb = Sandbox::start(&["--error-rate", "0.2", "--rate-limit", "40/1s", "--rng-seed", "7"]);
+    let sb = Sandbox::start(&[
+        "--error-rate",
+        "0.2",
+        "--rate-limit",
+        "40/1s",
+        "--rng-seed",
+        "7",
+    ]);
     let ws = Workspace::new(&sb);
     let mut users = String::from("users:\n");
     for i in 0..30 {
-        users.push_str(&format!("  - provider: ng\n    name: flaky-{i:02}\n    keys:\n      main: {{}}\n"));
+        users.push_str(&format!(
+            "  - provider: ng\n    name: flaky-{i:02}\n    keys:\n      main: {{}}\n"
+        ));
     }
     ws.write_config("  concurrency: 8\n", &users);
     let apply = ws.keyward(&["apply", "--auto-approve"]);
     // Creation retries may leave a key whose response was lost; either way a re-run finishes.
     if apply.status.code() != Some(0) {
-        expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "second apply under faults");
+        expect_code(
+            &ws.keyward(&["apply", "--auto-approve"]),
+            0,
+            "second apply under faults",
+        );
     }
     let stats = sb.stats();
-    assert!(stats["injected_errors"].as_u64().unwrap() > 0, "no errors were injected: {stats}");
-    assert!(stats["rate_limited"].as_u64().unwrap() > 0, "the rate limit never hit: {stats}");
+    assert!(
+        stats["injected_errors"].as_u64().unwrap() > 0,
+        "no errors were injected: {stats}"
+    );
+    assert!(
+        stats["rate_limited"].as_u64().unwrap() > 0,
+        "the rate limit never hit: {stats}"
+    );
     let plan = ws.keyward(&["plan", "--detailed-exitcode"]);
     expect_code(&plan, 0, "converged under faults");
     sb.set_faults(json!({"error_rate": 0.0, "rate_limit": null}));
     for i in [0, 17, 29] {
-        let secret = ws.sink(&format!("flaky-{i:02}"), "main")["secret"].as_str().unwrap().to_string();
+        let secret = ws.sink(&format!("flaky-{i:02}"), "main")["secret"]
+            .as_str()
+            .unwrap()
+            .to_string();
         assert!(sb.secret_works("api_key", &secret));
     }
     assert_eq!(sb.list("/service_users", "service_users").len(), 30);
@@ -208,8 +291,15 @@ fn wrong_or_missing_api_key_is_one_clear_line() {
     assert!(err.contains("provider ng"), "{err}");
     assert!(err.contains("HTTP 401"), "{err}");
     assert!(err.contains("ERR_NGROK_"), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
-    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
     assert!(!err.contains(bogus) && !text(&out.stdout).contains(bogus));
     assert!(!err.contains(&bogus[..12]));
 
@@ -229,8 +319,15 @@ fn apply_refuses_without_terminal_or_approval() {
     ws.write_config("", TWO_USERS);
     let out = ws.keyward_stdin(&["apply"], Stdio::piped());
     expect_code(&out, 1, "apply without approval");
-    assert!(text(&out.stderr).contains("--auto-approve"), "{}", text(&out.stderr));
-    assert!(sb.user_by_name("ci-deployer").is_none(), "nothing may change");
+    assert!(
+        text(&out.stderr).contains("--auto-approve"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        sb.user_by_name("ci-deployer").is_none(),
+        "nothing may change"
+    );
 }
 
 #[test]
@@ -252,11 +349,19 @@ fn saved_plan_applies_once_and_stale_plan_is_refused() {
     ws.write_config("", &TWO_USERS.replace("active: false", "active: true"));
     expect_code(&ws.keyward(&["plan", "--out", p]), 0, "plan --out 2");
     let ci = sb.user_by_name("ci-deployer").unwrap();
-    sb.api("POST", "/api_keys", Some(json!({"owner_id": ci["id"], "description": "hand-made"})));
+    sb.api(
+        "POST",
+        "/api_keys",
+        Some(json!({"owner_id": ci["id"], "description": "hand-made"})),
+    );
     let stale = ws.keyward(&["apply", p]);
     expect_code(&stale, 1, "stale plan");
     assert!(text(&stale.stderr).contains("plan is stale"));
-    assert_eq!(sb.user_by_name("backup-bot").unwrap()["active"], false, "stale plan changed nothing");
+    assert_eq!(
+        sb.user_by_name("backup-bot").unwrap()["active"],
+        false,
+        "stale plan changed nothing"
+    );
 }
 
 #[test]
@@ -267,7 +372,8 @@ fn global_flags_after_subcommand_and_json_is_one_document() {
     for fmt in ["text", "json"] {
         let out = ws.keyward(&["plan", "--json", "-v", "--log-format", fmt]);
         expect_code(&out, 0, "plan --json -v");
-        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is exactly one JSON document");
+        let doc: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("stdout is exactly one JSON document");
         assert_eq!(doc["format_version"], "1");
         assert_eq!(doc["summary"]["create"], 5);
     }
@@ -277,16 +383,31 @@ fn global_flags_after_subcommand_and_json_is_one_document() {
 fn max_deletions_refuses_a_large_apply() {
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
-    ws.write_config("  max_deletions: 1\n", "users:\n  - provider: ng\n    name: holder\nprune:\n  unknown_keys: revoke\n");
-    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "create holder");
+    ws.write_config(
+        "  max_deletions: 1\n",
+        "users:\n  - provider: ng\n    name: holder\nprune:\n  unknown_keys: revoke\n",
+    );
+    expect_code(
+        &ws.keyward(&["apply", "--auto-approve"]),
+        0,
+        "create holder",
+    );
     let holder = sb.user_by_name("holder").unwrap();
     for _ in 0..2 {
         sb.api("POST", "/api_keys", Some(json!({"owner_id": holder["id"]})));
     }
     let out = ws.keyward(&["apply", "--auto-approve"]);
     expect_code(&out, 1, "apply over max_deletions");
-    assert!(text(&out.stderr).contains("max_deletions"), "{}", text(&out.stderr));
-    let left = sb.list("/api_keys", "keys").into_iter().filter(|k| k["owner_id"] == holder["id"]).count();
+    assert!(
+        text(&out.stderr).contains("max_deletions"),
+        "{}",
+        text(&out.stderr)
+    );
+    let left = sb
+        .list("/api_keys", "keys")
+        .into_iter()
+        .filter(|k| k["owner_id"] == holder["id"])
+        .count();
     assert_eq!(left, 2, "nothing revoked");
 }
 
@@ -302,16 +423,30 @@ fn partial_failure_is_reported_and_a_rerun_finishes() {
     expect_code(&out, 1, "apply with a broken sink");
     let report = text(&out.stdout);
     assert!(report.contains("Apply failed:"), "{report}");
-    assert!(report.contains("failed:        ng / ci-deployer: create key"), "{report}");
+    assert!(
+        report.contains("failed:        ng / ci-deployer: create key"),
+        "{report}"
+    );
     let ci = sb.user_by_name("ci-deployer").unwrap();
-    let ci_keys = sb.list("/api_keys", "keys").into_iter().filter(|k| k["owner_id"] == ci["id"]).count();
+    let ci_keys = sb
+        .list("/api_keys", "keys")
+        .into_iter()
+        .filter(|k| k["owner_id"] == ci["id"])
+        .count();
     assert_eq!(ci_keys, 0, "an undelivered key is revoked");
     // backup-bot went through.
     assert!(ws.sink("backup-bot", "main")["secret"].is_string());
 
     std::fs::remove_file(ws.path("secrets/ng/ci-deployer")).unwrap();
     expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "re-run");
-    expect_code(&ws.keyward(&["plan", "--detailed-exitcode"]), 0, "converged");
-    let secret = ws.sink("ci-deployer", "deploy")["secret"].as_str().unwrap().to_string();
+    expect_code(
+        &ws.keyward(&["plan", "--detailed-exitcode"]),
+        0,
+        "converged",
+    );
+    let secret = ws.sink("ci-deployer", "deploy")["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(sb.secret_works("api_key", &secret));
 }

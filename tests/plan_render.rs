@@ -162,9 +162,19 @@ fn contract_example() -> keyward::plan::Plan {
             remote_user("bot_2", "old-bot", true),
         ],
         keys: vec![
-            key("ak_2abcdefghij", "bot_1", Some("deploy"), 31),
-            key("ak_2xyzdefghij", "bot_1", Some("deploy"), 62),
-            key("ak_2qqqdefghij", "bot_2", None, 3),
+            key(
+                "ak_2abcK1vQ9fX3mZpL0aB7cD4eFwxyz",
+                "bot_1",
+                Some("deploy"),
+                31,
+            ),
+            key(
+                "ak_2xyzR8tY2uI6oP0aS5dF9gH3jklm",
+                "bot_1",
+                Some("deploy"),
+                62,
+            ),
+            key("ak_2qqqZ4xC8vB2nM6qW0eR4tY8uhij", "bot_2", None, 3),
         ],
     };
     let observed: Observed = BTreeMap::from([
@@ -179,9 +189,9 @@ fn contract_example() -> keyward::plan::Plan {
         slots: BTreeMap::new(),
     };
     let s = rec.slots.entry("deploy".into()).or_default();
-    s.current = Some(record("ak_2abcdefghij", 31, None));
+    s.current = Some(record("ak_2abcK1vQ9fX3mZpL0aB7cD4eFwxyz", 31, None));
     s.retiring.push(record(
-        "ak_2xyzdefghij",
+        "ak_2xyzR8tY2uI6oP0aS5dF9gH3jklm",
         62,
         Some("2026-11-20T09:00:00Z".parse().unwrap()),
     ));
@@ -231,7 +241,7 @@ fn json_plan_has_contract_fields() {
     }
     let w = &v["warnings"][0];
     assert_eq!(w["kind"], "unknown_key");
-    assert_eq!(w["key_id"], "ak_2qqqdefghij");
+    assert_eq!(w["key_id"], "ak_2qqqZ4xC8vB2nM6qW0eR4tY8uhij");
     for field in ["kind", "provider", "user", "key_id", "message"] {
         assert!(w.get(field).is_some());
     }

@@ -117,7 +117,7 @@ impl Ctx<'_> {
             self.d.error(s.pos(), format!("{field} is empty"));
             return None;
         }
-        Some(self.dir.join(text))
+        Some(normalize(&self.dir.join(text)))
     }
 
     fn duration(&mut self, s: &Sp<String>, field: &str) -> Option<SignedDuration> {
@@ -950,4 +950,23 @@ fn undefined<'a>(
             list.join(", ")
         )
     }
+}
+
+/// Removes `.` and `..` components lexically, so messages show `/etc/keyward/x`, not
+/// `/etc/keyward/conf/../x` (no symlink is resolved: the path means what the user wrote).
+fn normalize(path: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }

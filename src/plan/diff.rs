@@ -38,12 +38,16 @@ impl PlanOptions {
     }
 }
 
-/// Abbreviates a key id for human-facing reasons: `ak_2abc…`.
+/// Abbreviates a key id for people: `ak_2abc…ghij`. The tail is kept because ids are
+/// time-ordered, so keys minted close together share their first characters.
 pub fn short_id(id: &str) -> String {
-    match id.char_indices().nth(7) {
-        Some((i, _)) => format!("{}…", &id[..i]),
-        None => id.to_string(),
+    let chars: Vec<char> = id.chars().collect();
+    if chars.len() <= 14 {
+        return id.to_string();
     }
+    let head: String = chars[..7].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}…{tail}")
 }
 
 /// Where each remote key on a managed user belongs.

@@ -52,8 +52,18 @@ impl Sandbox {
     }
 
     /// Calls the ngrok API with `token`; returns (status, body).
-    pub fn api_as(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = if path.starts_with("http") { path.to_string() } else { format!("{}{}", self.url, path) };
+    pub fn api_as(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let url = if path.starts_with("http") {
+            path.to_string()
+        } else {
+            format!("{}{}", self.url, path)
+        };
         let mut rb = Self::agent()
             .request(method.parse().unwrap(), url)
             .bearer_auth(token)
@@ -88,7 +98,9 @@ impl Sandbox {
     }
 
     pub fn user_by_name(&self, name: &str) -> Option<Value> {
-        self.list("/service_users", "service_users").into_iter().find(|u| u["name"] == name)
+        self.list("/service_users", "service_users")
+            .into_iter()
+            .find(|u| u["name"] == name)
     }
 
     /// Whether a secret from a sink works: API keys call the API, authtokens are checked by
@@ -107,20 +119,36 @@ impl Sandbox {
     }
 
     pub fn stats(&self) -> Value {
-        Self::agent().get(format!("{}/_sandbox/stats", self.url)).send().unwrap().json().unwrap()
+        Self::agent()
+            .get(format!("{}/_sandbox/stats", self.url))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
     }
 
     pub fn reset_stats(&self) {
-        Self::agent().post(format!("{}/_sandbox/stats/reset", self.url)).send().unwrap();
+        Self::agent()
+            .post(format!("{}/_sandbox/stats/reset", self.url))
+            .send()
+            .unwrap();
     }
 
     pub fn set_faults(&self, faults: Value) {
-        let r = Self::agent().put(format!("{}/_sandbox/faults", self.url)).json(&faults).send().unwrap();
+        let r = Self::agent()
+            .put(format!("{}/_sandbox/faults", self.url))
+            .json(&faults)
+            .send()
+            .unwrap();
         assert!(r.status().is_success());
     }
 
     pub fn seed(&self, doc: Value) -> Value {
-        let r = Self::agent().post(format!("{}/_sandbox/ngrok/seed", self.url)).json(&doc).send().unwrap();
+        let r = Self::agent()
+            .post(format!("{}/_sandbox/ngrok/seed", self.url))
+            .json(&doc)
+            .send()
+            .unwrap();
         assert!(r.status().is_success(), "seed failed: {}", r.status());
         r.json().unwrap()
     }
