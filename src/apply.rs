@@ -4,7 +4,7 @@
 //! an interrupted or partly failed apply is finished by the next run. It reports precisely what
 //! was done, what failed and what was not attempted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,9 @@ use crate::plan::{Action, Change, Plan};
 use crate::providers::{NewKey, Provider};
 use crate::sinks::{self, SinkDocument};
 use crate::state::{KeyRecord, State, StateDir};
+
+/// Changes with their position in the plan.
+type Numbered = Vec<(usize, Change)>;
 
 /// How one change ended.
 #[derive(Debug, Clone)]
@@ -131,6 +134,25 @@ pub struct Executor {
     pub providers: BTreeMap<String, Arc<dyn Provider>>,
     pub state_dir: StateDir,
     pub state: Mutex<State>,
+    /// The highest state serial known to be on disk (group commit).
+    pub written: Mutex<u64>,
+}
+
+impl Executor {
+    pub fn new(
+        config: Arc<Config>,
+        providers: BTreeMap<String, Arc<dyn Provider>>,
+        state_dir: StateDir,
+        state: State,
+    ) -> Arc<Self> {
+        Arc::new(Executor {
+            config,
+            providers,
+            state_dir,
+            written: Mutex::new(state.serial),
+            state: Mutex::new(state),
+        })
+    }
 }
 
 /// The per-user context carried across that user's changes.
@@ -143,61 +165,70 @@ struct UserRun {
 impl Executor {
     /// Runs `plan`; `observed` is the listing the plan was checked against.
     pub async fn run(self: &Arc<Self>, plan: &Plan, observed: &Observed) -> Report {
-        // Group by user, keeping the plan's order (create user < update < keys < revoke < delete).
-        let mut groups: Vec<((String, String), Vec<Change>)> = Vec::new();
-        for c in &plan.changes {
-            let k = (c.provider.clone(), c.user.clone());
-            match groups.iter_mut().find(|(g, _)| *g == k) {
-                Some((_, v)) => v.push(c.clone()),
-                None => groups.push((k, vec![c.clone()])),
+        // Group by user, keeping the plan's order (create user < update < keys < revoke < delete),
+        // and remember each change's place so the report follows the plan.
+        let mut slots: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut groups: Vec<(String, String, Numbered)> = Vec::new();
+        for (i, c) in plan.changes.iter().enumerate() {
+            let g = *slots.entry((&c.provider, &c.user)).or_insert_with(|| {
+                groups.push((c.provider.clone(), c.user.clone(), Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].2.push((i, c.clone()));
+        }
+        // Index the observed accounts once: users by name, keys by owner.
+        let mut users: HashMap<(&str, &str), &RemoteUser> = HashMap::new();
+        let mut keys: HashMap<(&str, &str), Vec<RemoteKey>> = HashMap::new();
+        for (provider, snap) in observed {
+            for u in snap.users.iter().filter(|u| !u.deleted) {
+                users.entry((provider, &u.name)).or_insert(u);
+            }
+            for k in &snap.keys {
+                if let Some(owner) = &k.owner_id {
+                    keys.entry((provider, owner)).or_default().push(k.clone());
+                }
             }
         }
         let concurrency = self.config.settings.concurrency.max(1);
-        let results: Vec<Vec<ChangeResult>> =
-            futures::stream::iter(groups.into_iter().map(|((provider, user), changes)| {
-                let snapshot = observed.get(&provider).cloned().unwrap_or_default();
-                let this = Arc::clone(self);
-                async move {
-                    let remote = snapshot.user_by_name(&user).cloned();
-                    let keys = remote
-                        .as_ref()
-                        .map(|u| snapshot.keys_of(&u.id).cloned().collect())
-                        .unwrap_or_default();
-                    this.run_user(&provider, changes, remote, keys).await
-                }
-            }))
+        let runs = groups.into_iter().map(|(provider, user, changes)| {
+            let remote = users
+                .get(&(provider.as_str(), user.as_str()))
+                .map(|u| (*u).clone());
+            let owned = remote
+                .as_ref()
+                .and_then(|u| keys.get(&(provider.as_str(), u.id.as_str())).cloned())
+                .unwrap_or_default();
+            let this = Arc::clone(self);
+            async move { this.run_user(&provider, changes, remote, owned).await }
+        });
+        let results: Vec<Vec<(usize, ChangeResult)>> = futures::stream::iter(runs)
             .buffer_unordered(concurrency)
             .collect()
             .await;
-        let mut report = Report::default();
-        for r in results {
-            report.results.extend(r);
+        let mut ordered: Vec<(usize, ChangeResult)> = results.into_iter().flatten().collect();
+        ordered.sort_by_key(|(i, _)| *i);
+        Report {
+            results: ordered.into_iter().map(|(_, r)| r).collect(),
         }
-        // Report in plan order, whatever order the users finished in.
-        let pos = |c: &Change| {
-            plan.changes
-                .iter()
-                .position(|p| p == c)
-                .unwrap_or(usize::MAX)
-        };
-        report.results.sort_by_key(|r| pos(&r.change));
-        report
     }
 
     async fn run_user(
         &self,
         provider: &str,
-        changes: Vec<Change>,
+        changes: Numbered,
         remote: Option<RemoteUser>,
         keys: Vec<RemoteKey>,
-    ) -> Vec<ChangeResult> {
+    ) -> Vec<(usize, ChangeResult)> {
         let mut out = Vec::with_capacity(changes.len());
         let Some(p) = self.providers.get(provider).cloned() else {
-            for change in changes {
-                out.push(ChangeResult {
-                    change,
-                    outcome: Outcome::Failed(format!("provider {provider} is not configured")),
-                });
+            for (i, change) in changes {
+                out.push((
+                    i,
+                    ChangeResult {
+                        change,
+                        outcome: Outcome::Failed(format!("provider {provider} is not configured")),
+                    },
+                ));
             }
             return out;
         };
@@ -207,14 +238,17 @@ impl Executor {
             keys,
         };
         let mut failed_before = false;
-        for change in changes {
+        for (i, change) in changes {
             if failed_before {
-                out.push(ChangeResult {
-                    change,
-                    outcome: Outcome::NotAttempted(
-                        "an earlier change for this user failed".to_string(),
-                    ),
-                });
+                out.push((
+                    i,
+                    ChangeResult {
+                        change,
+                        outcome: Outcome::NotAttempted(
+                            "an earlier change for this user failed".to_string(),
+                        ),
+                    },
+                ));
                 continue;
             }
             let outcome = match self.execute(&mut run, &change).await {
@@ -236,19 +270,32 @@ impl Executor {
                     Outcome::Failed(format!("{e:#}"))
                 }
             };
-            out.push(ChangeResult { change, outcome });
+            out.push((i, ChangeResult { change, outcome }));
         }
         out
     }
 
+    /// Applies `update` to the state and returns once a state file containing it is durable.
+    /// Writes are group-committed: while one write is in flight, later updates queue up and the
+    /// next write carries all of them, so concurrent users share fsyncs.
     async fn save(&self, update: impl FnOnce(&mut State)) -> anyhow::Result<()> {
-        let mut state = self.state.lock().await;
-        update(&mut state);
-        let mut copy = state.clone();
+        let my_generation = {
+            let mut state = self.state.lock().await;
+            update(&mut state);
+            state.serial += 1;
+            state.serial
+        };
+        let mut written = self.written.lock().await;
+        if *written >= my_generation {
+            return Ok(());
+        }
+        let (snapshot, generation) = {
+            let state = self.state.lock().await;
+            (state.clone(), state.serial)
+        };
         let dir = self.state_dir.clone();
-        let saved =
-            tokio::task::spawn_blocking(move || dir.save(&mut copy).map(|_| copy.serial)).await??;
-        state.serial = saved;
+        tokio::task::spawn_blocking(move || dir.write(&snapshot)).await??;
+        *written = generation;
         Ok(())
     }
 

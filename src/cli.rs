@@ -530,12 +530,12 @@ impl Context_ {
         observed: &Observed,
         state: State,
     ) -> anyhow::Result<ExitCode> {
-        let executor = Arc::new(Executor {
-            config: Arc::clone(&self.config),
-            providers: self.providers.clone(),
-            state_dir: self.state_dir.clone(),
-            state: tokio::sync::Mutex::new(state),
-        });
+        let executor = Executor::new(
+            Arc::clone(&self.config),
+            self.providers.clone(),
+            self.state_dir.clone(),
+            state,
+        );
         let report = executor.run(plan, observed).await;
         print!("\n{}", report.summary());
         Ok(if report.ok() {

@@ -225,10 +225,17 @@ impl StateDir {
 
     /// Writes the state durably; bumps its serial.
     pub fn save(&self, state: &mut State) -> anyhow::Result<()> {
-        self.ensure()?;
-        state.format_version = FORMAT_VERSION;
         state.serial += 1;
-        let mut bytes = serde_json::to_vec_pretty(state)?;
+        self.write(state)
+    }
+
+    /// Writes the state durably as it is.
+    pub fn write(&self, state: &State) -> anyhow::Result<()> {
+        self.ensure()?;
+        let mut bytes = serde_json::to_vec_pretty(&State {
+            format_version: FORMAT_VERSION,
+            ..state.clone()
+        })?;
         bytes.push(b'\n');
         write_private_file(&self.state_path(), &bytes)
     }

@@ -397,12 +397,12 @@ proptest! {
         let sd = StateDir::new(tmp.path());
         let mut st = state.clone();
         sd.save(&mut st).unwrap();
-        let executor = Arc::new(Executor {
-            config: Arc::new(config.clone()),
-            providers: BTreeMap::from([("ng".to_string(), fake.clone() as Arc<dyn Provider>)]),
-            state_dir: sd.clone(),
-            state: tokio::sync::Mutex::new(st),
-        });
+        let executor = Executor::new(
+            Arc::new(config.clone()),
+            BTreeMap::from([("ng".to_string(), fake.clone() as Arc<dyn Provider>)]),
+            sd.clone(),
+            st,
+        );
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let report = rt.block_on(executor.run(&p1, &observed));
         prop_assert!(report.ok(), "apply failed: {}", report.summary());

@@ -1,0 +1,52 @@
+//! The request budget of observing: a no-op plan of 1,000 managed users with 2,000 keys costs
+//! exactly one request per list page — ceil(users/100) + ceil(api_keys/100) +
+//! ceil(credentials/100) — never one per object. Counted by the sandbox itself.
+
+mod common;
+
+use common::{Sandbox, Workspace, expect_code};
+
+#[test]
+fn noop_plan_of_1000_users_costs_one_request_per_page() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    let mut users = String::from("users:\n");
+    for i in 0..1000 {
+        users.push_str(&format!(
+            "  - provider: ng\n    name: fleet-{i:04}\n    keys:\n      api: {{kind: api_key}}\n      agent: {{kind: credential}}\n"
+        ));
+    }
+    ws.write_config("  concurrency: 16\n", &users);
+    expect_code(
+        &ws.keyward(&["apply", "--auto-approve", "-q"]),
+        0,
+        "apply 1000 users",
+    );
+
+    let users_n = sb.list("/service_users", "service_users").len();
+    // The sandbox's own admin key is listed too: count every key the account has.
+    let api_keys_n = sb.list("/api_keys", "keys").len();
+    let creds_n = sb.list("/credentials", "credentials").len();
+    assert_eq!(users_n, 1000);
+    assert!(
+        api_keys_n >= 1000 && creds_n == 1000,
+        "{api_keys_n} api keys, {creds_n} credentials"
+    );
+
+    sb.reset_stats();
+    let plan = ws.keyward(&["plan", "--detailed-exitcode"]);
+    expect_code(&plan, 0, "no-op plan");
+    let pages = |n: usize| n.div_ceil(100).max(1) as u64;
+    let bound = pages(users_n) + pages(api_keys_n) + pages(creds_n);
+    let stats = sb.stats();
+    assert_eq!(
+        stats["requests"].as_u64().unwrap(),
+        bound,
+        "requests for a no-op plan: {stats}"
+    );
+    assert_eq!(
+        stats["by_route"]["GET /service_users"].as_u64().unwrap(),
+        pages(users_n),
+        "{stats}"
+    );
+}
