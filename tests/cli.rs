@@ -1,0 +1,166 @@
+//! The `keyward` binary's own surface: `validate` on the broken-config corpus (exit 1, every
+//! problem as `FILE:LINE:COL: message` on stderr, never a panic), `schema`, `completions`, and
+//! `rotate` target resolution — all without a network.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{expect_code, text};
+
+fn corpus(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/config")
+        .join(name)
+}
+
+fn keyward(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(args)
+        .env_remove("KEYWARD_CONFIG")
+        .env("NGROK_API_KEY", "cli-test-ngrok-key-value")
+        .env("ASA_KEY_ID", "kid")
+        .env("ASA_KEY_SECRET", "cli-test-asa-secret-value")
+        .env("KEYWARD_SANDBOX_URL", "http://127.0.0.1:9")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run keyward")
+}
+
+/// The `# expect: L:C message` lines at the top of a corpus file.
+fn expected(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# expect: "))
+        .map(|rest| {
+            let (at, msg) = rest.split_once(' ').unwrap();
+            (at.to_string(), msg.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn validate_reports_each_broken_file_with_position_and_exit_1() {
+    for name in [
+        "unknown-field.yaml",
+        "wrong-type.yaml",
+        "duplicate-user.yaml",
+        "undefined-sink.yaml",
+        "undefined-provider.yaml",
+        "bad-duration.yaml",
+        "bad-cron.yaml",
+        "bad-timezone.yaml",
+        "tabs.yaml",
+        "not-yaml.yaml",
+        "http-base-url.yaml",
+        "many-errors.yaml",
+    ] {
+        let path = corpus(name);
+        let out = keyward(&["validate", "-c", path.to_str().unwrap()]);
+        expect_code(&out, 1, name);
+        let err = text(&out.stderr);
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        let want = expected(&path);
+        assert!(!want.is_empty(), "{name} declares its expected errors");
+        for (at, msg) in want {
+            let prefix = format!("{}:{at}: ", path.display());
+            let line = err.lines().find(|l| l.starts_with(&prefix));
+            let line = line.unwrap_or_else(|| panic!("{name}: no line starting {prefix}\n{err}"));
+            assert!(line.contains(&msg), "{name}: `{line}` lacks `{msg}`");
+        }
+        assert!(
+            text(&out.stdout).is_empty(),
+            "{name}: diagnostics belong on stderr"
+        );
+    }
+}
+
+#[test]
+fn validate_empty_file_is_an_error_at_1_1() {
+    let path = corpus("empty.yaml");
+    let out = keyward(&["validate", "-c", path.to_str().unwrap()]);
+    expect_code(&out, 1, "empty");
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("{}:1:1: ", path.display())), "{err}");
+    assert!(err.contains("empty"), "{err}");
+}
+
+#[test]
+fn validate_missing_env_var_names_it() {
+    let path = corpus("missing-env.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["validate", "-c", path.to_str().unwrap()])
+        .env_clear()
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    expect_code(&out, 1, "missing env");
+    let err = text(&out.stderr);
+    for (at, msg) in expected(&path) {
+        assert!(err.contains(&format!("{}:{at}: ", path.display())), "{err}");
+        assert!(err.contains(&msg), "{err}");
+    }
+}
+
+#[test]
+fn validate_accepts_a_good_file_and_warns_on_inline_secret() {
+    let ok = keyward(&[
+        "validate",
+        "-c",
+        corpus("ok-minimal.yaml").to_str().unwrap(),
+    ]);
+    expect_code(&ok, 0, "ok-minimal");
+    assert!(text(&ok.stdout).contains("valid"));
+    let inline = keyward(&[
+        "validate",
+        "-c",
+        corpus("inline-secret.yaml").to_str().unwrap(),
+    ]);
+    expect_code(&inline, 0, "inline secret is only a warning");
+    assert!(
+        text(&inline.stderr).contains("warning:"),
+        "{}",
+        text(&inline.stderr)
+    );
+    assert!(
+        text(&inline.stderr).contains("api_key"),
+        "{}",
+        text(&inline.stderr)
+    );
+}
+
+#[test]
+fn schema_is_json_and_completions_print() {
+    let out = keyward(&["schema"]);
+    expect_code(&out, 0, "schema");
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(schema["properties"]["users"].is_object(), "{schema}");
+    let out = keyward(&["completions", "bash"]);
+    expect_code(&out, 0, "completions");
+    assert!(text(&out.stdout).contains("keyward"));
+}
+
+#[test]
+fn rotate_targets_resolve_or_fail_without_rotating() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("k.yaml");
+    std::fs::write(
+        &cfg,
+        "version: 1\nproviders:\n  a: {type: ngrok, api_key: '${NGROK_API_KEY}', base_url: 'http://127.0.0.1:9'}\n  b: {type: ngrok, api_key: '${NGROK_API_KEY}', base_url: 'http://127.0.0.1:9'}\nsinks:\n  s: {type: file, path: \"out/{user}\"}\ndefaults: {sink: s}\nusers:\n  - {provider: a, name: twin, keys: {k: {}}}\n  - {provider: b, name: twin, keys: {k: {}}}\n  - {provider: a, name: solo, keys: {k: {}}}\n",
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let out = keyward(&["rotate", "twin", "-c", c, "--auto-approve"]);
+    expect_code(&out, 1, "ambiguous user");
+    let err = text(&out.stderr);
+    assert!(err.contains("a:twin") && err.contains("b:twin"), "{err}");
+    let out = keyward(&["rotate", "nobody", "-c", c, "--auto-approve"]);
+    expect_code(&out, 1, "unknown user");
+    assert!(text(&out.stderr).contains("no user nobody"));
+    let out = keyward(&["rotate", "solo/nope", "-c", c, "--auto-approve"]);
+    expect_code(&out, 1, "unknown slot");
+    assert!(text(&out.stderr).contains("no slot nope"));
+    assert!(!dir.path().join("out").exists(), "nothing was rotated");
+}
