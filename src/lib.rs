@@ -13,6 +13,7 @@ pub mod duration;
 pub mod model;
 pub mod plan;
 pub mod providers;
+pub mod rotation;
 pub mod sandbox;
 pub mod sinks;
 pub mod state;

@@ -51,12 +51,16 @@ pub fn entries(config: &Config, observed: &Observed, state: &State, now: Timesta
             match current {
                 Some(k) => {
                     seen.insert(k.id.clone());
-                    let next = slot
-                        .rotate_every
-                        .and_then(|d| k.created_at.checked_add(d).ok());
-                    let overdue = next.is_some_and(|n| n <= now)
-                        || k.expires_at
-                            .is_some_and(|e| e.duration_since(now) <= slot.overlap);
+                    let next = crate::rotation::next_due(
+                        slot,
+                        Some(crate::rotation::KeyFacts {
+                            kind: k.kind,
+                            created_at: k.created_at,
+                            expires_at: k.expires_at,
+                        }),
+                    )
+                    .map(|d| d.at);
+                    let overdue = next.is_some_and(|n| n <= now);
                     out.push(Entry {
                         provider: spec.provider.clone(),
                         user: spec.name.clone(),

@@ -390,3 +390,65 @@ fn digest_changes_with_any_managed_remote_change() {
     );
     assert_ne!(p1.observed, d0);
 }
+
+#[test]
+fn upcoming_work_is_shown_when_nothing_is_due() {
+    let cfg = config(
+        vec![user(
+            "ngrok-prod",
+            "ci",
+            true,
+            vec![slot("deploy", KeyKind::ApiKey, Some(30))],
+        )],
+        REPORT,
+    );
+    let observed: Observed = BTreeMap::from([(
+        "ngrok-prod".to_string(),
+        AccountSnapshot {
+            users: vec![remote_user("bot_1", "ci", true)],
+            keys: vec![
+                key(
+                    "ak_2curK1vQ9fX3mZpL0aB7cD4eFaaaa",
+                    "bot_1",
+                    Some("deploy"),
+                    18,
+                ),
+                key(
+                    "ak_2oldK1vQ9fX3mZpL0aB7cD4eFbbbb",
+                    "bot_1",
+                    Some("deploy"),
+                    49,
+                ),
+            ],
+        },
+    )]);
+    let mut state = State::default();
+    let mut rec = UserRecord {
+        id: "bot_1".into(),
+        created_by_keyward: true,
+        created_at: None,
+        slots: BTreeMap::new(),
+    };
+    let s = rec.slots.entry("deploy".into()).or_default();
+    s.current = Some(record("ak_2curK1vQ9fX3mZpL0aB7cD4eFaaaa", 18, None));
+    s.retiring.push(record(
+        "ak_2oldK1vQ9fX3mZpL0aB7cD4eFbbbb",
+        49,
+        Some(now() + SignedDuration::from_hours(20)),
+    ));
+    state
+        .accounts
+        .entry("ngrok-prod".into())
+        .or_default()
+        .users
+        .insert("ci".into(), rec);
+    let p = plan(&cfg, &observed, &state, now(), &PlanOptions::default());
+    assert!(!p.has_changes(), "{:?}", p.changes);
+    assert_eq!(p.upcoming.len(), 2);
+    assert_eq!(p.upcoming[0].action, Action::RevokeKey, "soonest first");
+    assert_eq!(
+        p.upcoming[1].at,
+        now() + SignedDuration::from_hours(24 * 12)
+    );
+    insta::assert_snapshot!(render::text(&p, false));
+}

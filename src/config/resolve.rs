@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use croner::parser::{CronParser, Seconds, Year};
 use jiff::SignedDuration;
 use secrecy::SecretString;
 
@@ -696,13 +695,7 @@ impl Ctx<'_> {
 
     fn schedule(&mut self, s: &Sp<String>) -> Option<String> {
         let text = self.string(s)?;
-        // 5 fields, or 6 with seconds first. No year field: a rotation schedule that ends is a
-        // schedule that silently stops rotating.
-        let parser = CronParser::builder()
-            .seconds(Seconds::Optional)
-            .year(Year::Disallowed)
-            .build();
-        match parser.parse(&text) {
+        match crate::rotation::parse_schedule(&text) {
             Ok(_) => Some(text),
             Err(e) => {
                 self.d.error(

@@ -4,13 +4,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use serde_json::json;
 
-use super::{Action, Change, Plan, Warning, observed_digest};
+use super::{Action, Change, Plan, Upcoming, Warning, observed_digest};
 use crate::config::{Config, PruneKeys, PruneUsers, SlotSpec, UserSpec};
-use crate::duration;
 use crate::model::{AccountSnapshot, KeyTag, Observed, ProviderType, RemoteKey, RemoteUser};
+use crate::rotation::{self, Due, KeyFacts};
 use crate::state::State;
 
 /// What to limit or force in a plan.
@@ -110,6 +110,7 @@ pub fn plan(
     let empty = AccountSnapshot::default();
     let mut changes = Vec::new();
     let mut warnings = Vec::new();
+    let mut upcoming = Vec::new();
 
     for spec in &config.users {
         if !opts.selects(&spec.provider, &spec.name) {
@@ -128,6 +129,7 @@ pub fn plan(
                 opts,
                 &mut changes,
                 &mut warnings,
+                &mut upcoming,
             ),
         }
     }
@@ -176,7 +178,13 @@ pub fn plan(
             &b.kind,
         ))
     });
-    Plan::new(changes, warnings, observed_digest(config, observed, state))
+    upcoming.sort_by(|a, b| {
+        (a.at, &a.provider, &a.user, &a.slot).cmp(&(b.at, &b.provider, &b.user, &b.slot))
+    });
+    let mut plan = Plan::new(changes, warnings, observed_digest(config, observed, state));
+    plan.planned_at = now;
+    plan.upcoming = upcoming;
+    plan
 }
 
 fn change(action: Action, spec_provider: &str, user: &str) -> Change {
@@ -228,6 +236,7 @@ fn plan_existing_user(
     opts: &PlanOptions,
     changes: &mut Vec<Change>,
     warnings: &mut Vec<Warning>,
+    upcoming: &mut Vec<Upcoming>,
 ) {
     let provider = spec.provider.as_str();
     if remote.active != spec.active {
@@ -263,21 +272,39 @@ fn plan_existing_user(
                     ..change(Action::CreateKey, provider, &spec.name)
                 });
             }
-            Some(key) => {
-                if let Some(reason) = rotation_reason(provider, &spec.name, slot, key, now, opts) {
-                    changes.push(Change {
-                        slot: Some(slot.name.clone()),
-                        key_id: Some(key.id.clone()),
-                        reason,
-                        before: Some(json!({"key_id": key.id, "created_at": key.created_at})),
-                        after: Some(key_after(slot)),
-                        ..change(Action::RotateKey, provider, &spec.name)
-                    });
-                }
-            }
+            Some(key) => match rotation_due(provider, &spec.name, slot, key, now, opts) {
+                Ok(reason) => changes.push(Change {
+                    slot: Some(slot.name.clone()),
+                    key_id: Some(key.id.clone()),
+                    reason,
+                    before: Some(json!({"key_id": key.id, "created_at": key.created_at})),
+                    after: Some(key_after(slot)),
+                    ..change(Action::RotateKey, provider, &spec.name)
+                }),
+                Err(Some(due)) => upcoming.push(Upcoming {
+                    action: Action::RotateKey,
+                    provider: provider.to_string(),
+                    user: spec.name.clone(),
+                    slot: Some(slot.name.clone()),
+                    key_id: Some(key.id.clone()),
+                    at: due.at,
+                    reason: due.describe(Some(key.created_at), due.at),
+                }),
+                Err(None) => {}
+            },
         }
         for (key, retire_after) in sorted.retiring.get(&slot.name).into_iter().flatten() {
-            if retire_after.is_none_or(|t| t <= now) {
+            if let Some(t) = retire_after.filter(|t| *t > now) {
+                upcoming.push(Upcoming {
+                    action: Action::RevokeKey,
+                    provider: provider.to_string(),
+                    user: spec.name.clone(),
+                    slot: Some(slot.name.clone()),
+                    key_id: Some(key.id.clone()),
+                    at: t,
+                    reason: "overlap ends".to_string(),
+                });
+            } else {
                 changes.push(Change {
                     slot: Some(slot.name.clone()),
                     key_id: Some(key.id.clone()),
@@ -364,48 +391,32 @@ fn revoke(provider: &str, user: &str, slot: &str, key: &RemoteKey, reason: Strin
     }
 }
 
-/// Why the current key of a slot must be rotated now, if it must.
-fn rotation_reason(
+/// Whether the current key of a slot must be rotated now (`Ok(reason)`), or when it will be
+/// (`Err(Some(due))`), or never (`Err(None)`).
+fn rotation_due(
     provider: &str,
     user: &str,
     slot: &SlotSpec,
     key: &RemoteKey,
     now: Timestamp,
     opts: &PlanOptions,
-) -> Option<String> {
+) -> Result<String, Option<Due>> {
     if opts.forced(provider, user, &slot.name) {
-        return Some(format!("{} rotation forced", short_id(&key.id)));
+        return Ok(format!("{} rotation forced", short_id(&key.id)));
     }
-    if key.kind != slot.kind {
-        return Some(format!(
-            "{} is a {}, the slot now wants a {}",
+    let facts = KeyFacts {
+        kind: key.kind,
+        created_at: key.created_at,
+        expires_at: key.expires_at,
+    };
+    match rotation::next_due(slot, Some(facts)) {
+        Some(due) if due.at <= now => Ok(format!(
+            "{} {}",
             short_id(&key.id),
-            key.kind,
-            slot.kind
-        ));
+            due.describe(Some(key.created_at), now)
+        )),
+        other => Err(other),
     }
-    if let Some(every) = slot.rotate_every {
-        let age = now.duration_since(key.created_at);
-        if age >= every {
-            return Some(format!(
-                "{} is {} old (rotate_every {})",
-                short_id(&key.id),
-                duration::humanize(age),
-                duration::format(every)
-            ));
-        }
-    }
-    if let Some(exp) = key.expires_at
-        && exp.duration_since(now) <= slot.overlap.max(SignedDuration::ZERO)
-    {
-        return Some(format!(
-            "{} expires {} (within overlap {})",
-            short_id(&key.id),
-            exp,
-            duration::format(slot.overlap)
-        ));
-    }
-    None
 }
 
 fn plan_undeclared_users(

@@ -5,6 +5,7 @@
 pub mod diff;
 pub mod render;
 
+use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -25,6 +26,24 @@ pub struct Plan {
     pub summary: Summary,
     /// Digest of every remote object the plan's decisions read.
     pub observed: String,
+    /// The `now` the plan was computed for.
+    pub planned_at: Timestamp,
+    /// Work that is not due yet: the next rotation of each slot, the end of each overlap.
+    #[serde(default)]
+    pub upcoming: Vec<Upcoming>,
+}
+
+/// Something keyward will do later, without being asked (soonest first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Upcoming {
+    /// `rotate_key` or `revoke_key`.
+    pub action: Action,
+    pub provider: String,
+    pub user: String,
+    pub slot: Option<String>,
+    pub key_id: Option<String>,
+    pub at: Timestamp,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -108,6 +127,8 @@ impl Plan {
             warnings,
             summary,
             observed,
+            planned_at: Timestamp::UNIX_EPOCH,
+            upcoming: Vec::new(),
         }
     }
 

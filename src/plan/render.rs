@@ -5,9 +5,33 @@
 use anstyle::{AnsiColor, Style};
 
 use super::diff::short_id;
-use super::{Action, Change, Plan, Warning};
+use super::{Action, Change, Plan, Upcoming, Warning};
 
 const WIDTH: usize = 26;
+/// The human plan lists this many upcoming events, soonest first.
+const UPCOMING_SHOWN: usize = 10;
+
+fn upcoming_line(u: &Upcoming, now: jiff::Timestamp) -> String {
+    let when = format!(
+        "in {} ({})",
+        crate::duration::humanize(u.at.duration_since(now)),
+        u.at.strftime("%Y-%m-%d %H:%M UTC")
+    );
+    match u.action {
+        Action::RevokeKey => format!(
+            "{} / {}: revoke key {} {when}, when its overlap ends",
+            u.provider,
+            u.user,
+            u.key_id.as_deref().map(short_id).unwrap_or_default()
+        ),
+        _ => format!(
+            "{} / {}: next rotation of {} {when}",
+            u.provider,
+            u.user,
+            u.slot.as_deref().unwrap_or("")
+        ),
+    }
+}
 
 fn paint(text: &str, color: Option<AnsiColor>, enabled: bool) -> String {
     match (color, enabled) {
@@ -225,6 +249,20 @@ pub fn text(plan: &Plan, colored: bool) -> String {
                 "  {} {}\n",
                 paint("!", Some(AnsiColor::Yellow), colored),
                 w.message
+            ));
+        }
+    }
+    if !plan.upcoming.is_empty() {
+        out.push('\n');
+        out.push_str(&bold("Upcoming (nothing to do now):", colored));
+        out.push('\n');
+        for u in plan.upcoming.iter().take(UPCOMING_SHOWN) {
+            out.push_str(&format!("  {}\n", upcoming_line(u, plan.planned_at)));
+        }
+        if plan.upcoming.len() > UPCOMING_SHOWN {
+            out.push_str(&format!(
+                "  … and {} more (see `keyward status`)\n",
+                plan.upcoming.len() - UPCOMING_SHOWN
             ));
         }
     }

@@ -1,0 +1,385 @@
+//! Due times: the one place that knows when a key slot must rotate and when a retiring key may
+//! be revoked. `rotate_every` (age), `schedule` (cron in a time zone; croner handles DST),
+//! provider expiry within `overlap`, and forced rotations all meet here. Pure: `now` is always
+//! an argument, so the planner, `status` and the daemon's sleep agree to the second.
+//!
+//! Policy, in full:
+//! - no current key, or one of the wrong kind: due at once;
+//! - `rotate_every` only: due at `created_at + rotate_every`;
+//! - `schedule` and `rotate_every`: due at the first cron time at or after
+//!   `created_at + rotate_every` (a window that passed while keyward was not running is caught
+//!   up once, at the next run);
+//! - `schedule` only: due at the first cron time after `created_at` — every cron time rotates,
+//!   exactly once;
+//! - provider expiry: due at `expires_at - overlap`, whatever the schedule says (waiting for a
+//!   window must never let a key expire);
+//! - the earliest of these wins.
+
+use croner::Cron;
+use croner::parser::{CronParser, Seconds, Year};
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
+
+use crate::config::SlotSpec;
+use crate::duration;
+use crate::model::KeyKind;
+
+/// Parses a rotation schedule: 5 fields, or 6 with seconds first; no year field (a schedule
+/// that ends would silently stop rotating).
+pub fn parse_schedule(text: &str) -> Result<Cron, String> {
+    CronParser::builder()
+        .seconds(Seconds::Optional)
+        .year(Year::Disallowed)
+        .build()
+        .parse(text)
+        .map_err(|e| e.to_string())
+}
+
+/// What the due-time engine knows about a slot's current key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyFacts {
+    pub kind: KeyKind,
+    pub created_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+}
+
+/// Why a slot is (or will be) due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DueReason {
+    NoKey,
+    KindChanged {
+        have: KeyKind,
+        want: KeyKind,
+    },
+    Age {
+        every: SignedDuration,
+    },
+    Schedule {
+        every: Option<SignedDuration>,
+        schedule: String,
+    },
+    Expiry {
+        expires_at: Timestamp,
+    },
+}
+
+/// When a slot becomes due, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    pub at: Timestamp,
+    pub reason: DueReason,
+}
+
+impl Due {
+    /// Words for a plan line, e.g. `is 31d old (rotate_every 30d)`.
+    pub fn describe(&self, created_at: Option<Timestamp>, now: Timestamp) -> String {
+        match &self.reason {
+            DueReason::NoKey => "no current key".to_string(),
+            DueReason::KindChanged { have, want } => {
+                format!("is a {have}, the slot now wants a {want}")
+            }
+            DueReason::Age { every } => format!(
+                "is {} old (rotate_every {})",
+                created_at
+                    .map(|c| duration::humanize(now.duration_since(c)))
+                    .unwrap_or_else(|| "?".into()),
+                duration::format(*every)
+            ),
+            DueReason::Schedule {
+                every: Some(every),
+                schedule,
+            } => format!(
+                "is {} old (rotate_every {}, window `{schedule}` opened {})",
+                created_at
+                    .map(|c| duration::humanize(now.duration_since(c)))
+                    .unwrap_or_else(|| "?".into()),
+                duration::format(*every),
+                self.at.strftime("%Y-%m-%d %H:%M UTC")
+            ),
+            DueReason::Schedule {
+                every: None,
+                schedule,
+            } => {
+                format!(
+                    "schedule `{schedule}` fired {}",
+                    self.at.strftime("%Y-%m-%d %H:%M UTC")
+                )
+            }
+            DueReason::Expiry { expires_at } => {
+                format!(
+                    "expires {} (within overlap)",
+                    expires_at.strftime("%Y-%m-%d %H:%M UTC")
+                )
+            }
+        }
+    }
+}
+
+/// The first cron time at or after (`inclusive`) / strictly after `from`, in the slot's zone.
+fn cron_after(
+    slot: &SlotSpec,
+    schedule: &str,
+    from: Timestamp,
+    inclusive: bool,
+) -> Option<Timestamp> {
+    let cron = parse_schedule(schedule).ok()?;
+    let tz = TimeZone::get(&slot.timezone).unwrap_or(TimeZone::UTC);
+    let zoned = from.to_zoned(tz);
+    cron.find_next_occurrence(&zoned, inclusive)
+        .ok()
+        .map(|z| z.timestamp())
+}
+
+/// When the slot holding `key` becomes due (possibly already in the past). `None`: never —
+/// the slot has no rotation policy and the key does not expire.
+pub fn next_due(slot: &SlotSpec, key: Option<KeyFacts>) -> Option<Due> {
+    let Some(key) = key else {
+        return Some(Due {
+            at: Timestamp::MIN,
+            reason: DueReason::NoKey,
+        });
+    };
+    if key.kind != slot.kind {
+        return Some(Due {
+            at: Timestamp::MIN,
+            reason: DueReason::KindChanged {
+                have: key.kind,
+                want: slot.kind,
+            },
+        });
+    }
+    let mut candidates: Vec<Due> = Vec::new();
+    match (&slot.schedule, slot.rotate_every) {
+        (None, Some(every)) => {
+            if let Ok(at) = key.created_at.checked_add(every) {
+                candidates.push(Due {
+                    at,
+                    reason: DueReason::Age { every },
+                });
+            }
+        }
+        (Some(schedule), Some(every)) => {
+            if let Some(at) = key
+                .created_at
+                .checked_add(every)
+                .ok()
+                .and_then(|base| cron_after(slot, schedule, base, true))
+            {
+                candidates.push(Due {
+                    at,
+                    reason: DueReason::Schedule {
+                        every: Some(every),
+                        schedule: schedule.clone(),
+                    },
+                });
+            }
+        }
+        (Some(schedule), None) => {
+            if let Some(at) = cron_after(slot, schedule, key.created_at, false) {
+                candidates.push(Due {
+                    at,
+                    reason: DueReason::Schedule {
+                        every: None,
+                        schedule: schedule.clone(),
+                    },
+                });
+            }
+        }
+        (None, None) => {}
+    }
+    if let Some(expires_at) = key.expires_at
+        && let Ok(at) = expires_at.checked_sub(slot.overlap.max(SignedDuration::ZERO))
+    {
+        candidates.push(Due {
+            at,
+            reason: DueReason::Expiry { expires_at },
+        });
+    }
+    candidates.into_iter().min_by_key(|d| d.at)
+}
+
+/// When a key retired at `delivered_at` of its replacement may be revoked.
+pub fn revoke_after(delivered_at: Timestamp, overlap: SignedDuration) -> Timestamp {
+    delivered_at
+        .checked_add(overlap.max(SignedDuration::ZERO))
+        .unwrap_or(Timestamp::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn slot(every: Option<&str>, schedule: Option<&str>, tz: &str, overlap: &str) -> SlotSpec {
+        SlotSpec {
+            name: "s".into(),
+            kind: KeyKind::ApiKey,
+            description: None,
+            acl: vec![],
+            rotate_every: every.map(|e| duration::parse(e).unwrap()),
+            schedule: schedule.map(str::to_string),
+            timezone: tz.into(),
+            overlap: duration::parse(overlap).unwrap(),
+            sinks: vec!["x".into()],
+        }
+    }
+
+    fn key(created: &str) -> Option<KeyFacts> {
+        Some(KeyFacts {
+            kind: KeyKind::ApiKey,
+            created_at: created.parse().unwrap(),
+            expires_at: None,
+        })
+    }
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn age_only() {
+        let d = next_due(
+            &slot(Some("30d"), None, "UTC", "1h"),
+            key("2026-11-01T10:00:00Z"),
+        )
+        .unwrap();
+        assert_eq!(d.at, ts("2026-12-01T10:00:00Z"));
+        assert!(matches!(d.reason, DueReason::Age { .. }));
+    }
+
+    #[test]
+    fn no_key_or_wrong_kind_is_due_at_once() {
+        let s = slot(Some("30d"), None, "UTC", "1h");
+        assert_eq!(next_due(&s, None).unwrap().reason, DueReason::NoKey);
+        let k = KeyFacts {
+            kind: KeyKind::Credential,
+            ..key("2026-11-01T10:00:00Z").unwrap()
+        };
+        assert!(matches!(
+            next_due(&s, Some(k)).unwrap().reason,
+            DueReason::KindChanged { .. }
+        ));
+    }
+
+    #[test]
+    fn no_policy_never_due() {
+        assert_eq!(
+            next_due(&slot(None, None, "UTC", "1h"), key("2026-11-01T10:00:00Z")),
+            None
+        );
+    }
+
+    #[test]
+    fn cron_window_delays_a_due_rotation() {
+        // Due by age on Wednesday 2026-12-02 10:00; the window is Mondays 03:00 Berlin.
+        let s = slot(Some("30d"), Some("0 3 * * 1"), "Europe/Berlin", "1h");
+        let d = next_due(&s, key("2026-11-02T10:00:00Z")).unwrap();
+        assert_eq!(
+            d.at,
+            ts("2026-12-07T02:00:00Z"),
+            "Monday 03:00 CET = 02:00 UTC"
+        );
+    }
+
+    #[test]
+    fn schedule_only_rotates_at_each_cron_time() {
+        let s = slot(None, Some("0 3 * * *"), "UTC", "1h");
+        let d = next_due(&s, key("2026-11-02T03:00:00Z")).unwrap();
+        assert_eq!(
+            d.at,
+            ts("2026-11-03T03:00:00Z"),
+            "not the cron time the key was made at"
+        );
+        let d = next_due(&s, key("2026-11-02T03:00:01Z")).unwrap();
+        assert_eq!(d.at, ts("2026-11-03T03:00:00Z"));
+    }
+
+    #[test]
+    fn dst_gap_runs_at_first_valid_time() {
+        // 02:30 does not exist in Berlin on 2026-03-29.
+        let s = slot(None, Some("30 2 * * *"), "Europe/Berlin", "1h");
+        let d = next_due(&s, key("2026-03-28T12:00:00Z")).unwrap();
+        assert_eq!(d.at, ts("2026-03-29T01:00:00Z"), "03:00 CEST");
+    }
+
+    #[test]
+    fn expiry_beats_the_schedule() {
+        let s = slot(Some("90d"), Some("0 3 1 * *"), "UTC", "48h");
+        let k = KeyFacts {
+            expires_at: Some(ts("2026-11-10T00:00:00Z")),
+            ..key("2026-11-01T00:00:00Z").unwrap()
+        };
+        let d = next_due(&s, Some(k)).unwrap();
+        assert_eq!(d.at, ts("2026-11-08T00:00:00Z"));
+        assert!(matches!(d.reason, DueReason::Expiry { .. }));
+    }
+
+    #[test]
+    fn six_field_cron_with_seconds() {
+        let s = slot(None, Some("*/10 * * * * *"), "UTC", "0s");
+        let d = next_due(&s, key("2026-11-01T00:00:03Z")).unwrap();
+        assert_eq!(d.at, ts("2026-11-01T00:00:10Z"));
+    }
+
+    const SCHEDULES: &[&str] = &[
+        "0 3 * * 1",
+        "*/15 * * * *",
+        "0 0 1 * *",
+        "30 2 * * *",
+        "0 */6 * * *",
+    ];
+    const ZONES: &[&str] = &[
+        "UTC",
+        "Europe/Berlin",
+        "America/New_York",
+        "Australia/Lord_Howe",
+    ];
+
+    proptest! {
+        #[test]
+        fn due_time_is_never_before_the_last_rotation(
+            created in 1_700_000_000i64..1_900_000_000,
+            every in proptest::option::of(1i64..10_000_000),
+            sched in proptest::option::of(0usize..SCHEDULES.len()),
+            zone in 0usize..ZONES.len(),
+        ) {
+            let mut s = slot(None, None, ZONES[zone], "1h");
+            s.rotate_every = every.map(SignedDuration::from_secs);
+            s.schedule = sched.map(|i| SCHEDULES[i].to_string());
+            let created = Timestamp::from_second(created).unwrap();
+            let k = Some(KeyFacts { kind: KeyKind::ApiKey, created_at: created, expires_at: None });
+            if let Some(d) = next_due(&s, k) {
+                prop_assert!(d.at >= created, "due {} before created {}", d.at, created);
+                if let Some(e) = s.rotate_every {
+                    prop_assert!(d.at >= created + e, "due before rotate_every elapsed");
+                }
+            } else {
+                prop_assert!(s.rotate_every.is_none() && s.schedule.is_none());
+            }
+        }
+
+        #[test]
+        fn schedule_without_age_fires_at_each_cron_time_exactly_once(
+            created in 1_700_000_000i64..1_900_000_000,
+            sched in 0usize..SCHEDULES.len(),
+            zone in 0usize..ZONES.len(),
+        ) {
+            let s = slot(None, Some(SCHEDULES[sched]), ZONES[zone], "1h");
+            let created = Timestamp::from_second(created).unwrap();
+            let facts = |c| Some(KeyFacts { kind: KeyKind::ApiKey, created_at: c, expires_at: None });
+            let first = next_due(&s, facts(created)).unwrap().at;
+            prop_assert!(first > created);
+            let cron = parse_schedule(SCHEDULES[sched]).unwrap();
+            let tz = TimeZone::get(ZONES[zone]).unwrap();
+            // `first` is a cron time, and no cron time lies strictly between created and first.
+            prop_assert!(cron.is_time_matching(&first.to_zoned(tz.clone())).unwrap());
+            let prev = cron.find_previous_occurrence(&first.to_zoned(tz.clone()), false).unwrap().timestamp();
+            prop_assert!(prev <= created, "skipped cron time {prev}");
+            // A key minted at that cron time (or just after) is due at the next one, never again at `first`.
+            for lag in [0i64, 1, 59] {
+                let second = next_due(&s, facts(first + SignedDuration::from_secs(lag))).unwrap().at;
+                prop_assert!(second > first);
+            }
+        }
+    }
+}
