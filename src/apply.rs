@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -14,6 +15,7 @@ use jiff::Timestamp;
 use tokio::sync::Mutex;
 
 use crate::config::{Config, SlotSpec};
+use crate::journal::{Event, Journal};
 use crate::model::{KeyTag, Observed, RemoteKey, RemoteUser};
 use crate::plan::diff::short_id;
 use crate::plan::{Action, Change, Plan};
@@ -136,22 +138,75 @@ pub struct Executor {
     pub state: Mutex<State>,
     /// The highest state serial known to be on disk (group commit).
     pub written: Mutex<u64>,
+    journal: Arc<Journal>,
+    /// Journal operations begun and not yet finished.
+    open_ops: AtomicUsize,
 }
 
 impl Executor {
+    /// An executor over `state` (already recovered from any journal left by an earlier run).
     pub fn new(
         config: Arc<Config>,
         providers: BTreeMap<String, Arc<dyn Provider>>,
         state_dir: StateDir,
         state: State,
-    ) -> Arc<Self> {
-        Arc::new(Executor {
+    ) -> anyhow::Result<Arc<Self>> {
+        let journal = Arc::new(Journal::open(&state_dir.dir)?);
+        Ok(Arc::new(Executor {
             config,
             providers,
             state_dir,
             written: Mutex::new(state.serial),
             state: Mutex::new(state),
-        })
+            journal,
+            open_ops: AtomicUsize::new(0),
+        }))
+    }
+
+    async fn log(&self, seq: u64, event: Event, durable: bool) -> anyhow::Result<()> {
+        let journal = Arc::clone(&self.journal);
+        tokio::task::spawn_blocking(move || journal.append(seq, event, durable)).await?
+    }
+
+    /// Records, durably, that a remote write is about to happen.
+    async fn begin(
+        &self,
+        action: Action,
+        change: &Change,
+        user_id: Option<&str>,
+        key_id: Option<&str>,
+    ) -> anyhow::Result<u64> {
+        let seq = self.journal.next_seq();
+        self.open_ops.fetch_add(1, Ordering::SeqCst);
+        let forced = change
+            .after
+            .as_ref()
+            .and_then(|a| a.get("forced"))
+            .and_then(|f| f.as_bool())
+            .unwrap_or(false);
+        let intent = Event::Intent {
+            action,
+            provider: change.provider.clone(),
+            user: change.user.clone(),
+            user_id: user_id.map(str::to_string),
+            slot: change.slot.clone(),
+            key_id: key_id.map(str::to_string),
+            forced,
+        };
+        if let Err(e) = self.log(seq, intent, true).await {
+            self.open_ops.fetch_sub(1, Ordering::SeqCst);
+            return Err(e.context("recording the intent in the journal; nothing was changed"));
+        }
+        Ok(seq)
+    }
+
+    /// Marks an operation finished (whatever its outcome: the state says what it left).
+    async fn finish(&self, seq: u64) {
+        if let Err(e) = self.log(seq, Event::Done, false).await {
+            tracing::warn!("journal: {e:#}");
+            return;
+        }
+        self.open_ops.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -205,6 +260,15 @@ impl Executor {
             .buffer_unordered(concurrency)
             .collect()
             .await;
+        if self.open_ops.load(Ordering::SeqCst) == 0 {
+            // Everything is finished and recorded in the durable state.
+            let journal = Arc::clone(&self.journal);
+            match tokio::task::spawn_blocking(move || journal.clear()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("clearing the journal: {e:#}"),
+                Err(e) => tracing::warn!("clearing the journal: {e}"),
+            }
+        }
         let mut ordered: Vec<(usize, ChangeResult)> = results.into_iter().flatten().collect();
         ordered.sort_by_key(|(i, _)| *i);
         Report {
@@ -312,13 +376,41 @@ impl Executor {
     }
 
     async fn execute(&self, run: &mut UserRun, change: &Change) -> anyhow::Result<String> {
-        let provider = change.provider.as_str();
-        let name = change.user.as_str();
         let want_active = change
             .after
             .as_ref()
             .and_then(|a| a.get("active"))
             .and_then(|v| v.as_bool());
+        match change.action {
+            Action::CreateKey | Action::RotateKey => return self.mint(run, change).await,
+            Action::RevokeKey => {}
+            action => {
+                let user_id = run.remote.as_ref().map(|u| u.id.clone());
+                let seq = self.begin(action, change, user_id.as_deref(), None).await?;
+                let result = self.user_change(run, change, want_active).await;
+                self.finish(seq).await;
+                return result;
+            }
+        }
+        let id = change.key_id.as_deref().unwrap_or("");
+        let key = run
+            .keys
+            .iter()
+            .find(|k| k.id == id)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("key {id} is not on this user any more"))?;
+        self.revoke(run, &key, change).await?;
+        Ok(String::new())
+    }
+
+    async fn user_change(
+        &self,
+        run: &mut UserRun,
+        change: &Change,
+        want_active: Option<bool>,
+    ) -> anyhow::Result<String> {
+        let provider = change.provider.as_str();
+        let name = change.user.as_str();
         match change.action {
             Action::CreateUser => {
                 let user = run
@@ -354,22 +446,27 @@ impl Executor {
                 run.remote = None;
                 Ok(String::new())
             }
-            Action::CreateKey | Action::RotateKey => self.mint(run, change).await,
-            Action::RevokeKey => {
-                let id = change.key_id.as_deref().unwrap_or("");
-                let key = run
-                    .keys
-                    .iter()
-                    .find(|k| k.id == id)
-                    .cloned()
-                    .ok_or_else(|| anyhow::anyhow!("key {id} is not on this user any more"))?;
-                self.revoke(run, &key).await?;
-                Ok(String::new())
-            }
+            _ => unreachable!("key changes are handled by execute"),
         }
     }
 
-    async fn revoke(&self, run: &mut UserRun, key: &RemoteKey) -> anyhow::Result<()> {
+    /// Revokes a key (journaled) and drops it from the state.
+    async fn revoke(
+        &self,
+        run: &mut UserRun,
+        key: &RemoteKey,
+        change: &Change,
+    ) -> anyhow::Result<()> {
+        let user_id = run.remote.as_ref().map(|u| u.id.clone());
+        let seq = self
+            .begin(Action::RevokeKey, change, user_id.as_deref(), Some(&key.id))
+            .await?;
+        let result = self.revoke_unjournaled(run, key).await;
+        self.finish(seq).await;
+        result
+    }
+
+    async fn revoke_unjournaled(&self, run: &mut UserRun, key: &RemoteKey) -> anyhow::Result<()> {
         let (provider, name) = (
             run.provider.name().to_string(),
             run.remote
@@ -383,6 +480,7 @@ impl Executor {
             if let Some(u) = s.user_mut(&provider, &name) {
                 for slot in u.slots.values_mut() {
                     slot.retiring.retain(|r| r.id != key.id);
+                    slot.orphans.retain(|o| *o != key.id);
                     if slot.current.as_ref().is_some_and(|c| c.id == key.id) {
                         slot.current = None;
                     }
@@ -394,6 +492,8 @@ impl Executor {
 
     /// Creates a key for a slot, delivers it to every sink, records it as current, and (for a
     /// rotation) moves the previous key to retiring — revoking it at once when `overlap` is 0.
+    /// Each step is journaled: intent (durable) → created → delivered (durable) → recorded in
+    /// the state (durable) → done, so a crash anywhere leaves enough to recover.
     async fn mint(&self, run: &mut UserRun, change: &Change) -> anyhow::Result<String> {
         let slot = self.slot_spec(change)?.clone();
         let user = run.remote.clone().ok_or_else(|| {
@@ -410,8 +510,34 @@ impl Executor {
             metadata: KeyTag::new(&slot.name).to_metadata(),
             acl: slot.acl.clone(),
         };
-        let created = run.provider.create_key(&user, &new_key).await?;
+        let seq = self
+            .begin(
+                change.action,
+                change,
+                Some(&user.id),
+                change.key_id.as_deref(),
+            )
+            .await?;
+        let created = match run.provider.create_key(&user, &new_key).await {
+            Ok(c) => c,
+            Err(e) => {
+                // If the provider created the key and only the answer was lost, the key carries
+                // keyward's tag and the next plan revokes it.
+                self.finish(seq).await;
+                return Err(e.into());
+            }
+        };
         let key = created.key.clone();
+        self.log(
+            seq,
+            Event::Created {
+                key_id: key.id.clone(),
+                kind: key.kind,
+                created_at: key.created_at,
+            },
+            false,
+        )
+        .await?;
         let account = self.config.providers.get(&provider);
         let doc = SinkDocument {
             provider: provider.clone(),
@@ -438,14 +564,44 @@ impl Executor {
             // The secret exists nowhere else: without delivery the key is useless, so it goes,
             // and the key it would have replaced stays.
             let revoked = run.provider.revoke_key(&user.name, &key).await;
-            return Err(match revoked {
-                Ok(()) => e.context(format!("delivery failed; the new key {} was revoked and the current key left in place", key.id)),
-                Err(r) => e.context(format!(
-                    "delivery failed; revoking the undelivered key {} also failed ({r}); the next run revokes it",
+            let err = match revoked {
+                Ok(()) => e.context(format!(
+                    "delivery failed; the new key {} was revoked and the current key left in place",
                     key.id
                 )),
-            });
+                Err(r) => {
+                    // Remember it, so the next run revokes it even where keys carry no tag.
+                    let (p, u, sl, id) = (
+                        provider.clone(),
+                        user.clone(),
+                        slot.name.clone(),
+                        key.id.clone(),
+                    );
+                    let _ = self
+                        .save(|s| {
+                            s.record_user(&p, &u.name, &u.id, false, u.created_at);
+                            if let Some(rec) = s.user_mut(&p, &u.name) {
+                                rec.slots.entry(sl).or_default().orphans.push(id);
+                            }
+                        })
+                        .await;
+                    e.context(format!(
+                        "delivery failed; revoking the undelivered key {} also failed ({r}); the next run revokes it",
+                        key.id
+                    ))
+                }
+            };
+            self.finish(seq).await;
+            return Err(err);
         }
+        self.log(
+            seq,
+            Event::Delivered {
+                sinks: slot.sinks.clone(),
+            },
+            true,
+        )
+        .await?;
         let now = Timestamp::now();
         let record = KeyRecord {
             id: key.id.clone(),
@@ -455,10 +611,11 @@ impl Executor {
             sinks: slot.sinks.clone(),
             retire_after: None,
         };
-        let retire_after = now.checked_add(slot.overlap).unwrap_or(now);
+        let retire_after = crate::rotation::revoke_after(now, slot.overlap);
         let mut replaced: Option<String> = None;
         let remote_ids: std::collections::HashSet<String> =
             run.keys.iter().map(|k| k.id.clone()).collect();
+        // If this write fails the journal still says "delivered": the next run adopts the key.
         self.save(|s| {
             s.record_user(&provider, &user.name, &user.id, false, user.created_at);
             if let Some(u) = s.user_mut(&provider, &user.name) {
@@ -473,12 +630,13 @@ impl Executor {
             }
         })
         .await?;
+        self.finish(seq).await;
         run.keys.push(key.clone());
         let mut detail = format!("{} delivered to {}", key.id, slot.sinks.join(", "));
         if let Some(old) = replaced {
             if slot.overlap <= jiff::SignedDuration::ZERO {
                 if let Some(old_key) = run.keys.iter().find(|k| k.id == old).cloned() {
-                    self.revoke(run, &old_key).await?;
+                    self.revoke(run, &old_key, change).await?;
                     detail.push_str(&format!("; {} revoked (overlap 0s)", short_id(&old)));
                 }
             } else {

@@ -15,6 +15,7 @@ use jiff::Timestamp;
 
 use crate::apply::Executor;
 use crate::config::{self, Config, Diagnostic};
+use crate::journal::{self, Recovery};
 use crate::model::Observed;
 use crate::plan::{self, Plan, PlanOptions, Warning};
 use crate::providers::{self, Provider};
@@ -425,9 +426,15 @@ impl Context_ {
         })
     }
 
-    /// Lists every provider account concurrently and loads the state.
-    async fn observe(&self) -> anyhow::Result<(Observed, State)> {
-        let state = self.state_dir.load()?;
+    /// Lists every provider account concurrently and loads the state, with whatever an
+    /// interrupted earlier run left in the journal folded in. With `persist` (the caller holds
+    /// the state lock) the recovered state is written and the journal cleared; otherwise the
+    /// recovery only shapes this plan.
+    async fn observe_recovered(
+        &self,
+        persist: bool,
+    ) -> anyhow::Result<(Observed, State, Recovery)> {
+        let mut state = self.state_dir.load()?;
         let lists = futures::future::join_all(
             self.providers
                 .iter()
@@ -447,6 +454,23 @@ impl Context_ {
         if !errors.is_empty() {
             anyhow::bail!("{}", errors.join("\nerror: "));
         }
+        let entries = journal::read(&self.state_dir.dir)?;
+        let unfinished = journal::unfinished(&entries);
+        let recovery = journal::recover(&unfinished, &self.config, &observed, &mut state);
+        for note in &recovery.notes {
+            tracing::warn!("recovery: {note}");
+        }
+        if persist && !entries.is_empty() {
+            if recovery.changed {
+                self.state_dir.save(&mut state)?;
+            }
+            journal::Journal::open(&self.state_dir.dir)?.clear()?;
+        }
+        Ok((observed, state, recovery))
+    }
+
+    async fn observe(&self) -> anyhow::Result<(Observed, State)> {
+        let (observed, state, _) = self.observe_recovered(false).await?;
         Ok((observed, state))
     }
 
@@ -470,9 +494,11 @@ impl Context_ {
         self.state_dir.lock()
     }
 
-    async fn apply(&self, opts: PlanOptions, auto_approve: bool) -> anyhow::Result<ExitCode> {
+    async fn apply(&self, mut opts: PlanOptions, auto_approve: bool) -> anyhow::Result<ExitCode> {
         let _lock = self.lock()?;
-        let (observed, state) = self.observe().await?;
+        let (observed, state, recovery) = self.observe_recovered(true).await?;
+        // A forced rotation cut short by a crash runs again.
+        opts.force.extend(recovery.force);
         let plan = self.plan(&observed, &state, &opts);
         print_plan(&plan, false);
         if !plan.has_changes() {
@@ -498,7 +524,7 @@ impl Context_ {
             );
         }
         let _lock = self.lock()?;
-        let (observed, state) = self.observe().await?;
+        let (observed, state, _) = self.observe_recovered(true).await?;
         let digest = plan::observed_digest(&self.config, &observed, &state);
         if digest != saved.observed {
             anyhow::bail!(
@@ -535,7 +561,7 @@ impl Context_ {
             self.providers.clone(),
             self.state_dir.clone(),
             state,
-        );
+        )?;
         let report = executor.run(plan, observed).await;
         print!("\n{}", report.summary());
         Ok(if report.ok() {

@@ -54,6 +54,10 @@ pub struct SlotRecord {
     /// Replaced keys, valid until their `retire_after`.
     #[serde(default)]
     pub retiring: Vec<KeyRecord>,
+    /// Keys keyward created for this slot whose secret never reached the sinks (an interrupted
+    /// run): nobody holds them, so they are revoked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphans: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -402,7 +402,8 @@ proptest! {
             BTreeMap::from([("ng".to_string(), fake.clone() as Arc<dyn Provider>)]),
             sd.clone(),
             st,
-        );
+        )
+        .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let report = rt.block_on(executor.run(&p1, &observed));
         prop_assert!(report.ok(), "apply failed: {}", report.summary());

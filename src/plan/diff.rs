@@ -85,6 +85,9 @@ fn sort_keys<'a>(
                         .or_default()
                         .push((key, r.retire_after));
                     placed = true;
+                } else if srec.orphans.contains(&key.id) {
+                    sorted.orphans.push((slot.clone(), key));
+                    placed = true;
                 }
             }
         }

@@ -1,0 +1,333 @@
+//! The journal: an append-only log in the state directory of every remote write keyward is
+//! about to make and how far it got — intent (durable before the write), key created, secret
+//! delivered (durable), done. After a crash or `kill -9`, [`recover`] reads what was left
+//! unfinished: a key whose secret was delivered but never recorded is adopted; a key created but
+//! never delivered is marked for revocation, and a forced rotation cut short runs again.
+//! Lines hold ids and names only, never a secret.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::model::{KeyKind, Observed};
+use crate::plan::Action;
+use crate::state::{KeyRecord, State};
+
+/// One line of the journal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Which operation the line belongs to.
+    pub seq: u64,
+    pub at: Timestamp,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// About to make a remote write.
+    Intent {
+        action: Action,
+        provider: String,
+        user: String,
+        user_id: Option<String>,
+        slot: Option<String>,
+        key_id: Option<String>,
+        #[serde(default)]
+        forced: bool,
+    },
+    /// The provider created this key (its secret is in memory only).
+    Created {
+        key_id: String,
+        kind: KeyKind,
+        created_at: Timestamp,
+    },
+    /// Every sink of the slot has the secret.
+    Delivered { sinks: Vec<String> },
+    /// Finished (successfully or not); nothing to recover.
+    Done,
+}
+
+/// An operation the journal shows was started and not finished.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unfinished {
+    pub seq: u64,
+    pub started_at: Timestamp,
+    pub action: Action,
+    pub provider: String,
+    pub user: String,
+    pub user_id: Option<String>,
+    pub slot: Option<String>,
+    pub forced: bool,
+    pub created: Option<(String, KeyKind, Timestamp)>,
+    pub delivered: Option<(Vec<String>, Timestamp)>,
+}
+
+/// The open journal of a state directory.
+pub struct Journal {
+    path: PathBuf,
+    file: Mutex<File>,
+    seq: AtomicU64,
+}
+
+impl Journal {
+    pub fn path_in(state_dir: &Path) -> PathBuf {
+        state_dir.join("journal.jsonl")
+    }
+
+    /// Opens (creating, mode 0600) the journal for appending; sequence numbers continue after
+    /// the highest one already in it.
+    pub fn open(state_dir: &Path) -> anyhow::Result<Journal> {
+        crate::state::create_private_dir(state_dir)?;
+        let path = Self::path_in(state_dir);
+        let last = read(state_dir)?.iter().map(|e| e.seq).max().unwrap_or(0);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening the journal {}", path.display()))?;
+        Ok(Journal {
+            path,
+            file: Mutex::new(file),
+            seq: AtomicU64::new(last),
+        })
+    }
+
+    /// A new operation number.
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Appends a line; with `durable`, returns only once it is on disk.
+    pub fn append(&self, seq: u64, event: Event, durable: bool) -> anyhow::Result<()> {
+        let entry = Entry {
+            seq,
+            at: Timestamp::now(),
+            event,
+        };
+        let mut line = serde_json::to_vec(&entry)?;
+        line.push(b'\n');
+        let mut file = self
+            .file
+            .lock()
+            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
+        file.write_all(&line)
+            .with_context(|| format!("writing the journal {}", self.path.display()))?;
+        if durable {
+            file.sync_data()
+                .with_context(|| format!("syncing the journal {}", self.path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Empties the journal once everything in it is finished and recorded in the state.
+    pub fn clear(&self) -> anyhow::Result<()> {
+        let file = self
+            .file
+            .lock()
+            .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
+        file.set_len(0)?;
+        file.sync_all()?;
+        Ok(())
+    }
+}
+
+/// Every readable entry of the journal in `state_dir` (none if there is no journal). A torn
+/// last line — the process died mid-write — is ignored: its write never became durable, so
+/// the remote write it announced never started.
+pub fn read(state_dir: &Path) -> anyhow::Result<Vec<Entry>> {
+    let path = Journal::path_in(state_dir);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading the journal {}", path.display())),
+    };
+    let mut out = Vec::new();
+    for line in BufReader::new(file).lines() {
+        let line = line.with_context(|| format!("reading the journal {}", path.display()))?;
+        if let Ok(entry) = serde_json::from_str::<Entry>(&line) {
+            out.push(entry);
+        }
+    }
+    Ok(out)
+}
+
+/// The operations started and not finished, in order.
+pub fn unfinished(entries: &[Entry]) -> Vec<Unfinished> {
+    let mut open: std::collections::BTreeMap<u64, Unfinished> = std::collections::BTreeMap::new();
+    for e in entries {
+        match &e.event {
+            Event::Intent {
+                action,
+                provider,
+                user,
+                user_id,
+                slot,
+                forced,
+                ..
+            } => {
+                open.insert(
+                    e.seq,
+                    Unfinished {
+                        seq: e.seq,
+                        started_at: e.at,
+                        action: *action,
+                        provider: provider.clone(),
+                        user: user.clone(),
+                        user_id: user_id.clone(),
+                        slot: slot.clone(),
+                        forced: *forced,
+                        created: None,
+                        delivered: None,
+                    },
+                );
+            }
+            Event::Created {
+                key_id,
+                kind,
+                created_at,
+            } => {
+                if let Some(u) = open.get_mut(&e.seq) {
+                    u.created = Some((key_id.clone(), *kind, *created_at));
+                }
+            }
+            Event::Delivered { sinks } => {
+                if let Some(u) = open.get_mut(&e.seq) {
+                    u.delivered = Some((sinks.clone(), e.at));
+                }
+            }
+            Event::Done => {
+                open.remove(&e.seq);
+            }
+        }
+    }
+    open.into_values().collect()
+}
+
+/// What recovery decided.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Recovery {
+    /// Human-readable lines, for the log.
+    pub notes: Vec<String>,
+    /// Forced rotations that were cut short and must run again: (provider, user, slot).
+    pub force: Vec<(String, String, Option<String>)>,
+    /// Whether the state changed.
+    pub changed: bool,
+}
+
+/// Folds unfinished operations into the state, using the observed accounts to see what the
+/// provider really holds. Pure: the caller writes the state and clears the journal.
+pub fn recover(
+    unfinished: &[Unfinished],
+    config: &Config,
+    observed: &Observed,
+    state: &mut State,
+) -> Recovery {
+    let mut r = Recovery::default();
+    for op in unfinished {
+        let Some(snapshot) = observed.get(&op.provider) else {
+            continue;
+        };
+        let remote = snapshot.user_by_name(&op.user);
+        match op.action {
+            Action::CreateUser => {
+                if let Some(u) = remote
+                    && state
+                        .user(&op.provider, &op.user)
+                        .is_none_or(|rec| rec.id != u.id)
+                {
+                    state.record_user(&op.provider, &op.user, &u.id, true, u.created_at);
+                    r.changed = true;
+                    r.notes.push(format!(
+                        "{} / {}: adopted service user {} created by an interrupted run",
+                        op.provider, op.user, u.id
+                    ));
+                }
+            }
+            Action::CreateKey | Action::RotateKey => {
+                let slot = op.slot.clone().unwrap_or_default();
+                let (Some(u), Some((key_id, kind, created_at))) = (remote, &op.created) else {
+                    // Created without our knowing the id, or not created at all: a tagged key
+                    // is found and revoked by the planner; the rotation is planned again.
+                    if op.forced {
+                        r.force
+                            .push((op.provider.clone(), op.user.clone(), op.slot.clone()));
+                    }
+                    continue;
+                };
+                let exists = snapshot.keys_of(&u.id).any(|k| k.id == *key_id);
+                let recorded = state
+                    .slot(&op.provider, &op.user, &slot)
+                    .is_some_and(|s| s.current.as_ref().is_some_and(|c| c.id == *key_id));
+                if recorded || !exists {
+                    continue;
+                }
+                if let Some((sinks, delivered_at)) = &op.delivered {
+                    // The secret reached every sink: this key is what the consumers have now.
+                    let overlap = config
+                        .users
+                        .iter()
+                        .find(|s| s.provider == op.provider && s.name == op.user)
+                        .and_then(|s| s.slots.get(&slot))
+                        .map(|s| s.overlap)
+                        .unwrap_or_default();
+                    state.record_user(&op.provider, &op.user, &u.id, false, u.created_at);
+                    if let Some(rec) = state.user_mut(&op.provider, &op.user) {
+                        let srec = rec.slots.entry(slot.clone()).or_default();
+                        if let Some(mut old) = srec.current.take() {
+                            old.retire_after =
+                                Some(crate::rotation::revoke_after(*delivered_at, overlap));
+                            srec.retiring.push(old);
+                        }
+                        srec.current = Some(KeyRecord {
+                            id: key_id.clone(),
+                            kind: *kind,
+                            created_at: *created_at,
+                            delivered_at: *delivered_at,
+                            sinks: sinks.clone(),
+                            retire_after: None,
+                        });
+                        srec.orphans.retain(|o| o != key_id);
+                    }
+                    r.changed = true;
+                    r.notes.push(format!(
+                        "{} / {}: adopted key {key_id} for slot {slot}: an interrupted run delivered it",
+                        op.provider, op.user
+                    ));
+                } else {
+                    // Never delivered: nobody has its secret. Revoke it; rotate again.
+                    state.record_user(&op.provider, &op.user, &u.id, false, u.created_at);
+                    if let Some(rec) = state.user_mut(&op.provider, &op.user) {
+                        let srec = rec.slots.entry(slot.clone()).or_default();
+                        if !srec.orphans.contains(key_id) {
+                            srec.orphans.push(key_id.clone());
+                        }
+                    }
+                    r.changed = true;
+                    r.notes.push(format!(
+                        "{} / {}: key {key_id} for slot {slot} was created by an interrupted run but never delivered; it will be revoked",
+                        op.provider, op.user
+                    ));
+                    if op.forced {
+                        r.force
+                            .push((op.provider.clone(), op.user.clone(), op.slot.clone()));
+                    }
+                }
+            }
+            Action::UpdateUser | Action::DeleteUser | Action::RevokeKey => {
+                // Idempotent: the planner sees what the provider holds and finishes the job.
+            }
+        }
+    }
+    r
+}
