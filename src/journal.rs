@@ -226,7 +226,9 @@ pub struct Recovery {
 }
 
 /// Folds unfinished operations into the state, using the observed accounts to see what the
-/// provider really holds. Pure: the caller writes the state and clears the journal.
+/// provider really holds, and forgets retiring or orphaned keys that are already gone (a revoke
+/// whose completion was never recorded). Pure: the caller writes the state and clears the
+/// journal.
 pub fn recover(
     unfinished: &[Unfinished],
     config: &Config,
@@ -234,6 +236,30 @@ pub fn recover(
     state: &mut State,
 ) -> Recovery {
     let mut r = Recovery::default();
+    for (provider, account) in state.accounts.iter_mut() {
+        let Some(snapshot) = observed.get(provider) else {
+            continue;
+        };
+        for (name, rec) in account.users.iter_mut() {
+            if snapshot.user_by_name(name).is_none_or(|u| u.id != rec.id) {
+                continue;
+            }
+            let remote: std::collections::HashSet<&str> =
+                snapshot.keys_of(&rec.id).map(|k| k.id.as_str()).collect();
+            for (slot, srec) in rec.slots.iter_mut() {
+                let before = srec.retiring.len() + srec.orphans.len();
+                srec.retiring.retain(|k| remote.contains(k.id.as_str()));
+                srec.orphans.retain(|k| remote.contains(k.as_str()));
+                let gone = before - srec.retiring.len() - srec.orphans.len();
+                if gone > 0 {
+                    r.changed = true;
+                    r.notes.push(format!(
+                        "{provider} / {name}: {gone} revoked key(s) of slot {slot} dropped from the state"
+                    ));
+                }
+            }
+        }
+    }
     for op in unfinished {
         let Some(snapshot) = observed.get(&op.provider) else {
             continue;
@@ -269,36 +295,47 @@ pub fn recover(
                 let recorded = state
                     .slot(&op.provider, &op.user, &slot)
                     .is_some_and(|s| s.current.as_ref().is_some_and(|c| c.id == *key_id));
-                if recorded || !exists {
+                if recorded {
+                    continue;
+                }
+                if !exists {
+                    // Gone already (revoked since): nothing to adopt or revoke.
+                    if op.forced {
+                        r.force
+                            .push((op.provider.clone(), op.user.clone(), op.slot.clone()));
+                    }
                     continue;
                 }
                 if let Some((sinks, delivered_at)) = &op.delivered {
                     // The secret reached every sink: this key is what the consumers have now.
-                    let overlap = config
-                        .users
-                        .iter()
-                        .find(|s| s.provider == op.provider && s.name == op.user)
-                        .and_then(|s| s.slots.get(&slot))
-                        .map(|s| s.overlap)
-                        .unwrap_or_default();
-                    state.record_user(&op.provider, &op.user, &u.id, false, u.created_at);
-                    if let Some(rec) = state.user_mut(&op.provider, &op.user) {
-                        let srec = rec.slots.entry(slot.clone()).or_default();
-                        if let Some(mut old) = srec.current.take() {
-                            old.retire_after =
-                                Some(crate::rotation::revoke_after(*delivered_at, overlap));
-                            srec.retiring.push(old);
-                        }
-                        srec.current = Some(KeyRecord {
-                            id: key_id.clone(),
-                            kind: *kind,
-                            created_at: *created_at,
-                            delivered_at: *delivered_at,
-                            sinks: sinks.clone(),
-                            retire_after: None,
-                        });
-                        srec.orphans.retain(|o| o != key_id);
-                    }
+                    adopt(
+                        config,
+                        state,
+                        op,
+                        u,
+                        &slot,
+                        (key_id, *kind, *created_at),
+                        sinks.clone(),
+                        *delivered_at,
+                    );
+                    r.changed = true;
+                    r.notes.push(format!(
+                        "{} / {}: adopted key {key_id} for slot {slot}: an interrupted run delivered it",
+                        op.provider, op.user
+                    ));
+                } else if let Some(sinks) = held_by_every_sink(config, op, &slot, key_id) {
+                    // Killed between writing the sinks and journaling it: the sinks say they
+                    // have it, so it is what the consumers have now.
+                    adopt(
+                        config,
+                        state,
+                        op,
+                        u,
+                        &slot,
+                        (key_id, *kind, *created_at),
+                        sinks,
+                        op.started_at,
+                    );
                     r.changed = true;
                     r.notes.push(format!(
                         "{} / {}: adopted key {key_id} for slot {slot}: an interrupted run delivered it",
@@ -330,4 +367,123 @@ pub fn recover(
         }
     }
     r
+}
+
+/// The slot's sinks, if every one of them verifiably holds `key_id` (see [`crate::sinks::holds`]).
+fn held_by_every_sink(
+    config: &Config,
+    op: &Unfinished,
+    slot: &str,
+    key_id: &str,
+) -> Option<Vec<String>> {
+    let spec = config
+        .users
+        .iter()
+        .find(|s| s.provider == op.provider && s.name == op.user)?
+        .slots
+        .get(slot)?;
+    let all = !spec.sinks.is_empty()
+        && spec.sinks.iter().all(|name| {
+            config
+                .sinks
+                .get(name)
+                .is_some_and(|sink| crate::sinks::holds(sink, &op.provider, &op.user, slot, key_id))
+        });
+    all.then(|| spec.sinks.clone())
+}
+
+/// Records a delivered key as the slot's current one; the previous current key retires.
+#[allow(clippy::too_many_arguments)]
+fn adopt(
+    config: &Config,
+    state: &mut State,
+    op: &Unfinished,
+    user: &crate::model::RemoteUser,
+    slot: &str,
+    key: (&String, KeyKind, Timestamp),
+    sinks: Vec<String>,
+    delivered_at: Timestamp,
+) {
+    let overlap = config
+        .users
+        .iter()
+        .find(|s| s.provider == op.provider && s.name == op.user)
+        .and_then(|s| s.slots.get(slot))
+        .map(|s| s.overlap)
+        .unwrap_or_default();
+    state.record_user(&op.provider, &op.user, &user.id, false, user.created_at);
+    if let Some(rec) = state.user_mut(&op.provider, &op.user) {
+        let srec = rec.slots.entry(slot.to_string()).or_default();
+        if let Some(mut old) = srec.current.take() {
+            old.retire_after = Some(crate::rotation::revoke_after(delivered_at, overlap));
+            srec.retiring.push(old);
+        }
+        srec.current = Some(KeyRecord {
+            id: key.0.clone(),
+            kind: key.1,
+            created_at: key.2,
+            delivered_at,
+            sinks,
+            retire_after: None,
+        });
+        srec.orphans.retain(|o| o != key.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_and_unfinished_tracks_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let a = j.next_seq();
+        let b = j.next_seq();
+        let intent = |slot: &str| Event::Intent {
+            action: Action::RotateKey,
+            provider: "ng".into(),
+            user: "u".into(),
+            user_id: Some("bot_1".into()),
+            slot: Some(slot.into()),
+            key_id: Some("ak_old".into()),
+            forced: true,
+        };
+        j.append(a, intent("x"), true).unwrap();
+        j.append(b, intent("y"), true).unwrap();
+        j.append(
+            a,
+            Event::Created {
+                key_id: "ak_new".into(),
+                kind: KeyKind::ApiKey,
+                created_at: Timestamp::UNIX_EPOCH,
+            },
+            false,
+        )
+        .unwrap();
+        j.append(b, Event::Done, false).unwrap();
+        // A torn last line is ignored.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(Journal::path_in(dir.path()))
+            .unwrap()
+            .write_all(b"{\"seq\":9,\"at\":")
+            .unwrap();
+        let entries = read(dir.path()).unwrap();
+        assert_eq!(entries.len(), 4);
+        let open = unfinished(&entries);
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].slot.as_deref(), Some("x"));
+        assert!(open[0].forced);
+        assert_eq!(
+            open[0].created.as_ref().map(|c| c.0.as_str()),
+            Some("ak_new")
+        );
+        assert!(open[0].delivered.is_none());
+        // Sequence numbers continue after a reopen.
+        let j2 = Journal::open(dir.path()).unwrap();
+        assert_eq!(j2.next_seq(), 3);
+        j2.clear().unwrap();
+        assert!(read(dir.path()).unwrap().is_empty());
+    }
 }

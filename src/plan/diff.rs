@@ -281,7 +281,14 @@ fn plan_existing_user(
                     key_id: Some(key.id.clone()),
                     reason,
                     before: Some(json!({"key_id": key.id, "created_at": key.created_at})),
-                    after: Some(key_after(slot)),
+                    after: Some({
+                        // Recorded in the journal: a forced rotation cut short runs again.
+                        let mut after = key_after(slot);
+                        if opts.forced(provider, &spec.name, &slot.name) {
+                            after["forced"] = json!(true);
+                        }
+                        after
+                    }),
                     ..change(Action::RotateKey, provider, &spec.name)
                 }),
                 Err(Some(due)) => upcoming.push(Upcoming {

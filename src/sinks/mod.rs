@@ -89,27 +89,67 @@ impl SinkDocument {
         )
     }
 
-    /// Fills `{provider} {user} {slot} {key_id}` in a path or argument. A value that could
-    /// escape a directory (`/`, `..`, NUL) is refused rather than written somewhere unexpected.
+    /// Fills `{provider} {user} {slot} {key_id}` in a path or argument.
     pub fn fill(&self, template: &str) -> Result<String, String> {
-        let mut out = template.to_string();
-        for (name, value) in [
-            ("{provider}", self.provider.as_str()),
-            ("{user}", self.user.as_str()),
-            ("{slot}", self.slot.as_str()),
-            ("{key_id}", self.key_id.as_str()),
-        ] {
-            if out.contains(name) {
-                if value.is_empty() || value == "." || value == ".." || value.contains(['/', '\0'])
-                {
-                    return Err(format!(
-                        "cannot put {name} = {value:?} into a path: it is empty or contains `/`, `..` or NUL"
-                    ));
-                }
-                out = out.replace(name, value);
+        fill(
+            template,
+            &self.provider,
+            &self.user,
+            &self.slot,
+            &self.key_id,
+        )
+    }
+}
+
+/// Fills `{provider} {user} {slot} {key_id}` in a path or argument. A value that could escape
+/// a directory (`/`, `..`, NUL) is refused rather than written somewhere unexpected.
+pub fn fill(
+    template: &str,
+    provider: &str,
+    user: &str,
+    slot: &str,
+    key_id: &str,
+) -> Result<String, String> {
+    let mut out = template.to_string();
+    for (name, value) in [
+        ("{provider}", provider),
+        ("{user}", user),
+        ("{slot}", slot),
+        ("{key_id}", key_id),
+    ] {
+        if out.contains(name) {
+            if value.is_empty() || value == "." || value == ".." || value.contains(['/', '\0']) {
+                return Err(format!(
+                    "cannot put {name} = {value:?} into a path: it is empty or contains `/`, `..` or NUL"
+                ));
             }
+            out = out.replace(name, value);
         }
-        Ok(out)
+    }
+    Ok(out)
+}
+
+/// Whether a sink verifiably holds the secret of `key_id` now: a `json` or `env` file naming
+/// it. Raw files and programs cannot be asked, so they never count as holding it.
+pub fn holds(sink: &SinkConfig, provider: &str, user: &str, slot: &str, key_id: &str) -> bool {
+    let SinkKind::File { path, format } = &sink.kind else {
+        return false;
+    };
+    let Ok(path) = fill(path, provider, user, slot, key_id) else {
+        return false;
+    };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    match format {
+        crate::config::SinkFormat::Json => serde_json::from_str::<serde_json::Value>(&text)
+            .is_ok_and(|v| {
+                v["key_id"] == key_id && v["secret"].as_str().is_some_and(|s| !s.is_empty())
+            }),
+        crate::config::SinkFormat::Env => text
+            .lines()
+            .any(|l| l == format!("KEYWARD_KEY_ID={key_id}")),
+        crate::config::SinkFormat::Raw => false,
     }
 }
 
