@@ -14,7 +14,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use keyward::sandbox::{Sandbox, SandboxOptions, parse_latency, parse_rate_limit};
 
-/// Local emulator of the ngrok API (service users, API keys, credentials) with fault injection.
+/// Local emulator of the ngrok API (service users, API keys, credentials) and the Okta ASA API
+/// (service users and their API keys) with fault injection.
 #[derive(Debug, Parser)]
 #[command(name = "keyward-sandbox", version)]
 struct Args {
@@ -42,6 +43,15 @@ struct Args {
     /// Use this bootstrap ngrok admin API key instead of generating one.
     #[arg(long)]
     admin_key: Option<String>,
+    /// Name of the emulated Okta ASA team.
+    #[arg(long, default_value = "keyward-sandbox")]
+    asa_team: String,
+    /// Lifetime of ASA bearer tokens from service_token, e.g. 10m or 2s (at least 1s).
+    #[arg(long, value_parser = parse_latency, default_value = "10m")]
+    asa_token_lifetime: Duration,
+    /// How long ASA keeps a user's older keys valid after a key rotation, e.g. 48h.
+    #[arg(long, value_parser = parse_latency, default_value = "48h")]
+    asa_key_grace: Duration,
 }
 
 #[tokio::main]
@@ -80,14 +90,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             rng_seed: args.rng_seed,
             seed_file: args.seed,
             admin_key: args.admin_key,
+            asa_team: Some(args.asa_team),
+            asa_token_lifetime: Some(args.asa_token_lifetime),
+            asa_key_grace: Some(args.asa_key_grace),
         },
     )
     .await?;
 
     let mut out = std::io::stdout().lock();
-    writeln!(out, "# keyward-sandbox: ngrok emulator listening")?;
+    writeln!(out, "# keyward-sandbox: ngrok and Okta ASA emulators listening")?;
     writeln!(out, "KEYWARD_SANDBOX_URL={}", sandbox.url())?;
     writeln!(out, "NGROK_API_KEY={}", sandbox.ngrok_admin_key())?;
+    writeln!(out, "ASA_TEAM={}", sandbox.asa_team())?;
+    writeln!(out, "ASA_KEY_ID={}", sandbox.asa_key_id())?;
+    writeln!(out, "ASA_KEY_SECRET={}", sandbox.asa_key_secret())?;
     // Whoever reads these lines through a pipe must see them now, not at exit.
     out.flush()
         .context("cannot write the start-up lines to stdout")?;
