@@ -98,7 +98,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await?;
 
     let mut out = std::io::stdout().lock();
-    writeln!(out, "# keyward-sandbox: ngrok and Okta ASA emulators listening")?;
+    writeln!(
+        out,
+        "# keyward-sandbox: ngrok and Okta ASA emulators listening"
+    )?;
     writeln!(out, "KEYWARD_SANDBOX_URL={}", sandbox.url())?;
     writeln!(out, "NGROK_API_KEY={}", sandbox.ngrok_admin_key())?;
     writeln!(out, "ASA_TEAM={}", sandbox.asa_team())?;

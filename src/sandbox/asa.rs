@@ -236,7 +236,9 @@ impl State {
             return Err(AsaError::new(
                 StatusCode::CONFLICT,
                 "resource_already_exists",
-                format!("a service user named {name:?} already exists in this team (deleted users keep their names)"),
+                format!(
+                    "a service user named {name:?} already exists in this team (deleted users keep their names)"
+                ),
             ));
         }
         let user = User {
@@ -320,7 +322,10 @@ impl State {
         if let Some(k) = self.keys.get_mut(key_id) {
             k.last_used = Some(whole_seconds(t));
         }
-        let header = base64(br#"{"alg":"RS256","kid":"keyward-sandbox","typ":"JWT"}"#, URL_SAFE);
+        let header = base64(
+            br#"{"alg":"RS256","kid":"keyward-sandbox","typ":"JWT"}"#,
+            URL_SAFE,
+        );
         let jti = self.uuid();
         let payload = json!({
             "exp": expires_at.as_second(),
@@ -354,7 +359,11 @@ impl State {
     /// Resolves a bearer token; it dies with its key and with its user's activity.
     fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, AsaError> {
         let unauthorized = |msg: &str| {
-            AsaError::new(StatusCode::UNAUTHORIZED, "authentication_error", msg.to_owned())
+            AsaError::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                msg.to_owned(),
+            )
         };
         let token = headers
             .get(header::AUTHORIZATION)
@@ -396,9 +405,9 @@ impl State {
         let t = Timestamp::now();
         let key = self.keys.get(key_id)?;
         let user = self.users.get(&key.user)?;
-        (key.secret == secret && !key.expired(t) && user.status == Status::Active).then(|| {
-            json!({"team": self.team, "user": user.name, "user_id": user.id, "key_id": key.id})
-        })
+        (key.secret == secret && !key.expired(t) && user.status == Status::Active).then(
+            || json!({"team": self.team, "user": user.name, "user_id": user.id, "key_id": key.id}),
+        )
     }
 
     /// Expires a key now, as the ASA console's "Expire Now" does.
@@ -410,6 +419,13 @@ impl State {
             }
             None => false,
         }
+    }
+
+    /// Invalidates every bearer token (keys stay valid), so clients must re-issue on 401.
+    pub fn revoke_tokens(&mut self) -> usize {
+        let n = self.tokens.len();
+        self.tokens.clear();
+        n
     }
 
     /// The runtime settings, as served by `GET /_sandbox/asa/settings`.
@@ -441,7 +457,9 @@ impl State {
                     next.0 = Duration::from_millis(ms);
                 }
                 ("key_grace_ms", v) => {
-                    let ms = v.as_u64().ok_or("key_grace_ms must be a non-negative integer")?;
+                    let ms = v
+                        .as_u64()
+                        .ok_or("key_grace_ms must be a non-negative integer")?;
                     next.1 = Duration::from_millis(ms);
                 }
                 ("page_size", v) => {
@@ -775,7 +793,9 @@ fn json_object(headers: &HeaderMap, body: &Bytes) -> Result<Map<String, Value>, 
             m,
         )
     };
-    if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
+    if let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
         && !ct.to_ascii_lowercase().starts_with("application/json")
     {
         return Err(unsupported(format!("unsupported content type {ct:?}")));
@@ -790,7 +810,9 @@ fn json_object(headers: &HeaderMap, body: &Bytes) -> Result<Map<String, Value>, 
 fn str_field(map: &Map<String, Value>, field: &str) -> Result<String, AsaError> {
     match map.get(field) {
         Some(Value::String(s)) => Ok(s.clone()),
-        _ => Err(AsaError::invalid(format!("{field} is required and must be a string"))),
+        _ => Err(AsaError::invalid(format!(
+            "{field} is required and must be a string"
+        ))),
     }
 }
 
@@ -920,7 +942,10 @@ fn page<T>(
     };
     let mut links = Vec::new();
     if end < n && end > 0 {
-        links.push(format!("<{}>; rel=\"next\"", link(&items[end - 1].0, false)));
+        links.push(format!(
+            "<{}>; rel=\"next\"",
+            link(&items[end - 1].0, false)
+        ));
     }
     if start > 0 && start < n {
         links.push(format!("<{}>; rel=\"prev\"", link(&items[start].0, true)));
@@ -965,8 +990,16 @@ async fn list_users(
             .users
             .values()
             .filter(|u| q.statuses.is_empty() || q.statuses.contains(&u.status))
-            .filter(|u| q.starts_with.as_ref().is_none_or(|p| u.name.starts_with(p.as_str())))
-            .filter(|u| q.contains.as_ref().is_none_or(|p| u.name.contains(p.as_str())))
+            .filter(|u| {
+                q.starts_with
+                    .as_ref()
+                    .is_none_or(|p| u.name.starts_with(p.as_str()))
+            })
+            .filter(|u| {
+                q.contains
+                    .as_ref()
+                    .is_none_or(|p| u.name.contains(p.as_str()))
+            })
             .filter(|u| q.ids.is_empty() || q.ids.contains(&u.id))
             .map(|u| (u.id.clone(), user_json(u, &st.team)))
             .collect();
@@ -1040,7 +1073,9 @@ async fn update_user(
         let map = json_object(&headers, &body)?;
         let status = str_field(&map, "status")?;
         let status = Status::parse(&status).ok_or_else(|| {
-            AsaError::invalid(format!("status {status:?} is not one of ACTIVE, DISABLED, DELETED"))
+            AsaError::invalid(format!(
+                "status {status:?} is not one of ACTIVE, DISABLED, DELETED"
+            ))
         })?;
         if let Some(Value::String(n)) = map.get("name")
             && *n != name
@@ -1049,7 +1084,9 @@ async fn update_user(
         }
         let current = user_or_404(&st, &name)?.status;
         if current == Status::Deleted && status != Status::Deleted {
-            return Err(AsaError::invalid("a deleted service user cannot be changed"));
+            return Err(AsaError::invalid(
+                "a deleted service user cannot be changed",
+            ));
         }
         if who.user == name && status != Status::Active {
             return Err(AsaError::invalid(

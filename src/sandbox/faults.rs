@@ -111,9 +111,9 @@ impl Control {
             .filter(|&&t| now.duration_since(t) < window)
             .collect();
         let used = u32::try_from(live.len()).unwrap_or(u32::MAX);
-        let full_in = live
-            .last()
-            .map_or(Duration::ZERO, |&&t| window.saturating_sub(now.duration_since(t)));
+        let full_in = live.last().map_or(Duration::ZERO, |&&t| {
+            window.saturating_sub(now.duration_since(t))
+        });
         Some((max, max.saturating_sub(used), full_in))
     }
 

@@ -10,6 +10,7 @@
 //! - `POST /_sandbox/asa/seed`: create ASA service users and keys directly, backdated if asked.
 //! - `GET|PUT /_sandbox/asa/settings`: ASA token lifetime, key grace, page size, relative links.
 //! - `POST /_sandbox/asa/expire` `{"key_id"}`: expire an ASA key now (the console's "Expire Now").
+//! - `POST /_sandbox/asa/revoke_tokens`: invalidate every ASA bearer token (keys stay valid).
 
 use std::sync::Arc;
 
@@ -47,6 +48,7 @@ pub fn routes() -> Router<Arc<Shared>> {
             get(asa_settings).put(put_asa_settings),
         )
         .route("/_sandbox/asa/expire", post(asa_expire))
+        .route("/_sandbox/asa/revoke_tokens", post(asa_revoke_tokens))
 }
 
 /// Largest accepted seed document.
@@ -213,4 +215,8 @@ async fn asa_expire(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
         Ok(id) => ApiError::not_found(&format!("ASA key {id}")).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+async fn asa_revoke_tokens(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    Json(json!({"revoked": shared.asa().revoke_tokens()}))
 }
