@@ -893,7 +893,8 @@ mod sandbox_tests {
         asa.observe().await.unwrap();
         asa.observe().await.unwrap();
         assert_eq!(token_calls(&sb), 1, "cached");
-        tokio::time::sleep(Duration::from_millis(2100)).await;
+        // Lifetime 2 s, rounded up to a whole second: 2–3 s.
+        tokio::time::sleep(Duration::from_millis(3100)).await;
         asa.observe().await.unwrap();
         assert_eq!(token_calls(&sb), 2, "renewed after expiry");
         support(&sb, Method::POST, "/_sandbox/asa/revoke_tokens", json!({})).await;

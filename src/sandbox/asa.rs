@@ -7,8 +7,8 @@
 //!   header, and answers `{"bearer_token","expires_at","team_name"}` (team name in its canonical
 //!   case; the path's team is matched case-insensitively). An unknown, deleted or expired key, a
 //!   wrong secret or a key whose user is not ACTIVE answers 401. The token lives for the
-//!   configured lifetime (default 10 minutes, rendered at whole seconds and enforced at exactly
-//!   the rendered instant) and dies with its key: deleting or expiring the key that minted it
+//!   configured lifetime (default 10 minutes; `expires_at` is rounded up to a whole second and
+//!   enforced at exactly that instant) and dies with its key: deleting or expiring the key that minted it
 //!   makes every request with the token answer 401. Each call updates the key's `last_used`.
 //! - Every other route needs `Authorization: Bearer <token>` whose user holds the `access_admin`
 //!   role (the bootstrap admin does, users created through the API do not: 403
@@ -318,7 +318,12 @@ impl State {
         }
         let user_name = user.name.clone();
         let lifetime = SignedDuration::try_from(self.token_lifetime).unwrap_or(SignedDuration::MAX);
-        let expires_at = whole_seconds(t.checked_add(lifetime).unwrap_or(Timestamp::MAX));
+        // Rounded up to a whole second, so a token lives at least the configured lifetime.
+        let expires_at = t
+            .checked_add(lifetime)
+            .ok()
+            .and_then(|e| Timestamp::from_second(e.as_second() + 1).ok())
+            .unwrap_or(Timestamp::MAX);
         if let Some(k) = self.keys.get_mut(key_id) {
             k.last_used = Some(whole_seconds(t));
         }
@@ -1181,7 +1186,7 @@ const URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 
 /// Encodes with `alphabet`; the standard alphabet pads with `=`, the URL-safe one does not (JWT).
 fn base64(data: &[u8], alphabet: &[u8; 64]) -> String {
-    let pad = std::ptr::eq(alphabet, STANDARD);
+    let pad = alphabet[62] == b'+';
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let b = [
