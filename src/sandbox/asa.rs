@@ -1242,3 +1242,228 @@ mod tests {
         assert_eq!(route_template("/api_keys"), None);
     }
 }
+
+/// HTTP-level checks of the emulator, in process.
+#[cfg(test)]
+mod http_tests {
+    use std::time::Duration;
+
+    use serde_json::{Value, json};
+
+    use crate::sandbox::{Faults, Sandbox, SandboxOptions};
+
+    struct Api {
+        sb: Sandbox,
+        http: reqwest::Client,
+        base: String,
+    }
+
+    impl Api {
+        async fn start() -> Api {
+            let sb = Sandbox::start(
+                "127.0.0.1:0".parse().expect("addr"),
+                SandboxOptions::default(),
+            )
+            .await
+            .expect("start");
+            let base = format!("{}/v1/teams/{}", sb.url(), sb.asa_team());
+            Api {
+                sb,
+                http: reqwest::Client::new(),
+                base,
+            }
+        }
+
+        async fn token(&self, key_id: &str, secret: &str) -> (u16, Value) {
+            let r = self
+                .http
+                .post(format!("{}/service_token", self.base))
+                .json(&json!({"key_id": key_id, "key_secret": secret}))
+                .send()
+                .await
+                .expect("send");
+            (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        }
+
+        async fn admin_token(&self) -> String {
+            let (s, b) = self
+                .token(&self.sb.asa_key_id(), &self.sb.asa_key_secret())
+                .await;
+            assert_eq!(s, 200, "{b}");
+            b["bearer_token"].as_str().expect("token").to_owned()
+        }
+
+        async fn call(
+            &self,
+            token: &str,
+            method: reqwest::Method,
+            path: &str,
+            body: Option<Value>,
+        ) -> reqwest::Response {
+            let url = if path.starts_with("http") {
+                path.to_owned()
+            } else {
+                format!("{}{path}", self.base)
+            };
+            let mut rb = self.http.request(method, url).bearer_auth(token);
+            if let Some(b) = body {
+                rb = rb.json(&b);
+            }
+            rb.send().await.expect("send")
+        }
+    }
+
+    fn next_of(resp: &reqwest::Response) -> Option<String> {
+        let link = resp.headers().get("link")?.to_str().ok()?;
+        crate::providers::asa::next_link([link])
+    }
+
+    #[tokio::test]
+    async fn tokens_die_with_their_key_and_expired_keys_mint_nothing() {
+        let api = Api::start().await;
+        let admin = api.admin_token().await;
+        use reqwest::Method;
+        let r = api
+            .call(
+                &admin,
+                Method::POST,
+                "/service_users",
+                Some(json!({"name": "bot"})),
+            )
+            .await;
+        assert_eq!(r.status().as_u16(), 201);
+        let key: Value = api
+            .call(&admin, Method::POST, "/service_users/bot/keys", None)
+            .await
+            .json()
+            .await
+            .expect("key");
+        let (id, secret) = (
+            key["id"].as_str().expect("id"),
+            key["secret"].as_str().expect("s"),
+        );
+        let (s, tok) = api.token(id, secret).await;
+        assert_eq!(s, 200);
+        assert_eq!(tok["team_name"], "keyward-sandbox");
+        // last_used is set by service_token.
+        let keys: Value = api
+            .call(&admin, Method::GET, "/service_users/bot/keys", None)
+            .await
+            .json()
+            .await
+            .expect("keys");
+        assert!(keys["list"][0]["last_used"].is_string());
+        // A non-admin token may not manage users.
+        let bot = tok["bearer_token"].as_str().expect("t").to_owned();
+        assert_eq!(
+            api.call(&bot, Method::GET, "/service_users", None)
+                .await
+                .status()
+                .as_u16(),
+            403
+        );
+        // Deleting the key kills its token (401) and the pair (401).
+        let r = api
+            .call(
+                &admin,
+                Method::DELETE,
+                &format!("/service_users/bot/keys/{id}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status().as_u16(), 204);
+        assert!(r.text().await.expect("body").is_empty());
+        assert_eq!(
+            api.call(&bot, Method::GET, "/service_users", None)
+                .await
+                .status()
+                .as_u16(),
+            401
+        );
+        assert_eq!(api.token(id, secret).await.0, 401);
+        // An expired key mints nothing.
+        let key: Value = api
+            .call(&admin, Method::POST, "/service_users/bot/keys", None)
+            .await
+            .json()
+            .await
+            .expect("key");
+        let id = key["id"].as_str().expect("id");
+        assert!(api.sb.shared.asa().expire_key(id));
+        assert_eq!(
+            api.token(id, key["secret"].as_str().expect("s")).await.0,
+            401
+        );
+        // Self-disable is refused; a wrong secret is 401.
+        let r = api
+            .call(
+                &admin,
+                Method::PUT,
+                "/service_users/keyward-admin",
+                Some(json!({"name": "keyward-admin", "status": "DISABLED"})),
+            )
+            .await;
+        assert_eq!(r.status().as_u16(), 400);
+        assert_eq!(api.token(&api.sb.asa_key_id(), "nope").await.0, 401);
+        api.sb.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn pages_link_both_ways_and_rate_limits_use_retry_at() {
+        let api = Api::start().await;
+        let admin = api.admin_token().await;
+        use reqwest::Method;
+        for i in 0..4 {
+            api.call(
+                &admin,
+                Method::POST,
+                "/service_users",
+                Some(json!({"name": format!("u{i}")})),
+            )
+            .await;
+        }
+        // 5 users in pages of 2: next links carry count; the second page links back.
+        let first = api
+            .call(&admin, Method::GET, "/service_users?count=2", None)
+            .await;
+        let next = next_of(&first).expect("next");
+        assert!(
+            next.starts_with("http://") && next.contains("count=2"),
+            "{next}"
+        );
+        let second = api.call(&admin, Method::GET, &next, None).await;
+        let link = second.headers()["link"].to_str().expect("link").to_owned();
+        assert!(
+            link.contains("rel=\"prev\"") && link.contains("rel=\"next\""),
+            "{link}"
+        );
+        let third = api
+            .call(&admin, Method::GET, &next_of(&second).expect("next"), None)
+            .await;
+        assert!(next_of(&third).is_none());
+        let body: Value = third.json().await.expect("json");
+        assert_eq!(body["list"].as_array().map(Vec::len), Some(1));
+        // Rate limit: headers on every answer, Retry-At (and no Retry-After) on a 429.
+        api.sb.set_faults(Faults {
+            rate_limit: Some((2, Duration::from_secs(60))),
+            ..Faults::default()
+        });
+        let ok = api.call(&admin, Method::GET, "/service_users", None).await;
+        assert_eq!(ok.headers()["x-ratelimit-limit"], "2");
+        assert_eq!(ok.headers()["x-ratelimit-remaining"], "1");
+        api.call(&admin, Method::GET, "/service_users", None).await;
+        let limited = api.call(&admin, Method::GET, "/service_users", None).await;
+        assert_eq!(limited.status().as_u16(), 429);
+        assert!(limited.headers().get("retry-after").is_none());
+        let at: i64 = limited.headers()["x-ratelimit-retry-at"]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("unix seconds");
+        let now = jiff::Timestamp::now().as_second();
+        assert!(at > now && at <= now + 61, "{at} vs {now}");
+        let body: Value = limited.json().await.expect("json");
+        assert_eq!(body["error"], "too_many_requests");
+        api.sb.shutdown().await;
+    }
+}
