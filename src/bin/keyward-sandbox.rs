@@ -14,7 +14,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use keyward::sandbox::{Sandbox, SandboxOptions, parse_latency, parse_rate_limit};
 
-/// Local emulator of the ngrok API (service users, API keys, credentials) with fault injection.
+/// Local emulator of the ngrok API (service users, API keys, credentials) and the Okta ASA API
+/// (service users and their API keys) with fault injection.
 #[derive(Debug, Parser)]
 #[command(name = "keyward-sandbox", version)]
 struct Args {
@@ -42,6 +43,15 @@ struct Args {
     /// Use this bootstrap ngrok admin API key instead of generating one.
     #[arg(long)]
     admin_key: Option<String>,
+    /// Name of the emulated Okta ASA team.
+    #[arg(long, default_value = "keyward-sandbox")]
+    asa_team: String,
+    /// Lifetime of ASA bearer tokens from service_token, e.g. 10m or 2s (at least 1s).
+    #[arg(long, value_parser = parse_latency, default_value = "10m")]
+    asa_token_lifetime: Duration,
+    /// How long ASA keeps a user's older keys valid after a key rotation, e.g. 48h.
+    #[arg(long, value_parser = parse_latency, default_value = "48h")]
+    asa_key_grace: Duration,
 }
 
 #[tokio::main]
@@ -80,37 +90,60 @@ async fn run(args: Args) -> anyhow::Result<()> {
             rng_seed: args.rng_seed,
             seed_file: args.seed,
             admin_key: args.admin_key,
+            asa_team: Some(args.asa_team),
+            asa_token_lifetime: Some(args.asa_token_lifetime),
+            asa_key_grace: Some(args.asa_key_grace),
         },
     )
     .await?;
 
+    // Watch SIGTERM before announcing the address: whoever starts us may stop us right after.
+    #[cfg(unix)]
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch SIGTERM")?;
+    // One write, so a reader that stops after the lines it needs still gets them all at once.
+    let lines = format!(
+        "# keyward-sandbox: ngrok emulator listening\nKEYWARD_SANDBOX_URL={}\nNGROK_API_KEY={}\nASA_TEAM={}\nASA_KEY_ID={}\nASA_KEY_SECRET={}\n",
+        sandbox.url(),
+        sandbox.ngrok_admin_key(),
+        sandbox.asa_team(),
+        sandbox.asa_key_id(),
+        sandbox.asa_key_secret(),
+    );
     let mut out = std::io::stdout().lock();
-    writeln!(out, "# keyward-sandbox: ngrok emulator listening")?;
-    writeln!(out, "KEYWARD_SANDBOX_URL={}", sandbox.url())?;
-    writeln!(out, "NGROK_API_KEY={}", sandbox.ngrok_admin_key())?;
     // Whoever reads these lines through a pipe must see them now, not at exit.
-    out.flush()
-        .context("cannot write the start-up lines to stdout")?;
+    match out.write_all(lines.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => {}
+        // A reader that closed its end after reading is no reason to stop serving.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            tracing::debug!("stdout closed before the start-up lines were written");
+        }
+        Err(e) => return Err(e).context("cannot write the start-up lines to stdout"),
+    }
     drop(out);
 
+    #[cfg(unix)]
+    wait_for_signal(term).await?;
+    #[cfg(not(unix))]
     wait_for_signal().await?;
     tracing::info!("shutting down");
     sandbox.shutdown().await;
     Ok(())
 }
 
-/// Resolves on SIGINT or (on Unix) SIGTERM.
-async fn wait_for_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("cannot watch SIGINT")?,
-            _ = term.recv() => {}
-        }
+/// Resolves on SIGINT or SIGTERM.
+#[cfg(unix)]
+async fn wait_for_signal(mut term: tokio::signal::unix::Signal) -> anyhow::Result<()> {
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot watch SIGINT")?,
+        _ = term.recv() => {}
     }
-    #[cfg(not(unix))]
+    Ok(())
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+async fn wait_for_signal() -> anyhow::Result<()> {
     tokio::signal::ctrl_c()
         .await
         .context("cannot watch Ctrl-C")?;

@@ -1,6 +1,7 @@
 //! The HTTP plumbing every provider client shares: one reqwest client per account, a
 //! client-side rate budget (governor), bounded concurrency, a shared "not before" instant after
-//! a 429, and retries with exponential backoff and jitter (backon) that honour `Retry-After`.
+//! a 429, and retries with exponential backoff and jitter (backon) that honour `Retry-After`
+//! (or, from APIs such as Okta ASA that send none, `X-RateLimit-Retry-At` plus jitter).
 //! Provider modules decide what a response means; this module decides when to send it again.
 
 use std::num::NonZeroU32;
@@ -173,7 +174,7 @@ impl HttpClient {
         if answer.status.is_success() {
             return Ok(answer);
         }
-        let retry_after = retry_after(&answer.headers);
+        let retry_after = retry_after(&answer.headers).or_else(|| retry_at(&answer.headers));
         if answer.status == StatusCode::TOO_MANY_REQUESTS {
             // Every caller of this account waits, not just this one: the budget is shared.
             let wait = retry_after
@@ -243,6 +244,22 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     )
 }
 
+/// `X-RateLimit-Retry-At` (UNIX seconds, Okta ASA) as a wait from now, plus 100–1500 ms of
+/// jitter: requests told the same instant should not all come back at once.
+pub fn retry_at(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let at: i64 = headers
+        .get("x-ratelimit-retry-at")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let wait_ms = u64::try_from(at.saturating_mul(1000).saturating_sub(now_ms)).unwrap_or(0);
+    let jitter_ms = rand::Rng::random_range(&mut rand::rng(), 100..=1500);
+    Some(Duration::from_millis(wait_ms + jitter_ms))
+}
+
 fn quota(rate: RateLimit) -> Quota {
     let requests = NonZeroU32::new(rate.requests.max(1)).unwrap_or(NonZeroU32::MIN);
     let per = Duration::from_millis(rate.per.as_millis().max(1) as u64);
@@ -292,6 +309,26 @@ mod tests {
         );
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn retry_at_waits_until_the_instant_plus_jitter() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_at(&h), None);
+        let at = jiff::Timestamp::now().as_second() + 3;
+        h.insert("x-ratelimit-retry-at", HeaderValue::from(at));
+        let d = retry_at(&h).unwrap();
+        assert!(
+            d >= Duration::from_millis(2100) && d <= Duration::from_millis(4500),
+            "{d:?}"
+        );
+        // An instant in the past means "now", still with jitter.
+        h.insert("x-ratelimit-retry-at", HeaderValue::from(1_000_000_000i64));
+        let d = retry_at(&h).unwrap();
+        assert!(d >= Duration::from_millis(100) && d <= Duration::from_millis(1500));
+        // Retry-After, when present, wins.
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
     }
 
     #[test]

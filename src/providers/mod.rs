@@ -7,6 +7,7 @@
 // it is built only on the cold failure path, so its size is not worth boxing away.
 #![allow(clippy::result_large_err)]
 
+pub mod asa;
 pub mod http;
 pub mod ngrok;
 
@@ -76,10 +77,7 @@ pub fn connect(account: &ProviderAccount, concurrency: usize) -> anyhow::Result<
             Ok(Arc::new(ngrok::NgrokProvider::new(account, concurrency)?))
         }
         crate::model::ProviderType::OktaAsa => {
-            anyhow::bail!(
-                "provider {}: okta-asa is not supported by this build yet",
-                account.name
-            )
+            Ok(Arc::new(asa::AsaProvider::new(account, concurrency)?))
         }
     }
 }

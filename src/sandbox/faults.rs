@@ -1,9 +1,11 @@
-//! Fault injection and request accounting shared by every emulated API (ngrok now, ASA later).
+//! Fault injection and request accounting shared by every emulated API (ngrok and ASA).
 //!
 //! The middleware here wraps the API routes only; `/_sandbox/` test-support routes are neither
 //! counted nor faulted. Order per request: count it, sleep the configured latency, apply the
 //! account-wide rolling-window rate limit (429 `ERR_NGROK_226` + `Retry-After`), then maybe
 //! answer a 500/503 *without* running the handler, so an injected error never has side effects.
+//! ASA paths get the same verdicts rendered the ASA way (`X-RateLimit-*` headers on every
+//! response, `X-RateLimit-Retry-At` on a 429; see [`super::asa`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -100,6 +102,21 @@ impl Control {
         self.stats = Stats::default();
     }
 
+    /// `(limit, remaining, time until the window is fully replenished)` of the rate limit.
+    fn rate_status(&self, now: Instant) -> super::asa::RateStatus {
+        let (max, window) = self.faults.rate_limit?;
+        let live: Vec<&Instant> = self
+            .window
+            .iter()
+            .filter(|&&t| now.duration_since(t) < window)
+            .collect();
+        let used = u32::try_from(live.len()).unwrap_or(u32::MAX);
+        let full_in = live.last().map_or(Duration::ZERO, |&&t| {
+            window.saturating_sub(now.duration_since(t))
+        });
+        Some((max, max.saturating_sub(used), full_in))
+    }
+
     /// Decides whether the request at `now` is rate limited or gets an injected error.
     fn verdict(&mut self, now: Instant) -> Option<ApiError> {
         if let Some((max, window)) = self.faults.rate_limit {
@@ -189,9 +206,21 @@ pub async fn api_faults(State(shared): State<Arc<Shared>>, req: Request, next: N
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let verdict = shared.control().verdict(Instant::now());
+    let asa = super::asa::is_asa_path(req.uri().path());
+    let (verdict, rate) = {
+        let mut control = shared.control();
+        let now = Instant::now();
+        let verdict = control.verdict(now);
+        (verdict, control.rate_status(now))
+    };
     match verdict {
+        Some(err) if asa => super::asa::fault_response(err, rate),
         Some(err) => err.into_response(),
+        None if asa => {
+            let mut resp = next.run(req).await;
+            super::asa::add_rate_headers(&mut resp, rate);
+            resp
+        }
         None => next.run(req).await,
     }
 }

@@ -3,11 +3,12 @@
 //!
 //! One axum server hosts every emulated API at the root path (ngrok's official clients drop any
 //! base-URL path prefix): [`ngrok`] serves `/service_users`, `/bot_users`, `/api_keys`,
-//! `/credentials` and `/ssh_credentials`. Shared by all APIs: fault injection and request
+//! `/credentials` and `/ssh_credentials`; [`asa`] serves Okta ASA's `/v1/teams/{team}/...`. Shared by all APIs: fault injection and request
 //! accounting ([`faults`]) and the unauthenticated test-support endpoints under `/_sandbox/`
 //! ([`support`]). This is not a security boundary: it listens on loopback and keeps everything in
 //! memory.
 
+pub mod asa;
 pub mod error;
 pub mod faults;
 pub mod ids;
@@ -49,6 +50,12 @@ pub struct SandboxOptions {
     pub seed_file: Option<PathBuf>,
     /// The bootstrap ngrok admin API key; generated when absent.
     pub admin_key: Option<String>,
+    /// The ASA team's name; default `keyward-sandbox`.
+    pub asa_team: Option<String>,
+    /// Lifetime of ASA bearer tokens; default 10 minutes.
+    pub asa_token_lifetime: Option<Duration>,
+    /// How long an ASA key stays valid after its user's keys were rotated; default 2 days.
+    pub asa_key_grace: Option<Duration>,
 }
 
 /// State shared by every route of one running sandbox.
@@ -57,6 +64,7 @@ pub struct Shared {
     base_url: String,
     control: Mutex<faults::Control>,
     ngrok: Mutex<ngrok::State>,
+    asa: Mutex<asa::State>,
 }
 
 impl Shared {
@@ -69,6 +77,11 @@ impl Shared {
     /// The ngrok account.
     fn ngrok(&self) -> MutexGuard<'_, ngrok::State> {
         self.ngrok.lock().expect("sandbox ngrok mutex poisoned")
+    }
+
+    /// The ASA team.
+    fn asa(&self) -> MutexGuard<'_, asa::State> {
+        self.asa.lock().expect("sandbox asa mutex poisoned")
     }
 
     /// `http://<Host header>` (the emulators speak plain HTTP), else the listener's URL.
@@ -86,6 +99,7 @@ pub struct Sandbox {
     addr: SocketAddr,
     url: String,
     admin_key: String,
+    asa_credentials: (String, String, String),
     shared: Arc<Shared>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
@@ -129,6 +143,26 @@ impl Sandbox {
                 .map_err(|e| anyhow::anyhow!("seed file {}: {}", path.display(), e.msg))?;
         }
         let admin_key = ngrok_state.admin_key().to_owned();
+        let asa_rng = match opts.rng_seed {
+            Some(seed) => StdRng::seed_from_u64(seed ^ 0x0a5a_0a5a),
+            None => StdRng::from_os_rng(),
+        };
+        let asa_defaults = asa::Options::default();
+        let asa_state = asa::State::new(
+            asa::Options {
+                team: opts.asa_team.clone().unwrap_or(asa_defaults.team),
+                token_lifetime: opts
+                    .asa_token_lifetime
+                    .unwrap_or(asa_defaults.token_lifetime),
+                key_grace: opts.asa_key_grace.unwrap_or(asa_defaults.key_grace),
+            },
+            asa_rng,
+        );
+        let asa_credentials = (
+            asa_state.team().to_owned(),
+            asa_state.admin_key_id().to_owned(),
+            asa_state.admin_key_secret().to_owned(),
+        );
         let shared = Arc::new(Shared {
             base_url: url.clone(),
             control: Mutex::new(faults::Control::new(
@@ -140,6 +174,7 @@ impl Sandbox {
                 fault_rng,
             )),
             ngrok: Mutex::new(ngrok_state),
+            asa: Mutex::new(asa_state),
         });
 
         let (stop, stopped) = oneshot::channel::<()>();
@@ -157,6 +192,7 @@ impl Sandbox {
             addr,
             url,
             admin_key,
+            asa_credentials,
             shared,
             stop: Some(stop),
             task: Some(task),
@@ -176,6 +212,21 @@ impl Sandbox {
     /// The bootstrap ngrok admin API key.
     pub fn ngrok_admin_key(&self) -> String {
         self.admin_key.clone()
+    }
+
+    /// The ASA team name, in its canonical case.
+    pub fn asa_team(&self) -> String {
+        self.asa_credentials.0.clone()
+    }
+
+    /// The bootstrap ASA admin service user's API key id.
+    pub fn asa_key_id(&self) -> String {
+        self.asa_credentials.1.clone()
+    }
+
+    /// The bootstrap ASA admin service user's API key secret.
+    pub fn asa_key_secret(&self) -> String {
+        self.asa_credentials.2.clone()
     }
 
     /// The faults currently injected.
@@ -233,6 +284,7 @@ fn router(shared: Arc<Shared>) -> Router {
     // `Router::layer` wraps each route (and the fallbacks) of the API router; the support routes
     // are merged afterwards so they escape accounting and faults.
     let api = ngrok::routes(shared.clone())
+        .merge(asa::routes())
         .fallback(api_not_found)
         .method_not_allowed_fallback(api_method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -244,17 +296,26 @@ fn router(shared: Arc<Shared>) -> Router {
 
 /// The key under which a request is counted in `by_route`, e.g. `/service_users/{id}`.
 fn route_template(path: &str) -> String {
-    ngrok::route_template(path).unwrap_or_else(|| "(unmatched)".to_owned())
+    ngrok::route_template(path)
+        .or_else(|| asa::route_template(path))
+        .unwrap_or_else(|| "(unmatched)".to_owned())
 }
 
-async fn api_not_found() -> impl IntoResponse {
-    ApiError::not_found("no such API path")
+async fn api_not_found(uri: axum::http::Uri) -> axum::response::Response {
+    if asa::is_asa_path(uri.path()) {
+        return asa::unknown_path();
+    }
+    ApiError::not_found("no such API path").into_response()
 }
 
-async fn api_method_not_allowed() -> impl IntoResponse {
+async fn api_method_not_allowed(uri: axum::http::Uri) -> axum::response::Response {
+    if asa::is_asa_path(uri.path()) {
+        return asa::method_not_allowed();
+    }
     ApiError::ngrok(
         StatusCode::METHOD_NOT_ALLOWED,
         405,
         "The HTTP method is not allowed on this resource.",
     )
+    .into_response()
 }

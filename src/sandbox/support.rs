@@ -6,6 +6,11 @@
 //! - `POST /_sandbox/verify` `{"token"}`: is this a live secret whose owner is active? (An ngrok
 //!   authtoken cannot call the API, so this is how a test proves a delivered credential works.)
 //! - `POST /_sandbox/ngrok/seed`: create ngrok objects directly, backdated if asked.
+//! - `POST /_sandbox/asa/verify` `{"key_id","key_secret"}`: would this ASA key pair mint a token?
+//! - `POST /_sandbox/asa/seed`: create ASA service users and keys directly, backdated if asked.
+//! - `GET|PUT /_sandbox/asa/settings`: ASA token lifetime, key grace, page size, relative links.
+//! - `POST /_sandbox/asa/expire` `{"key_id"}`: expire an ASA key now (the console's "Expire Now").
+//! - `POST /_sandbox/asa/revoke_tokens`: invalidate every ASA bearer token (keys stay valid).
 
 use std::sync::Arc;
 
@@ -16,10 +21,10 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
-use super::{Shared, ngrok, parse_rate_limit};
+use super::{Shared, asa, ngrok, parse_rate_limit};
 
 /// The `/_sandbox/` routes.
 pub fn routes() -> Router<Arc<Shared>> {
@@ -33,6 +38,17 @@ pub fn routes() -> Router<Arc<Shared>> {
             // Large seed documents (thousands of objects) exceed axum's 2 MB default.
             post(seed_ngrok).layer(DefaultBodyLimit::max(SEED_BODY_LIMIT)),
         )
+        .route("/_sandbox/asa/verify", post(asa_verify))
+        .route(
+            "/_sandbox/asa/seed",
+            post(asa_seed).layer(DefaultBodyLimit::max(SEED_BODY_LIMIT)),
+        )
+        .route(
+            "/_sandbox/asa/settings",
+            get(asa_settings).put(put_asa_settings),
+        )
+        .route("/_sandbox/asa/expire", post(asa_expire))
+        .route("/_sandbox/asa/revoke_tokens", post(asa_revoke_tokens))
 }
 
 /// Largest accepted seed document.
@@ -142,4 +158,65 @@ async fn seed_ngrok(
         Ok(created) => (StatusCode::CREATED, Json(created)).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+fn asa_field(body: &Bytes, field: &str) -> Result<String, ApiError> {
+    match json_object(body)?.get(field) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        _ => Err(invalid(format!("the body needs a string field {field:?}"))),
+    }
+}
+
+async fn asa_verify(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let pair = asa_field(&body, "key_id").and_then(|id| Ok((id, asa_field(&body, "key_secret")?)));
+    match pair {
+        Ok((id, secret)) => match shared.asa().verify(&id, &secret) {
+            Some(v) => Json(v).into_response(),
+            None => ApiError::with_code(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "not a live, unexpired ASA key of an active service user",
+            )
+            .into_response(),
+        },
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn asa_seed(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let req: asa::SeedRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return invalid(format!("invalid ASA seed document: {e}")).into_response(),
+    };
+    match shared.asa().seed(req) {
+        Ok(created) => (StatusCode::CREATED, Json(created)).into_response(),
+        Err(e) => invalid(e.message()).into_response(),
+    }
+}
+
+async fn asa_settings(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    Json(shared.asa().settings_json())
+}
+
+async fn put_asa_settings(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let map = match json_object(&body) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    match shared.asa().set_settings(&map) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => invalid(e).into_response(),
+    }
+}
+
+async fn asa_expire(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    match asa_field(&body, "key_id") {
+        Ok(id) if shared.asa().expire_key(&id) => Json(json!({"key_id": id})).into_response(),
+        Ok(id) => ApiError::not_found(&format!("ASA key {id}")).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn asa_revoke_tokens(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    Json(json!({"revoked": shared.asa().revoke_tokens()}))
 }

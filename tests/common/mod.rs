@@ -3,6 +3,8 @@
 //! binary against them, and talks to the sandbox's API directly to check what happened.
 #![allow(dead_code)]
 
+pub mod asa;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -14,6 +16,10 @@ pub struct Sandbox {
     child: Child,
     pub url: String,
     pub admin_key: String,
+    /// The emulated Okta ASA team and its bootstrap admin key (`ASA_*` start-up lines).
+    pub asa_team: String,
+    pub asa_key_id: String,
+    pub asa_key_secret: String,
 }
 
 impl Sandbox {
@@ -28,6 +34,7 @@ impl Sandbox {
         let stdout = child.stdout.take().expect("sandbox stdout");
         let mut url = None;
         let mut key = None;
+        let (mut asa_team, mut asa_key_id, mut asa_key_secret) = (None, None, None);
         for line in BufReader::new(stdout).lines() {
             let line = line.expect("read sandbox stdout");
             if let Some(v) = line.strip_prefix("KEYWARD_SANDBOX_URL=") {
@@ -36,7 +43,16 @@ impl Sandbox {
             if let Some(v) = line.strip_prefix("NGROK_API_KEY=") {
                 key = Some(v.to_string());
             }
-            if url.is_some() && key.is_some() {
+            if let Some(v) = line.strip_prefix("ASA_TEAM=") {
+                asa_team = Some(v.to_string());
+            }
+            if let Some(v) = line.strip_prefix("ASA_KEY_ID=") {
+                asa_key_id = Some(v.to_string());
+            }
+            if let Some(v) = line.strip_prefix("ASA_KEY_SECRET=") {
+                asa_key_secret = Some(v.to_string());
+            }
+            if url.is_some() && key.is_some() && asa_key_secret.is_some() {
                 break;
             }
         }
@@ -44,6 +60,9 @@ impl Sandbox {
             child,
             url: url.expect("sandbox printed its URL"),
             admin_key: key.expect("sandbox printed its admin key"),
+            asa_team: asa_team.expect("sandbox printed ASA_TEAM"),
+            asa_key_id: asa_key_id.expect("sandbox printed ASA_KEY_ID"),
+            asa_key_secret: asa_key_secret.expect("sandbox printed ASA_KEY_SECRET"),
         }
     }
 
