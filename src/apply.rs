@@ -13,6 +13,7 @@ use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use jiff::Timestamp;
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SlotSpec};
 use crate::journal::{Event, Journal};
@@ -141,6 +142,8 @@ pub struct Executor {
     journal: Arc<Journal>,
     /// Journal operations begun and not yet finished.
     open_ops: AtomicUsize,
+    /// Once cancelled, no new change starts (the one in flight finishes).
+    cancel: CancellationToken,
 }
 
 impl Executor {
@@ -151,6 +154,24 @@ impl Executor {
         state_dir: StateDir,
         state: State,
     ) -> anyhow::Result<Arc<Self>> {
+        Self::with_cancel(
+            config,
+            providers,
+            state_dir,
+            state,
+            CancellationToken::new(),
+        )
+    }
+
+    /// Like [`Executor::new`]; once `cancel` fires no new change starts (the one in flight for
+    /// each user finishes, so a minted secret is still delivered and recorded).
+    pub fn with_cancel(
+        config: Arc<Config>,
+        providers: BTreeMap<String, Arc<dyn Provider>>,
+        state_dir: StateDir,
+        state: State,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
         let journal = Arc::new(Journal::open(&state_dir.dir)?);
         Ok(Arc::new(Executor {
             config,
@@ -160,6 +181,7 @@ impl Executor {
             state: Mutex::new(state),
             journal,
             open_ops: AtomicUsize::new(0),
+            cancel,
         }))
     }
 
@@ -261,9 +283,15 @@ impl Executor {
             .collect()
             .await;
         if self.open_ops.load(Ordering::SeqCst) == 0 {
-            // Everything is finished and recorded in the durable state.
+            // Everything this run began is finished and recorded in the durable state; what an
+            // unreachable account left unfinished stays for a later run.
             let journal = Arc::clone(&self.journal);
-            match tokio::task::spawn_blocking(move || journal.clear()).await {
+            let reached: std::collections::HashSet<String> = observed.keys().cloned().collect();
+            match tokio::task::spawn_blocking(move || {
+                journal.compact(|op| !reached.contains(&op.provider))
+            })
+            .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!("clearing the journal: {e:#}"),
                 Err(e) => tracing::warn!("clearing the journal: {e}"),
@@ -303,6 +331,16 @@ impl Executor {
         };
         let mut failed_before = false;
         for (i, change) in changes {
+            if self.cancel.is_cancelled() {
+                out.push((
+                    i,
+                    ChangeResult {
+                        change,
+                        outcome: Outcome::NotAttempted("keyward is shutting down".to_string()),
+                    },
+                ));
+                continue;
+            }
             if failed_before {
                 out.push((
                     i,

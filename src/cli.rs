@@ -3,23 +3,20 @@
 //! render / execute. stdout carries only a command's result; logs, progress and prompts go to
 //! stderr.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use jiff::Timestamp;
+use tokio_util::sync::CancellationToken;
 
-use crate::apply::Executor;
 use crate::config::{self, Config, Diagnostic};
-use crate::journal::{self, Recovery};
+use crate::engine::{Engine, Observation};
 use crate::model::Observed;
-use crate::plan::{self, Plan, PlanOptions, Warning};
-use crate::providers::{self, Provider};
-use crate::state::{State, StateDir, StateLock, write_private_file};
+use crate::plan::{self, Plan, PlanOptions};
+use crate::state::{State, write_private_file};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -197,7 +194,7 @@ async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             only,
         } => {
             let ctx = Context_::load(cli)?;
-            check_only(&ctx.config, only)?;
+            check_only(ctx.config(), only)?;
             let (observed, state) = ctx.observe().await?;
             let opts = PlanOptions {
                 only: only.clone(),
@@ -226,7 +223,7 @@ async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             planfile,
         } => {
             let ctx = Context_::load(cli)?;
-            check_only(&ctx.config, only)?;
+            check_only(ctx.config(), only)?;
             match planfile {
                 Some(path) => {
                     if !only.is_empty() {
@@ -250,7 +247,7 @@ async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             auto_approve,
         } => {
             let ctx = Context_::load(cli)?;
-            let force = resolve_targets(&ctx.config, targets)?;
+            let force = resolve_targets(ctx.config(), targets)?;
             let only = force.iter().map(|(p, u, _)| format!("{p}:{u}")).collect();
             ctx.apply(PlanOptions { only, force }, *auto_approve).await
         }
@@ -258,7 +255,7 @@ async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             let ctx = Context_::load(cli)?;
             let (observed, state) = ctx.observe().await?;
             let now = Timestamp::now();
-            let entries = crate::status::entries(&ctx.config, &observed, &state, now);
+            let entries = crate::status::entries(ctx.config(), &observed, &state, now);
             if *json {
                 let doc = serde_json::json!({"keys": entries});
                 println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -387,22 +384,15 @@ fn print_plan(plan: &Plan, json: bool) {
     }
 }
 
-/// A loaded config with its provider clients.
+/// The engine for one command, with the command-line's printing around it.
 struct Context_ {
-    config: Arc<Config>,
-    warnings: Vec<Diagnostic>,
-    providers: BTreeMap<String, Arc<dyn Provider>>,
-    state_dir: StateDir,
+    engine: Engine,
 }
 
 impl Context_ {
     fn load(cli: &Cli) -> anyhow::Result<Self> {
         let path = config_path(cli);
-        Self::from_path(&path)
-    }
-
-    fn from_path(path: &Path) -> anyhow::Result<Self> {
-        let loaded = match config::load(path) {
+        let loaded = match config::load(&path) {
             Ok(l) => l,
             Err(diags) => {
                 print_diagnostics(&diags);
@@ -410,105 +400,55 @@ impl Context_ {
             }
         };
         print_diagnostics(&loaded.warnings);
-        let config = Arc::new(loaded.config);
-        let mut providers = BTreeMap::new();
-        for (name, account) in &config.providers {
-            providers.insert(
-                name.clone(),
-                providers::connect(account, config.settings.concurrency)?,
-            );
-        }
         Ok(Context_ {
-            state_dir: StateDir::new(config.settings.state_dir.clone()),
-            config,
-            warnings: loaded.warnings,
-            providers,
+            engine: Engine::new(loaded)?,
         })
     }
 
-    /// Lists every provider account concurrently and loads the state, with whatever an
-    /// interrupted earlier run left in the journal folded in. With `persist` (the caller holds
-    /// the state lock) the recovered state is written and the journal cleared; otherwise the
-    /// recovery only shapes this plan.
-    async fn observe_recovered(
-        &self,
-        persist: bool,
-    ) -> anyhow::Result<(Observed, State, Recovery)> {
-        let mut state = self.state_dir.load()?;
-        let lists = futures::future::join_all(
-            self.providers
-                .iter()
-                .map(|(name, p)| async move { (name.clone(), p.observe().await) }),
-        )
-        .await;
-        let mut observed = Observed::new();
-        let mut errors = Vec::new();
-        for (name, result) in lists {
-            match result {
-                Ok(snapshot) => {
-                    observed.insert(name, snapshot);
-                }
-                Err(e) => errors.push(e.to_string()),
-            }
+    fn config(&self) -> &Config {
+        &self.engine.config
+    }
+
+    /// Observes; any account that does not answer fails the command.
+    async fn observe_all(&self, persist: bool) -> anyhow::Result<Observation> {
+        let obs = self.engine.observe(persist).await?;
+        if !obs.failures.is_empty() {
+            let lines: Vec<String> = obs.failures.iter().map(|e| e.to_string()).collect();
+            anyhow::bail!("{}", lines.join("\nerror: "));
         }
-        if !errors.is_empty() {
-            anyhow::bail!("{}", errors.join("\nerror: "));
-        }
-        let entries = journal::read(&self.state_dir.dir)?;
-        let unfinished = journal::unfinished(&entries);
-        let recovery = journal::recover(&unfinished, &self.config, &observed, &mut state);
-        for note in &recovery.notes {
-            tracing::warn!("recovery: {note}");
-        }
-        if persist && !entries.is_empty() {
-            if recovery.changed {
-                self.state_dir.save(&mut state)?;
-            }
-            journal::Journal::open(&self.state_dir.dir)?.clear()?;
-        }
-        Ok((observed, state, recovery))
+        Ok(obs)
     }
 
     async fn observe(&self) -> anyhow::Result<(Observed, State)> {
-        let (observed, state, _) = self.observe_recovered(false).await?;
-        Ok((observed, state))
+        let obs = self.observe_all(false).await?;
+        Ok((obs.observed, obs.state))
     }
 
     fn plan(&self, observed: &Observed, state: &State, opts: &PlanOptions) -> Plan {
-        let mut plan = plan::plan(&self.config, observed, state, Timestamp::now(), opts);
-        // Config warnings (an inline secret, say) belong in the plan too: scripts read them there.
-        for w in &self.warnings {
-            plan.warnings.push(Warning {
-                kind: "config".to_string(),
-                provider: None,
-                user: None,
-                key_id: None,
-                message: w.to_string(),
-            });
-        }
-        plan.summary.warnings = plan.warnings.len();
-        plan
-    }
-
-    fn lock(&self) -> anyhow::Result<StateLock> {
-        self.state_dir.lock()
+        let obs = Observation {
+            observed: observed.clone(),
+            state: state.clone(),
+            recovery: Default::default(),
+            failures: Vec::new(),
+        };
+        self.engine.plan(&obs, opts, Timestamp::now())
     }
 
     async fn apply(&self, mut opts: PlanOptions, auto_approve: bool) -> anyhow::Result<ExitCode> {
-        let _lock = self.lock()?;
-        let (observed, state, recovery) = self.observe_recovered(true).await?;
+        let _lock = self.engine.lock()?;
+        let obs = self.observe_all(true).await?;
         // A forced rotation cut short by a crash runs again.
-        opts.force.extend(recovery.force);
-        let plan = self.plan(&observed, &state, &opts);
+        opts.force.extend(obs.recovery.force.iter().cloned());
+        let plan = self.engine.plan(&obs, &opts, Timestamp::now());
         print_plan(&plan, false);
         if !plan.has_changes() {
             return Ok(ExitCode::SUCCESS);
         }
-        self.check_deletions(&plan)?;
+        self.engine.check_deletions(&plan)?;
         if !auto_approve {
             confirm()?;
         }
-        self.execute(&plan, &observed, state).await
+        self.execute(&plan, obs).await
     }
 
     async fn apply_saved(&self, path: &Path) -> anyhow::Result<ExitCode> {
@@ -523,9 +463,9 @@ impl Context_ {
                 plan::FORMAT_VERSION
             );
         }
-        let _lock = self.lock()?;
-        let (observed, state, _) = self.observe_recovered(true).await?;
-        let digest = plan::observed_digest(&self.config, &observed, &state);
+        let _lock = self.engine.lock()?;
+        let obs = self.observe_all(true).await?;
+        let digest = plan::observed_digest(self.config(), &obs.observed, &obs.state);
         if digest != saved.observed {
             anyhow::bail!(
                 "plan is stale: the remote objects it was made from have changed since; nothing was changed. Run `keyward plan` again"
@@ -535,34 +475,15 @@ impl Context_ {
         if !saved.has_changes() {
             return Ok(ExitCode::SUCCESS);
         }
-        self.check_deletions(&saved)?;
-        self.execute(&saved, &observed, state).await
+        self.engine.check_deletions(&saved)?;
+        self.execute(&saved, obs).await
     }
 
-    fn check_deletions(&self, plan: &Plan) -> anyhow::Result<()> {
-        let n = plan.deletions();
-        let max = self.config.settings.max_deletions;
-        if n > max {
-            anyhow::bail!(
-                "refusing to apply: the plan deletes or revokes {n} objects, more than settings.max_deletions ({max}); nothing was changed"
-            );
-        }
-        Ok(())
-    }
-
-    async fn execute(
-        &self,
-        plan: &Plan,
-        observed: &Observed,
-        state: State,
-    ) -> anyhow::Result<ExitCode> {
-        let executor = Executor::new(
-            Arc::clone(&self.config),
-            self.providers.clone(),
-            self.state_dir.clone(),
-            state,
-        )?;
-        let report = executor.run(plan, observed).await;
+    async fn execute(&self, plan: &Plan, obs: Observation) -> anyhow::Result<ExitCode> {
+        let report = self
+            .engine
+            .execute(plan, &obs.observed, obs.state, CancellationToken::new())
+            .await?;
         print!("\n{}", report.summary());
         Ok(if report.ok() {
             ExitCode::SUCCESS

@@ -132,12 +132,44 @@ impl Journal {
 
     /// Empties the journal once everything in it is finished and recorded in the state.
     pub fn clear(&self) -> anyhow::Result<()> {
-        let file = self
+        self.compact(|_| false)
+    }
+
+    /// Rewrites the journal (atomically, durably) keeping only the unfinished operations for
+    /// which `keep` is true — those of accounts this run could not reach, say.
+    pub fn compact(&self, keep: impl Fn(&Unfinished) -> bool) -> anyhow::Result<()> {
+        let mut file = self
             .file
             .lock()
             .map_err(|_| anyhow::anyhow!("journal lock poisoned"))?;
-        file.set_len(0)?;
-        file.sync_all()?;
+        let dir = self
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let entries = read(&dir)?;
+        let kept: std::collections::HashSet<u64> = unfinished(&entries)
+            .into_iter()
+            .filter(|op| keep(op))
+            .map(|op| op.seq)
+            .collect();
+        if kept.is_empty() {
+            file.set_len(0)?;
+            file.sync_all()?;
+            return Ok(());
+        }
+        let mut bytes = Vec::new();
+        for e in entries.iter().filter(|e| kept.contains(&e.seq)) {
+            bytes.extend(serde_json::to_vec(e)?);
+            bytes.push(b'\n');
+        }
+        crate::state::write_private_file(&self.path, &bytes)?;
+        // The old handle points at the replaced file: append to the new one.
+        *file = std::fs::OpenOptions::new()
+            .append(true)
+            .mode(0o600)
+            .open(&self.path)
+            .with_context(|| format!("reopening the journal {}", self.path.display()))?;
         Ok(())
     }
 }

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod duration;
+pub mod engine;
 pub mod journal;
 pub mod model;
 pub mod plan;

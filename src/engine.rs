@@ -1,0 +1,150 @@
+//! One reconcile pipeline shared by the commands and the daemon: a loaded config with its
+//! provider clients and state directory, and the steps observe (with journal recovery) →
+//! plan → check → execute. The CLI runs it once; the daemon runs it again on every trigger.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{Executor, Report};
+use crate::config::{Config, Diagnostic, Loaded};
+use crate::journal::{self, Recovery};
+use crate::model::Observed;
+use crate::plan::{self, Plan, PlanOptions, Warning};
+use crate::providers::{self, Provider, ProviderError};
+use crate::state::{State, StateDir, StateLock};
+
+/// What one observation found.
+pub struct Observation {
+    /// The accounts that answered.
+    pub observed: Observed,
+    /// keyward's state with any unfinished journal operations folded in.
+    pub state: State,
+    pub recovery: Recovery,
+    /// The accounts that did not answer, and why.
+    pub failures: Vec<ProviderError>,
+}
+
+/// A loaded config, ready to reconcile.
+pub struct Engine {
+    pub config: Arc<Config>,
+    pub warnings: Vec<Diagnostic>,
+    pub providers: BTreeMap<String, Arc<dyn Provider>>,
+    pub state_dir: StateDir,
+}
+
+impl Engine {
+    pub fn new(loaded: Loaded) -> anyhow::Result<Engine> {
+        let config = Arc::new(loaded.config);
+        let mut clients = BTreeMap::new();
+        for (name, account) in &config.providers {
+            clients.insert(
+                name.clone(),
+                providers::connect(account, config.settings.concurrency)?,
+            );
+        }
+        Ok(Engine {
+            state_dir: StateDir::new(config.settings.state_dir.clone()),
+            config,
+            warnings: loaded.warnings,
+            providers: clients,
+        })
+    }
+
+    pub fn lock(&self) -> anyhow::Result<StateLock> {
+        self.state_dir.lock()
+    }
+
+    /// Lists every provider account concurrently and loads the state, with whatever an
+    /// interrupted earlier run left in the journal folded in. With `persist` (the caller holds
+    /// the state lock) the recovered state is written and the journal compacted: only
+    /// operations of accounts that did not answer stay in it, for a later run to finish.
+    pub async fn observe(&self, persist: bool) -> anyhow::Result<Observation> {
+        let mut state = self.state_dir.load()?;
+        let lists = futures::future::join_all(
+            self.providers
+                .iter()
+                .map(|(name, p)| async move { (name.clone(), p.observe().await) }),
+        )
+        .await;
+        let mut observed = Observed::new();
+        let mut failures = Vec::new();
+        for (name, result) in lists {
+            match result {
+                Ok(snapshot) => {
+                    observed.insert(name, snapshot);
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        let entries = journal::read(&self.state_dir.dir)?;
+        let unfinished = journal::unfinished(&entries);
+        let recovery = journal::recover(&unfinished, &self.config, &observed, &mut state);
+        for note in &recovery.notes {
+            tracing::warn!("recovery: {note}");
+        }
+        if persist && !entries.is_empty() {
+            if recovery.changed {
+                self.state_dir.save(&mut state)?;
+            }
+            journal::Journal::open(&self.state_dir.dir)?
+                .compact(|op| !observed.contains_key(&op.provider))?;
+        }
+        Ok(Observation {
+            observed,
+            state,
+            recovery,
+            failures,
+        })
+    }
+
+    /// The plan for `observation`, with the config's warnings (an inline secret, say) in it:
+    /// scripts read them there.
+    pub fn plan(&self, obs: &Observation, opts: &PlanOptions, now: Timestamp) -> Plan {
+        let mut plan = plan::plan(&self.config, &obs.observed, &obs.state, now, opts);
+        for w in &self.warnings {
+            plan.warnings.push(Warning {
+                kind: "config".to_string(),
+                provider: None,
+                user: None,
+                key_id: None,
+                message: w.to_string(),
+            });
+        }
+        plan.summary.warnings = plan.warnings.len();
+        plan
+    }
+
+    /// Refuses a plan that deletes more than `settings.max_deletions` objects.
+    pub fn check_deletions(&self, plan: &Plan) -> anyhow::Result<()> {
+        let n = plan.deletions();
+        let max = self.config.settings.max_deletions;
+        if n > max {
+            anyhow::bail!(
+                "refusing to apply: the plan deletes or revokes {n} objects, more than settings.max_deletions ({max}); nothing was changed"
+            );
+        }
+        Ok(())
+    }
+
+    /// Executes `plan`. Once `cancel` fires, the change in flight for each user finishes (a
+    /// minted secret is still delivered and recorded) and nothing new starts.
+    pub async fn execute(
+        &self,
+        plan: &Plan,
+        observed: &Observed,
+        state: State,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Report> {
+        let executor = Executor::with_cancel(
+            Arc::clone(&self.config),
+            self.providers.clone(),
+            self.state_dir.clone(),
+            state,
+            cancel,
+        )?;
+        Ok(executor.run(plan, observed).await)
+    }
+}
