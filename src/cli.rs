@@ -101,6 +101,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Keep every account in the declared state: reconcile at start, on the interval, when a
+    /// key comes due, on config edits and on SIGHUP. Stops on SIGTERM/SIGINT.
+    Daemon,
     /// Print the config file's JSON Schema (for editors).
     Schema,
     /// Print shell completions.
@@ -262,6 +265,10 @@ async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", crate::status::table(&entries, now));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Daemon => {
+            crate::daemon::run(config_path(cli)).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => unreachable!("demo is dispatched before the runtime starts"),

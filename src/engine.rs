@@ -62,10 +62,21 @@ impl Engine {
     /// the state lock) the recovered state is written and the journal compacted: only
     /// operations of accounts that did not answer stay in it, for a later run to finish.
     pub async fn observe(&self, persist: bool) -> anyhow::Result<Observation> {
+        self.observe_where(persist, |_| true).await
+    }
+
+    /// [`Engine::observe`] limited to the accounts `include` names (the daemon skips accounts
+    /// that are backing off after failures).
+    pub async fn observe_where(
+        &self,
+        persist: bool,
+        include: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<Observation> {
         let mut state = self.state_dir.load()?;
         let lists = futures::future::join_all(
             self.providers
                 .iter()
+                .filter(|(name, _)| include(name))
                 .map(|(name, p)| async move { (name.clone(), p.observe().await) }),
         )
         .await;

@@ -101,6 +101,9 @@ impl Provider for Fake {
     fn requests_sent(&self) -> u64 {
         0
     }
+    fn rate_limited(&self) -> u64 {
+        0
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -110,7 +110,6 @@ pub fn plan(
     now: Timestamp,
     opts: &PlanOptions,
 ) -> Plan {
-    let empty = AccountSnapshot::default();
     let mut changes = Vec::new();
     let mut warnings = Vec::new();
     let mut upcoming = Vec::new();
@@ -119,7 +118,10 @@ pub fn plan(
         if !opts.selects(&spec.provider, &spec.name) {
             continue;
         }
-        let snapshot = observed.get(&spec.provider).unwrap_or(&empty);
+        // An account that was not observed (unreachable this run) gets no decisions at all.
+        let Some(snapshot) = observed.get(&spec.provider) else {
+            continue;
+        };
         match snapshot.user_by_name(&spec.name) {
             None => plan_new_user(spec, state, &mut changes),
             Some(remote) => plan_existing_user(

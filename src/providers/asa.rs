@@ -688,6 +688,10 @@ impl Provider for AsaProvider {
     fn requests_sent(&self) -> u64 {
         self.http.requests_sent()
     }
+
+    fn rate_limited(&self) -> u64 {
+        self.http.rate_limited()
+    }
 }
 
 #[cfg(test)]

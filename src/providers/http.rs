@@ -58,6 +58,7 @@ pub struct HttpClient {
     in_flight: Semaphore,
     not_before: Mutex<Option<Instant>>,
     requests: AtomicU64,
+    rate_limited: AtomicU64,
     decode_error: ErrorDecoder,
 }
 
@@ -80,12 +81,18 @@ impl HttpClient {
             in_flight: Semaphore::new(concurrency.max(1)),
             not_before: Mutex::new(None),
             requests: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
             decode_error,
         }))
     }
 
     pub fn requests_sent(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// How many answers were 429 (rate limited).
+    pub fn rate_limited(&self) -> u64 {
+        self.rate_limited.load(Ordering::Relaxed)
     }
 
     /// Sends a request built by `build` (called afresh for each attempt) and returns the answer
@@ -176,6 +183,7 @@ impl HttpClient {
         }
         let retry_after = retry_after(&answer.headers).or_else(|| retry_at(&answer.headers));
         if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            self.rate_limited.fetch_add(1, Ordering::Relaxed);
             // Every caller of this account waits, not just this one: the budget is shared.
             let wait = retry_after
                 .unwrap_or(Duration::from_secs(1))

@@ -68,6 +68,8 @@ pub trait Provider: Send + Sync {
     async fn revoke_key(&self, user: &str, key: &RemoteKey) -> Result<(), ProviderError>;
     /// How many HTTP requests this client has sent (retries included).
     fn requests_sent(&self) -> u64;
+    /// How many of them the provider answered 429 (rate limited).
+    fn rate_limited(&self) -> u64;
 }
 
 /// Builds the client for one provider account.

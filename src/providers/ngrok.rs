@@ -377,4 +377,8 @@ impl Provider for NgrokProvider {
     fn requests_sent(&self) -> u64 {
         self.http.requests_sent()
     }
+
+    fn rate_limited(&self) -> u64 {
+        self.http.rate_limited()
+    }
 }

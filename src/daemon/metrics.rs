@@ -1,0 +1,300 @@
+//! The daemon's Prometheus metrics (prometheus-client, OpenMetrics text) and the tiny HTTP
+//! server (axum) that exposes them at `/metrics`, with `/healthz` for probes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::status::Entry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    pub provider: String,
+    pub user: String,
+    pub slot: String,
+    pub key_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    pub provider: String,
+}
+
+type TimeGauge = Gauge<f64, AtomicU64>;
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    registry: Registry,
+    key_created: Family<KeyLabels, TimeGauge>,
+    key_expiry: Family<KeyLabels, TimeGauge>,
+    key_next_rotation: Family<KeyLabels, TimeGauge>,
+    reconcile: Family<OutcomeLabels, Counter>,
+    last_success: TimeGauge,
+    pending_changes: Gauge,
+    config_valid: Gauge,
+    provider_requests: Family<ProviderLabels, Counter>,
+    provider_rate_limited: Family<ProviderLabels, Counter>,
+    provider_up: Family<ProviderLabels, Gauge>,
+    next_wakeup: TimeGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            key_created: Family::default(),
+            key_expiry: Family::default(),
+            key_next_rotation: Family::default(),
+            reconcile: Family::default(),
+            last_success: TimeGauge::default(),
+            pending_changes: Gauge::default(),
+            config_valid: Gauge::default(),
+            provider_requests: Family::default(),
+            provider_rate_limited: Family::default(),
+            provider_up: Family::default(),
+            next_wakeup: TimeGauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "keyward_key_created_timestamp_seconds",
+            "When each managed key was created (Unix time)",
+            m.key_created.clone(),
+        );
+        registry.register(
+            "keyward_key_expiry_timestamp_seconds",
+            "When each managed key expires at the provider (Unix time); absent if it never does",
+            m.key_expiry.clone(),
+        );
+        registry.register(
+            "keyward_key_next_rotation_timestamp_seconds",
+            "When each current key is next due for rotation (Unix time)",
+            m.key_next_rotation.clone(),
+        );
+        registry.register(
+            "keyward_reconcile",
+            "Reconcile runs by outcome (ok, changed, partial, failed, config_invalid)",
+            m.reconcile.clone(),
+        );
+        registry.register(
+            "keyward_last_success_timestamp_seconds",
+            "When the last fully successful reconcile finished (Unix time)",
+            m.last_success.clone(),
+        );
+        registry.register(
+            "keyward_pending_changes",
+            "Changes the last plan found (in observe mode: changes waiting to be applied)",
+            m.pending_changes.clone(),
+        );
+        registry.register(
+            "keyward_config_valid",
+            "1 while the config file on disk validates, 0 after an invalid edit",
+            m.config_valid.clone(),
+        );
+        registry.register(
+            "keyward_provider_requests",
+            "HTTP requests sent to each provider account",
+            m.provider_requests.clone(),
+        );
+        registry.register(
+            "keyward_provider_rate_limited",
+            "Requests each provider account answered with 429",
+            m.provider_rate_limited.clone(),
+        );
+        registry.register(
+            "keyward_provider_up",
+            "1 if the provider account answered the last observation",
+            m.provider_up.clone(),
+        );
+        registry.register(
+            "keyward_next_wakeup_timestamp_seconds",
+            "When the daemon will next reconcile unless something wakes it earlier (Unix time)",
+            m.next_wakeup.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Replaces the per-key series with `entries` (rotated and revoked keys disappear).
+    pub fn set_keys(&self, entries: &[Entry]) {
+        self.key_created.clear();
+        self.key_expiry.clear();
+        self.key_next_rotation.clear();
+        for e in entries {
+            let Some(key_id) = &e.key_id else { continue };
+            let labels = KeyLabels {
+                provider: e.provider.clone(),
+                user: e.user.clone(),
+                slot: e.slot.clone().unwrap_or_default(),
+                key_id: key_id.clone(),
+            };
+            if let Some(c) = e.created_at {
+                self.key_created.get_or_create(&labels).set(seconds(c));
+            }
+            if let Some(x) = e.expires_at {
+                self.key_expiry.get_or_create(&labels).set(seconds(x));
+            }
+            if let Some(n) = e.next_rotation {
+                self.key_next_rotation
+                    .get_or_create(&labels)
+                    .set(seconds(n));
+            }
+        }
+    }
+
+    pub fn reconciled(&self, outcome: &str) {
+        self.reconcile
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn succeeded_at(&self, at: jiff::Timestamp) {
+        self.last_success.set(seconds(at));
+    }
+
+    pub fn set_pending(&self, n: usize) {
+        self.pending_changes.set(n as i64);
+    }
+
+    pub fn set_config_valid(&self, valid: bool) {
+        self.config_valid.set(i64::from(valid));
+    }
+
+    pub fn set_next_wakeup(&self, at: jiff::Timestamp) {
+        self.next_wakeup.set(seconds(at));
+    }
+
+    /// Brings the per-provider counters up to the clients' running totals.
+    pub fn provider_totals(
+        &self,
+        provider: &str,
+        requests: u64,
+        rate_limited: u64,
+        up: Option<bool>,
+    ) {
+        let labels = ProviderLabels {
+            provider: provider.to_string(),
+        };
+        let c = self.provider_requests.get_or_create(&labels);
+        c.inc_by(requests.saturating_sub(c.get()));
+        let r = self.provider_rate_limited.get_or_create(&labels);
+        r.inc_by(rate_limited.saturating_sub(r.get()));
+        if let Some(up) = up {
+            self.provider_up.get_or_create(&labels).set(i64::from(up));
+        }
+    }
+
+    /// The OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+fn seconds(t: jiff::Timestamp) -> f64 {
+    t.as_millisecond() as f64 / 1000.0
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` until `stop` fires.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("metrics listener {addr}: {e}"))?;
+    tracing::info!("metrics at http://{}/metrics", listener.local_addr()?);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = Arc::clone(&metrics);
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_contract_names_and_drops_rotated_keys() {
+        let m = Metrics::new();
+        let entry = |key: &str| Entry {
+            provider: "ng".into(),
+            user: "ci".into(),
+            slot: Some("deploy".into()),
+            key_id: Some(key.into()),
+            state: "current".into(),
+            created_at: Some("2026-11-01T00:00:00Z".parse().unwrap()),
+            age_seconds: Some(1),
+            expires_at: None,
+            next_rotation: Some("2026-12-01T00:00:00Z".parse().unwrap()),
+            revoke_after: None,
+        };
+        m.set_keys(&[entry("ak_old")]);
+        m.set_keys(&[entry("ak_new")]);
+        m.reconciled("ok");
+        m.set_config_valid(true);
+        m.provider_totals("ng", 7, 1, Some(true));
+        m.provider_totals("ng", 9, 1, Some(true));
+        let text = m.encode();
+        assert!(text.contains("keyward_key_created_timestamp_seconds{provider=\"ng\",user=\"ci\",slot=\"deploy\",key_id=\"ak_new\"} 1793491200.0"), "{text}");
+        assert!(!text.contains("ak_old"), "{text}");
+        assert!(
+            text.contains("keyward_key_next_rotation_timestamp_seconds{"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keyward_reconcile_total{outcome=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("keyward_config_valid 1"), "{text}");
+        assert!(
+            text.contains("keyward_provider_requests_total{provider=\"ng\"} 9"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keyward_last_success_timestamp_seconds"),
+            "{text}"
+        );
+        assert!(text.contains("keyward_pending_changes"), "{text}");
+    }
+}

@@ -1,0 +1,135 @@
+//! Config-file watching. Editors save by renaming a new file over the old one and Kubernetes
+//! swaps a `..data` symlink, so watching the file itself loses track after the first save:
+//! keyward watches the file's directory instead and treats any event there as "maybe changed".
+//! The daemon then re-reads and hashes the file and acts only when the content changed.
+
+use std::path::Path;
+use std::time::Duration;
+
+use notify::RecursiveMode;
+use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+/// Events from the config directory; keep the `Debouncer` alive (dropping it stops watching).
+pub struct Watch {
+    _debouncer: Debouncer<notify::RecommendedWatcher>,
+    pub events: mpsc::UnboundedReceiver<()>,
+}
+
+/// Watches the directory holding `config`.
+pub fn watch(config: &Path) -> anyhow::Result<Watch> {
+    let dir = config
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (tx, rx) = mpsc::unbounded_channel();
+    // The callback runs on notify's own thread: a non-blocking send, nothing else.
+    let mut debouncer = new_debouncer(
+        Duration::from_millis(200),
+        move |res: DebounceEventResult| match res {
+            Ok(_) => {
+                let _ = tx.send(());
+            }
+            Err(e) => {
+                tracing::warn!("watching the config directory: {e}");
+                // Something happened that we could not see: re-read to be safe.
+                let _ = tx.send(());
+            }
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+    debouncer
+        .watcher()
+        .watch(dir, RecursiveMode::NonRecursive)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot watch {} for config edits: {e} (inotify limits: fs.inotify.max_user_watches / max_user_instances)",
+                dir.display()
+            )
+        })?;
+    Ok(Watch {
+        _debouncer: debouncer,
+        events: rx,
+    })
+}
+
+/// SHA-256 of the file's bytes (following symlinks), or `None` if it cannot be read now.
+pub fn file_hash(path: &Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    Some(hex::encode(Sha256::digest(&bytes)))
+}
+
+/// A short unified diff of two config texts, with inline secret values masked.
+pub fn config_diff(old: &str, new: &str) -> String {
+    let (old, new) = (mask_secrets(old), mask_secrets(new));
+    similar::TextDiff::from_lines(&old, &new)
+        .unified_diff()
+        .context_radius(1)
+        .header("previous", "current")
+        .to_string()
+}
+
+/// Replaces the value of `api_key:` / `key_secret:` lines unless it is a `${VAR}` reference.
+pub fn mask_secrets(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            let trimmed = line.trim_start().trim_start_matches("- ");
+            for field in ["api_key:", "key_secret:"] {
+                if let Some(value) = trimmed.strip_prefix(field) {
+                    let v = value.trim();
+                    if !v.is_empty() && !v.starts_with("${") && !v.starts_with('#') {
+                        let indent = &line[..line.len() - line.trim_start().len()];
+                        return format!("{indent}{field} ***");
+                    }
+                }
+            }
+            line.to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_masks_inline_secrets_but_not_references() {
+        let old = "providers:\n  a:\n    api_key: hunter2-very-secret\nusers: []\n";
+        let new =
+            "providers:\n  a:\n    api_key: ${NGROK_API_KEY}\nusers:\n  - {provider: a, name: x}\n";
+        let d = config_diff(old, new);
+        assert!(!d.contains("hunter2"), "{d}");
+        assert!(d.contains("-    api_key: ***"), "{d}");
+        assert!(d.contains("+    api_key: ${NGROK_API_KEY}"), "{d}");
+        assert!(d.contains("+  - {provider: a, name: x}"), "{d}");
+    }
+
+    #[tokio::test]
+    async fn rename_over_and_in_place_writes_are_both_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyward.yaml");
+        std::fs::write(&path, "a\n").unwrap();
+        let mut w = watch(&path).unwrap();
+        // In place.
+        std::fs::write(&path, "b\n").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), w.events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        // By rename, as editors save; twice, since a file watch would be lost after the first.
+        for text in ["c\n", "d\n"] {
+            let tmp = dir.path().join(".keyward.yaml.swp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+            tokio::time::timeout(Duration::from_secs(5), w.events.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            while w.events.try_recv().is_ok() {}
+        }
+        assert_eq!(file_hash(&path), Some(hex::encode(Sha256::digest(b"d\n"))));
+    }
+}

@@ -1,0 +1,383 @@
+//! The daemon, run for real against the sandbox: it converges at start; edits of the config
+//! (in place, and by rename as editors save) are applied within seconds; an invalid edit is
+//! reported with FILE:LINE:COL and the previous config keeps working; a 5s `rotate_every`
+//! rotates on time and the old key is revoked after its overlap with no other trigger; SIGHUP
+//! reloads and reconciles; SIGTERM during an apply exits 0 with nothing lost; `/metrics` shows
+//! each key's creation, expiry and next rotation. Waits poll real state; nothing asserts a
+//! duration.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Sandbox, Workspace, expect_code};
+use serde_json::json;
+
+/// A running `keyward daemon`, its stderr going to a file the test can read.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(ws: &Workspace) -> Daemon {
+        let log = ws.path("daemon.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
+        cmd.args(["daemon", "-c"])
+            .arg(ws.config_path())
+            .env("NO_COLOR", "1")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .current_dir(ws.dir.path());
+        for (k, v) in &ws.env {
+            cmd.env(k, v);
+        }
+        Daemon {
+            child: cmd.spawn().unwrap(),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
+    /// Waits for exit; `None` if it is still running after `limit`.
+    fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it holds, failing with `what` and the daemon's log after `limit`.
+fn eventually(d: &Daemon, limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what}: not within {limit:?}\n--- daemon log\n{}", d.log());
+}
+
+fn users(names: &[&str]) -> String {
+    let mut y = String::from("users:\n");
+    for n in names {
+        y.push_str(&format!(
+            "  - provider: ng\n    name: {n}\n    keys:\n      main: {{}}\n"
+        ));
+    }
+    y
+}
+
+const QUIET: &str = "  interval: 10m\n";
+
+#[test]
+fn converges_at_start_and_applies_edits_in_place_and_by_rename() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(QUIET, &users(&["first"]));
+    let d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(10), "converged at start", || {
+        ws.path("secrets/ng/first/main.json").exists()
+    });
+    let secret = ws.sink("first", "main")["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(sb.secret_works("api_key", &secret));
+
+    // In place.
+    ws.write_config(QUIET, &users(&["first", "second"]));
+    eventually(&d, Duration::from_secs(10), "in-place edit applied", || {
+        sb.user_by_name("second").is_some() && ws.path("secrets/ng/second/main.json").exists()
+    });
+    // By rename, twice (a watch on the file itself would be lost after the first).
+    for (i, set) in [
+        ["first", "second", "third"].as_slice(),
+        ["first", "second", "third", "fourth"].as_slice(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let tmp = ws.path(".keyward.yaml.tmp");
+        std::fs::copy(ws.config_path(), &tmp).unwrap();
+        let text = std::fs::read_to_string(&tmp).unwrap();
+        let users_at = text.find("users:").unwrap();
+        std::fs::write(&tmp, format!("{}{}", &text[..users_at], users(set))).unwrap();
+        std::fs::rename(&tmp, ws.config_path()).unwrap();
+        let last = set[set.len() - 1];
+        eventually(
+            &d,
+            Duration::from_secs(10),
+            &format!("rename edit {i} applied"),
+            || sb.user_by_name(last).is_some(),
+        );
+    }
+    assert!(d.log().contains("config reloaded"), "{}", d.log());
+}
+
+#[test]
+fn invalid_edit_is_reported_and_the_last_good_config_keeps_working() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    ws.write_config(
+        &format!("  interval: 10m\n  metrics: 127.0.0.1:{port}\n"),
+        &users(&["keep"]),
+    );
+    let d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(10), "converged", || {
+        sb.user_by_name("keep").is_some()
+    });
+    let metrics = || {
+        reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics"))
+            .and_then(|r| r.text())
+            .unwrap_or_default()
+    };
+    eventually(&d, Duration::from_secs(5), "metrics up", || {
+        metrics().contains("keyward_config_valid 1")
+    });
+
+    let good = std::fs::read_to_string(ws.config_path()).unwrap();
+    std::fs::write(ws.config_path(), format!("{good}bogus_field: 1\n")).unwrap();
+    let line = good.lines().count() + 1;
+    let expected = format!(
+        "{}:{line}:1: unknown field `bogus_field`",
+        ws.config_path().display()
+    );
+    eventually(&d, Duration::from_secs(10), "invalid edit reported", || {
+        d.log().contains(&expected)
+    });
+    eventually(
+        &d,
+        Duration::from_secs(5),
+        "config_valid drops to 0",
+        || metrics().contains("keyward_config_valid 0"),
+    );
+
+    // The last good config is still in force: drift is still repaired (via SIGHUP here, which
+    // reloads — still invalid — and reconciles with the last good config).
+    let keep = sb.user_by_name("keep").unwrap();
+    sb.api(
+        "PATCH",
+        &format!("/service_users/{}", keep["id"].as_str().unwrap()),
+        Some(json!({"active": false})),
+    );
+    d.signal("HUP");
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "drift repaired under the last good config",
+        || sb.user_by_name("keep").unwrap()["active"] == true,
+    );
+
+    // A valid edit is taken again.
+    std::fs::write(
+        ws.config_path(),
+        good.replace("users:\n", "users:\n  - provider: ng\n    name: after\n"),
+    )
+    .unwrap();
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "valid edit after an invalid one",
+        || sb.user_by_name("after").is_some(),
+    );
+    eventually(&d, Duration::from_secs(5), "config_valid back to 1", || {
+        metrics().contains("keyward_config_valid 1")
+    });
+}
+
+#[test]
+fn rotates_on_time_and_revokes_after_overlap_without_other_triggers() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(QUIET, "users:\n  - provider: ng\n    name: fast\n    keys:\n      k: {rotate_every: 5s, overlap: 2s}\n");
+    let d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(10), "first key", || {
+        ws.path("secrets/ng/fast/k.json").exists()
+    });
+    let first = ws.sink("fast", "k");
+    let first_id = first["key_id"].as_str().unwrap().to_string();
+    let first_secret = first["secret"].as_str().unwrap().to_string();
+    eventually(&d, Duration::from_secs(15), "rotated by age", || {
+        ws.sink("fast", "k")["key_id"] != first_id.as_str()
+    });
+    let second = ws.sink("fast", "k");
+    assert!(sb.secret_works("api_key", second["secret"].as_str().unwrap()));
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "old key revoked after the overlap",
+        || !sb.secret_works("api_key", &first_secret),
+    );
+    let keys = sb.list("/api_keys", "keys");
+    assert!(
+        !keys.iter().any(|k| k["id"] == first_id.as_str()),
+        "old key still listed"
+    );
+    // The interval is 10m: only due times woke it.
+    assert!(d.log().contains("rotate key k: done"), "{}", d.log());
+}
+
+#[test]
+fn sigterm_during_an_apply_exits_0_and_loses_nothing() {
+    let sb = Sandbox::start(&["--latency", "150ms"]);
+    let ws = Workspace::new(&sb);
+    let names: Vec<String> = (0..12).map(|i| format!("slow-{i:02}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    ws.write_config("  interval: 10m\n  concurrency: 4\n", &users(&refs));
+    let mut d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(20), "apply under way", || {
+        d.log().contains(": done")
+    });
+    d.signal("TERM");
+    let status = d
+        .wait_exit(Duration::from_secs(20))
+        .expect("daemon exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(d.log().contains("SIGTERM"), "{}", d.log());
+    // Whatever was minted was delivered and recorded: the next run finishes the rest, and every
+    // sink then holds the recorded, working key.
+    let after = ws.keyward(&["apply", "--auto-approve"]);
+    expect_code(&after, 0, "apply after SIGTERM");
+    // The signal landed mid-apply: the daemon left work undone rather than run on.
+    assert!(
+        common::text(&after.stdout).contains("Apply complete:")
+            && !common::text(&after.stdout).contains("Apply complete: 0 created"),
+        "SIGTERM did not interrupt anything:\n{}\n{}",
+        common::text(&after.stdout),
+        d.log()
+    );
+    expect_code(
+        &ws.keyward(&["plan", "--detailed-exitcode"]),
+        0,
+        "converged",
+    );
+    let state: serde_json::Value = serde_json::from_str(&ws.state_text()).unwrap();
+    for n in &names {
+        let doc = ws.sink(n, "main");
+        assert_eq!(
+            doc["key_id"], state["accounts"]["ng"]["users"][n]["slots"]["main"]["current"]["id"],
+            "{n}"
+        );
+        assert!(
+            sb.secret_works("api_key", doc["secret"].as_str().unwrap()),
+            "{n}"
+        );
+        let uid = sb.user_by_name(n).unwrap()["id"].clone();
+        let keys = sb
+            .list("/api_keys", "keys")
+            .into_iter()
+            .filter(|k| k["owner_id"] == uid)
+            .count();
+        assert_eq!(keys, 1, "{n}: exactly the recorded key, no orphan");
+    }
+}
+
+#[test]
+fn metrics_show_each_keys_expiry_and_next_rotation() {
+    let sb = Sandbox::start(&[]);
+    let ws = common::asa::workspace(&sb);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    common::asa::write_config(
+        &ws,
+        &format!("  interval: 10m\n  metrics: 127.0.0.1:{port}\n"),
+        "users:\n  - provider: asa\n    name: robot\n    keys:\n      main: {rotate_every: 30d, overlap: 1h}\n  - provider: ng\n    name: tunnel\n    keys:\n      k: {rotate_every: 7d}\n",
+    );
+    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "apply");
+    // A rotation puts the old ASA key on the provider's 2-day expiry.
+    expect_code(
+        &ws.keyward(&["rotate", "robot", "--auto-approve"]),
+        0,
+        "rotate",
+    );
+    let d = Daemon::start(&ws);
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let mut text = String::new();
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "metrics served after the first run",
+        || {
+            text = reqwest::blocking::get(&url)
+                .and_then(|r| r.text())
+                .unwrap_or_default();
+            text.contains("keyward_reconcile_total")
+        },
+    );
+    let current = common::asa::sink(&ws, "robot", "main")["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ng_key = ws.sink("tunnel", "k")["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (metric, key) in [
+        ("keyward_key_created_timestamp_seconds", &current),
+        ("keyward_key_next_rotation_timestamp_seconds", &current),
+        ("keyward_key_next_rotation_timestamp_seconds", &ng_key),
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(metric) && l.contains(&format!("key_id=\"{key}\""))),
+            "{metric} for {key} missing:\n{text}"
+        );
+    }
+    let expiry: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("keyward_key_expiry_timestamp_seconds{"))
+        .collect();
+    assert_eq!(
+        expiry.len(),
+        1,
+        "only the retiring ASA key expires:\n{text}"
+    );
+    assert!(expiry[0].contains("user=\"robot\"") && !expiry[0].contains(&current));
+    let value: f64 = expiry[0].rsplit(' ').next().unwrap().parse().unwrap();
+    let now = jiff::Timestamp::now().as_second() as f64;
+    assert!(
+        value > now + 86_400.0 && value < now + 3.0 * 86_400.0,
+        "about two days ahead: {value}"
+    );
+    assert!(text.contains("keyward_config_valid 1"));
+    assert!(text.contains("keyward_provider_requests_total{provider=\"asa\"}"));
+    assert!(text.contains("keyward_last_success_timestamp_seconds"));
+}
