@@ -381,3 +381,65 @@ fn metrics_show_each_keys_expiry_and_next_rotation() {
     assert!(text.contains("keyward_provider_requests_total{provider=\"asa\"}"));
     assert!(text.contains("keyward_last_success_timestamp_seconds"));
 }
+
+#[test]
+fn idle_daemon_sends_no_request_and_observe_mode_never_writes() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(QUIET, &users(&["steady"]));
+    let d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(10), "converged", || {
+        ws.path("secrets/ng/steady/main.json").exists()
+    });
+    // Let the follow-up look after the changes finish, then count.
+    eventually(&d, Duration::from_secs(10), "settled", || {
+        d.log().matches("applying").count() == 1 && {
+            let before = sb.stats()["requests"].as_u64().unwrap();
+            std::thread::sleep(Duration::from_millis(1500));
+            sb.stats()["requests"].as_u64().unwrap() == before
+        }
+    });
+    sb.reset_stats();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        sb.stats()["requests"],
+        0,
+        "nothing due, interval not elapsed: no request\n{}",
+        d.log()
+    );
+    drop(d);
+
+    // observe mode: plans and reports, never writes remotely.
+    let ws2 = Workspace::new(&sb);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    ws2.write_config(
+        &format!("  interval: 10m\n  mode: observe\n  metrics: 127.0.0.1:{port}\n"),
+        &users(&["watched-only"]),
+    );
+    let d2 = Daemon::start(&ws2);
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    eventually(
+        &d2,
+        Duration::from_secs(10),
+        "observe-mode run reported",
+        || {
+            reqwest::blocking::get(&url)
+                .and_then(|r| r.text())
+                .unwrap_or_default()
+                .contains("keyward_pending_changes 2")
+        },
+    );
+    assert!(
+        sb.user_by_name("watched-only").is_none(),
+        "observe mode created a user"
+    );
+    assert!(
+        d2.log().contains("observe mode: 2 change(s) pending"),
+        "{}",
+        d2.log()
+    );
+}
