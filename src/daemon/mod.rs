@@ -387,6 +387,7 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
     );
 
     let mut run_now = true;
+    let mut settle_until: Option<Instant> = None;
     loop {
         if shutdown.is_cancelled() {
             break;
@@ -415,7 +416,12 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep_until(daemon.next_wake()) => run_now = true,
+            // An editor's save is a burst of events: let it settle before re-reading.
             Some(()) = watch.events.recv() => {
+                settle_until.get_or_insert(Instant::now() + watch::SETTLE);
+            }
+            _ = sleep_until_or_forever(settle_until) => {
+                settle_until = None;
                 while watch.events.try_recv().is_ok() {}
                 run_now = daemon.reload(false);
                 if !run_now {
@@ -437,6 +443,13 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
     }
     tracing::info!("keyward daemon stopped");
     Ok(())
+}
+
+async fn sleep_until_or_forever(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_or_forever(d: Option<Duration>) {

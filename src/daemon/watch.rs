@@ -4,20 +4,23 @@
 //! The daemon then re-reads and hashes the file and acts only when the content changed.
 
 use std::path::Path;
-use std::time::Duration;
 
-use notify::RecursiveMode;
-use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
+use notify::{EventKind, RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-/// Events from the config directory; keep the `Debouncer` alive (dropping it stops watching).
+/// How long a burst of events (an editor's write, rename and chmod) is left to settle before the
+/// file is re-read.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Events from the config directory; keep the watcher alive (dropping it stops watching).
 pub struct Watch {
-    _debouncer: Debouncer<notify::RecommendedWatcher>,
+    _watcher: notify::RecommendedWatcher,
     pub events: mpsc::UnboundedReceiver<()>,
 }
 
-/// Watches the directory holding `config`.
+/// Watches the directory holding `config`. Reads are not changes: keyward's own re-reading of
+/// the file would otherwise wake it again, forever. No timer runs while nothing happens.
 pub fn watch(config: &Path) -> anyhow::Result<Watch> {
     let dir = config
         .parent()
@@ -25,33 +28,41 @@ pub fn watch(config: &Path) -> anyhow::Result<Watch> {
         .unwrap_or(Path::new("."));
     let (tx, rx) = mpsc::unbounded_channel();
     // The callback runs on notify's own thread: a non-blocking send, nothing else.
-    let mut debouncer = new_debouncer(
-        Duration::from_millis(200),
-        move |res: DebounceEventResult| match res {
-            Ok(_) => {
-                let _ = tx.send(());
+    let mut watcher =
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(event) => {
+                if !matches!(event.kind, EventKind::Access(_)) {
+                    let _ = tx.send(());
+                }
             }
             Err(e) => {
                 tracing::warn!("watching the config directory: {e}");
                 // Something happened that we could not see: re-read to be safe.
                 let _ = tx.send(());
             }
-        },
-    )
-    .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
-    debouncer
-        .watcher()
-        .watch(dir, RecursiveMode::NonRecursive)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot watch {} for config edits: {e} (inotify limits: fs.inotify.max_user_watches / max_user_instances)",
-                dir.display()
-            )
-        })?;
+        })
+        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+    watcher.watch(dir, RecursiveMode::NonRecursive).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot watch {} for config edits: {e} (inotify limits: fs.inotify.max_user_watches / max_user_instances)",
+            dir.display()
+        )
+    })?;
     Ok(Watch {
-        _debouncer: debouncer,
+        _watcher: watcher,
         events: rx,
     })
+}
+
+#[cfg(test)]
+impl Watch {
+    /// Waits for the next change, then lets the burst settle and swallows the rest of it.
+    async fn changed(&mut self) -> Option<()> {
+        self.events.recv().await?;
+        tokio::time::sleep(SETTLE).await;
+        while self.events.try_recv().is_ok() {}
+        Some(())
+    }
 }
 
 /// SHA-256 of the file's bytes (following symlinks), or `None` if it cannot be read now.
@@ -94,6 +105,7 @@ pub fn mask_secrets(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn diff_masks_inline_secrets_but_not_references() {
@@ -113,9 +125,17 @@ mod tests {
         let path = dir.path().join("keyward.yaml");
         std::fs::write(&path, "a\n").unwrap();
         let mut w = watch(&path).unwrap();
+        // Reading the file is not a change (keyward's own re-read must not wake it again).
+        let _ = std::fs::read(&path).unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), w.changed())
+                .await
+                .is_err(),
+            "a read woke the watcher"
+        );
         // In place.
         std::fs::write(&path, "b\n").unwrap();
-        tokio::time::timeout(Duration::from_secs(5), w.events.recv())
+        tokio::time::timeout(Duration::from_secs(5), w.changed())
             .await
             .unwrap()
             .unwrap();
@@ -124,11 +144,10 @@ mod tests {
             let tmp = dir.path().join(".keyward.yaml.swp");
             std::fs::write(&tmp, text).unwrap();
             std::fs::rename(&tmp, &path).unwrap();
-            tokio::time::timeout(Duration::from_secs(5), w.events.recv())
+            tokio::time::timeout(Duration::from_secs(5), w.changed())
                 .await
                 .unwrap()
                 .unwrap();
-            while w.events.try_recv().is_ok() {}
         }
         assert_eq!(file_hash(&path), Some(hex::encode(Sha256::digest(b"d\n"))));
     }
