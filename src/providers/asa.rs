@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use url::Url;
 
 use super::http::{Answer, HttpClient, Op};
-use super::{CreatedKey, ErrorClass, NewKey, Provider, ProviderError};
+use super::{CreatedKey, ErrorClass, NewKey, Provider, ProviderError, gone_is_done};
 use crate::config::{ProviderAccount, ProviderAuth};
 use crate::model::{AccountSnapshot, KeyKind, RemoteKey, RemoteUser};
 
@@ -620,12 +620,7 @@ impl Provider for AsaProvider {
 
     async fn delete_user(&self, user: &RemoteUser) -> Result<(), ProviderError> {
         let op = Op::new("delete service user (soft, irreversible)", Some(&user.name));
-        match self.put_status(&op, &user.name, "DELETED").await {
-            Ok(_) => Ok(()),
-            // Already gone is what we wanted.
-            Err(e) if e.status == Some(404) => Ok(()),
-            Err(e) => Err(e),
-        }
+        gone_is_done(self.put_status(&op, &user.name, "DELETED").await)
     }
 
     async fn create_key(
@@ -678,11 +673,7 @@ impl Provider for AsaProvider {
     async fn revoke_key(&self, user: &str, key: &RemoteKey) -> Result<(), ProviderError> {
         let op = Op::new(format!("revoke API key {}", key.id), Some(user));
         let url = self.url(&["service_users", user, "keys", &key.id]);
-        match self.call(&op, Method::DELETE, &url, None).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.status == Some(404) => Ok(()),
-            Err(e) => Err(e),
-        }
+        gone_is_done(self.call(&op, Method::DELETE, &url, None).await)
     }
 
     fn requests_sent(&self) -> u64 {

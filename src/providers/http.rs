@@ -150,32 +150,19 @@ impl HttpClient {
             Ok(r) => r,
             Err(e) => {
                 return Err(Failure {
-                    error: ProviderError {
-                        provider: self.provider.clone(),
-                        operation: op.operation.clone(),
-                        user: op.user.clone(),
-                        status: None,
-                        code: None,
-                        message: describe_transport_error(&e),
-                        class: ErrorClass::Transient,
-                    },
+                    error: self.transport_error(op, describe_transport_error(&e)),
                     retry_after: None,
                 });
             }
         };
         let answer = read(response).await.map_err(|e| Failure {
-            error: ProviderError {
-                provider: self.provider.clone(),
-                operation: op.operation.clone(),
-                user: op.user.clone(),
-                status: None,
-                code: None,
-                message: format!(
+            error: self.transport_error(
+                op,
+                format!(
                     "reading the response failed: {}",
                     describe_transport_error(&e)
                 ),
-                class: ErrorClass::Transient,
-            },
+            ),
             retry_after: None,
         })?;
         if answer.status.is_success() {
@@ -199,6 +186,14 @@ impl HttpClient {
             error.class = ErrorClass::Transient;
         }
         Err(Failure { error, retry_after })
+    }
+
+    /// A failure below HTTP (connect, timeout, a cut-off body): worth retrying.
+    fn transport_error(&self, op: &Op, message: String) -> ProviderError {
+        ProviderError {
+            class: ErrorClass::Transient,
+            ..self.local_error(op, &message)
+        }
     }
 
     fn local_error(&self, op: &Op, message: &str) -> ProviderError {

@@ -84,6 +84,15 @@ pub fn connect(account: &ProviderAccount, concurrency: usize) -> anyhow::Result<
     }
 }
 
+/// The result of a delete: a 404 means it is already gone, which is what was wanted.
+pub fn gone_is_done<T>(result: Result<T, ProviderError>) -> Result<(), ProviderError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if e.status == Some(404) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Why a provider call failed, in terms a user can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ErrorClass {

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::http::{Answer, HttpClient, Op};
-use super::{CreatedKey, ErrorClass, NewKey, Provider, ProviderError};
+use super::{CreatedKey, ErrorClass, NewKey, Provider, ProviderError, gone_is_done};
 use crate::config::{ProviderAccount, ProviderAuth};
 use crate::model::{AccountSnapshot, KeyKind, RemoteKey, RemoteUser};
 
@@ -320,12 +320,7 @@ impl Provider for NgrokProvider {
     async fn delete_user(&self, user: &RemoteUser) -> Result<(), ProviderError> {
         let op = Op::new("delete service user", Some(&user.name));
         let url = format!("{}/service_users/{}", self.base_url, user.id);
-        match self.call(&op, Method::DELETE, &url, None).await {
-            Ok(_) => Ok(()),
-            // Already gone is what we wanted.
-            Err(e) if e.status == Some(404) => Ok(()),
-            Err(e) => Err(e),
-        }
+        gone_is_done(self.call(&op, Method::DELETE, &url, None).await)
     }
 
     async fn create_key(
@@ -367,11 +362,7 @@ impl Provider for NgrokProvider {
     async fn revoke_key(&self, user: &str, key: &RemoteKey) -> Result<(), ProviderError> {
         let op = Op::new(format!("revoke {} {}", key.kind, key.id), Some(user));
         let url = format!("{}{}/{}", self.base_url, Self::key_path(key.kind), key.id);
-        match self.call(&op, Method::DELETE, &url, None).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.status == Some(404) => Ok(()),
-            Err(e) => Err(e),
-        }
+        gone_is_done(self.call(&op, Method::DELETE, &url, None).await)
     }
 
     fn requests_sent(&self) -> u64 {
