@@ -443,3 +443,79 @@ fn idle_daemon_sends_no_request_and_observe_mode_never_writes() {
         d2.log()
     );
 }
+
+#[test]
+fn speaks_the_systemd_notify_protocol() {
+    use std::os::unix::net::UnixDatagram;
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(QUIET, &users(&["notified"]));
+    let sock_path = ws.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let log = ws.path("daemon.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
+    cmd.args(["daemon", "-c"])
+        .arg(ws.config_path())
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "300000")
+        .env_remove("WATCHDOG_PID")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .current_dir(ws.dir.path());
+    for (k, v) in &ws.env {
+        cmd.env(k, v);
+    }
+    let mut d = Daemon {
+        child: cmd.spawn().unwrap(),
+        log,
+    };
+    let mut messages: Vec<String> = Vec::new();
+    let mut read_for = |limit: Duration, messages: &mut Vec<String>| {
+        let t = Instant::now();
+        let mut buf = [0u8; 4096];
+        while t.elapsed() < limit {
+            if let Ok(n) = sock.recv(&mut buf) {
+                messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    };
+    read_for(Duration::from_secs(3), &mut messages);
+    let all = messages.join("\n");
+    assert!(all.contains("READY=1"), "{all}");
+    assert!(all.contains("STATUS="), "{all}");
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("STATUS=") && l.contains("next run in")),
+        "{all}"
+    );
+    let pings = messages.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(
+        pings >= 3,
+        "watchdog pinged {pings} times in 3s with WATCHDOG_USEC=300ms:\n{all}"
+    );
+
+    messages.clear();
+    d.signal("HUP");
+    read_for(Duration::from_secs(2), &mut messages);
+    let all = messages.join("\n");
+    assert!(
+        all.contains("RELOADING=1") && all.contains("MONOTONIC_USEC="),
+        "{all}"
+    );
+    assert!(
+        all.contains("READY=1"),
+        "READY again after the reload:\n{all}"
+    );
+
+    messages.clear();
+    d.signal("TERM");
+    read_for(Duration::from_secs(1), &mut messages);
+    assert!(messages.join("\n").contains("STOPPING=1"), "{messages:?}");
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(10)).and_then(|s| s.code()),
+        Some(0)
+    );
+}
