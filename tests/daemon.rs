@@ -473,7 +473,7 @@ fn speaks_the_systemd_notify_protocol() {
         log,
     };
     let mut messages: Vec<String> = Vec::new();
-    let mut read_for = |limit: Duration, messages: &mut Vec<String>| {
+    let read_for = |limit: Duration, messages: &mut Vec<String>| {
         let t = Instant::now();
         let mut buf = [0u8; 4096];
         while t.elapsed() < limit {
