@@ -452,3 +452,50 @@ fn upcoming_work_is_shown_when_nothing_is_due() {
     );
     insta::assert_snapshot!(render::text(&p, false));
 }
+
+#[test]
+fn the_asa_user_keyward_logs_in_as_is_left_alone() {
+    // `account("asa", ..)` authenticates with key id "id".
+    let cfg = config(
+        vec![user(
+            "asa",
+            "keyward-admin",
+            false,
+            vec![slot("main", KeyKind::ApiKey, Some(1))],
+        )],
+        Prune {
+            users: PruneUsers::Delete,
+            unknown_keys: PruneKeys::Revoke,
+        },
+    );
+    let observed: Observed = BTreeMap::from([(
+        "asa".to_string(),
+        AccountSnapshot {
+            users: vec![
+                remote_user("u1", "keyward-admin", true),
+                remote_user("u2", "other-admin", true),
+            ],
+            keys: vec![key("id", "u1", None, 400), key("id2", "u2", None, 1)],
+        },
+    )]);
+    let mut state = State::default();
+    state.record_user("asa", "other-admin", "u2", true, None);
+    let p = plan(&cfg, &observed, &state, now(), &PlanOptions::default());
+    assert!(
+        p.changes.iter().all(|c| c.user != "keyward-admin"),
+        "{:?}",
+        p.changes
+    );
+    let w = p
+        .warnings
+        .iter()
+        .find(|w| w.kind == "own_credential")
+        .expect("warned");
+    assert_eq!(w.key_id.as_deref(), Some("id"));
+    // Another (pruned) user is still handled as usual.
+    assert!(
+        p.changes
+            .iter()
+            .any(|c| c.user == "other-admin" && c.action == Action::DeleteUser)
+    );
+}

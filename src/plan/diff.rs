@@ -244,6 +244,18 @@ fn plan_existing_user(
     upcoming: &mut Vec<Upcoming>,
 ) {
     let provider = spec.provider.as_str();
+    if let Some(key_id) = own_key(config, provider, remote, snapshot) {
+        warnings.push(Warning {
+            kind: "own_credential".to_string(),
+            provider: Some(provider.to_string()),
+            user: Some(spec.name.clone()),
+            key_id: Some(key_id.to_string()),
+            message: format!(
+                "keyward authenticates as this service user (key {key_id}); changing it or rotating its keys would lock keyward out, so it is left alone"
+            ),
+        });
+        return;
+    }
     if remote.active != spec.active {
         changes.push(Change {
             reason: format!("active: {} -> {}", remote.active, spec.active),
@@ -393,6 +405,24 @@ fn plan_existing_user(
     }
 }
 
+/// The id of the key keyward itself authenticates with, if it belongs to `user` (Okta ASA: a
+/// service user's API key). Rotating, disabling or deleting that user would cut keyward off.
+fn own_key<'a>(
+    config: &'a Config,
+    provider: &str,
+    user: &RemoteUser,
+    snapshot: &AccountSnapshot,
+) -> Option<&'a str> {
+    let crate::config::ProviderAuth::OktaAsa { key_id, .. } = &config.providers.get(provider)?.auth
+    else {
+        return None;
+    };
+    snapshot
+        .keys_of(&user.id)
+        .any(|k| k.id == *key_id)
+        .then_some(key_id.as_str())
+}
+
 fn revoke(provider: &str, user: &str, slot: &str, key: &RemoteKey, reason: String) -> Change {
     Change {
         slot: Some(slot.to_string()),
@@ -454,6 +484,9 @@ fn plan_undeclared_users(
                     .iter()
                     .any(|u| u.provider == *provider && u.name == remote.name)
             {
+                continue;
+            }
+            if own_key(config, provider, remote, snapshot).is_some() {
                 continue;
             }
             let created_by_us = state
