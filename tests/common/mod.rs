@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod asa;
+pub mod crash;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
