@@ -176,6 +176,10 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        // A sandbox that died under a test shows up as "connection refused"; say why it died.
+        if let Ok(Some(status)) = self.child.try_wait() {
+            eprintln!("keyward-sandbox had exited before the test ended: {status}");
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
