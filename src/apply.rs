@@ -688,14 +688,53 @@ impl Executor {
         Ok(detail)
     }
 
-    /// Delivers to every sink of the slot, each retried with backoff.
+    /// Delivers to every sink of the slot, each retried with backoff. If one fails for good, the
+    /// file sinks already written are put back as they were (the previous document, or no file),
+    /// so that no sink is left holding the new key the caller is about to revoke: the key left
+    /// in place must still be what every sink holds.
     async fn deliver_all(&self, slot: &SlotSpec, doc: &SinkDocument) -> anyhow::Result<()> {
+        let mut written: Vec<(std::path::PathBuf, Option<Vec<u8>>)> = Vec::new();
+        let result = self.deliver_each(slot, doc, &mut written).await;
+        if result.is_err() {
+            for (path, previous) in written.into_iter().rev() {
+                let shown = path.display().to_string();
+                let undone = tokio::task::spawn_blocking(move || match previous {
+                    Some(bytes) => crate::state::write_private_file(&path, &bytes),
+                    None => std::fs::remove_file(&path).map_err(anyhow::Error::from),
+                })
+                .await;
+                match undone {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!("restoring file sink {shown}: {e:#}"),
+                    Err(e) => tracing::error!("restoring file sink {shown}: {e}"),
+                }
+            }
+        }
+        result
+    }
+
+    /// [`Self::deliver_all`]'s loop; records each file sink it wrote with what the file held
+    /// before.
+    async fn deliver_each(
+        &self,
+        slot: &SlotSpec,
+        doc: &SinkDocument,
+        written: &mut Vec<(std::path::PathBuf, Option<Vec<u8>>)>,
+    ) -> anyhow::Result<()> {
         for name in &slot.sinks {
             let sink = self
                 .config
                 .sinks
                 .get(name)
                 .ok_or_else(|| anyhow::anyhow!("sink {name} is not defined"))?;
+            let before = match &sink.kind {
+                crate::config::SinkKind::File { path, .. } => doc.fill(path).ok().map(|p| {
+                    let p = std::path::PathBuf::from(p);
+                    let previous = std::fs::read(&p).ok();
+                    (p, previous)
+                }),
+                crate::config::SinkKind::Exec { .. } => None,
+            };
             (|| async { sinks::deliver(sink, doc).await })
                 .retry(
                     ExponentialBuilder::default()
@@ -709,6 +748,7 @@ impl Executor {
                 })
                 .await
                 .map_err(|e| e.context(format!("sink {name}")))?;
+            written.extend(before);
         }
         Ok(())
     }

@@ -316,7 +316,27 @@ pub fn recover(
                 let slot = op.slot.clone().unwrap_or_default();
                 let (Some(u), Some((key_id, kind, created_at))) = (remote, &op.created) else {
                     // Created without our knowing the id, or not created at all: a tagged key
-                    // is found and revoked by the planner; the rotation is planned again.
+                    // (ngrok) is found and revoked by the planner. An untagged one (ASA keys
+                    // carry no tag) would stay an `unknown` key for ever, so it is looked for
+                    // here; the rotation is planned again either way.
+                    if let Some(u) = remote
+                        && op.created.is_none()
+                        && let Some(key_id) = lost_key(op, u, snapshot, state)
+                    {
+                        state.record_user(&op.provider, &op.user, &u.id, false, u.created_at);
+                        if let Some(rec) = state.user_mut(&op.provider, &op.user) {
+                            rec.slots
+                                .entry(slot.clone())
+                                .or_default()
+                                .orphans
+                                .push(key_id.clone());
+                        }
+                        r.changed = true;
+                        r.notes.push(format!(
+                            "{} / {}: key {key_id} was created for slot {slot} by an interrupted run whose answer was lost; it will be revoked",
+                            op.provider, op.user
+                        ));
+                    }
                     if op.forced {
                         r.force
                             .push((op.provider.clone(), op.user.clone(), op.slot.clone()));
@@ -399,6 +419,44 @@ pub fn recover(
         }
     }
     r
+}
+
+/// The key an unfinished create/rotate made when the process died between the provider's
+/// `POST` and the journal's `created` line, if it can be told apart: on the same user, carrying
+/// no keyward tag (tagged keys are the planner's), recorded nowhere in the state, and created no
+/// earlier than the intent (compared to the whole second: providers report whole seconds). One
+/// `POST` mints at most one key, so only the earliest such key is claimed; a key someone made by
+/// hand on a managed user in the seconds after an interrupted run is the price of not leaving
+/// ASA keys (which carry no tag) behind unrevoked.
+fn lost_key(
+    op: &Unfinished,
+    user: &crate::model::RemoteUser,
+    snapshot: &crate::model::AccountSnapshot,
+    state: &State,
+) -> Option<String> {
+    if op.user_id.as_deref().is_some_and(|id| id != user.id) {
+        return None;
+    }
+    let since = Timestamp::from_second(op.started_at.as_second()).unwrap_or(op.started_at);
+    let record = state
+        .user(&op.provider, &op.user)
+        .filter(|rec| rec.id == user.id);
+    let known = |id: &str| {
+        record.is_some_and(|rec| {
+            rec.slots.values().any(|s| {
+                s.current.as_ref().is_some_and(|c| c.id == id)
+                    || s.retiring.iter().any(|k| k.id == id)
+                    || s.orphans.iter().any(|o| o == id)
+            })
+        })
+    };
+    snapshot
+        .keys_of(&user.id)
+        .filter(|k| k.created_at >= since)
+        .filter(|k| crate::model::KeyTag::parse(&k.metadata).is_none())
+        .filter(|k| !known(&k.id))
+        .min_by_key(|k| (k.created_at, k.id.clone()))
+        .map(|k| k.id.clone())
 }
 
 /// The slot's sinks, if every one of them verifiably holds `key_id` (see [`crate::sinks::holds`]).
@@ -517,5 +575,94 @@ mod tests {
         assert_eq!(j2.next_seq(), 3);
         j2.clear().unwrap();
         assert!(read(dir.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_key_whose_creation_was_never_journaled_is_found_by_time_and_absence_of_tag() {
+        use crate::model::{AccountSnapshot, KeyTag, RemoteKey, RemoteUser};
+        let ts = |s: &str| s.parse::<Timestamp>().unwrap();
+        let key = |id: &str, at: &str, tagged: bool| RemoteKey {
+            id: id.into(),
+            kind: KeyKind::ApiKey,
+            owner_id: Some("u1".into()),
+            description: String::new(),
+            metadata: if tagged {
+                KeyTag::new("main").to_metadata()
+            } else {
+                String::new()
+            },
+            created_at: ts(at),
+            expires_at: None,
+        };
+        let user = RemoteUser {
+            id: "u1".into(),
+            name: "bot".into(),
+            active: true,
+            deleted: false,
+            created_at: None,
+        };
+        let snapshot = AccountSnapshot {
+            users: vec![user.clone()],
+            keys: vec![
+                key("before", "2026-11-01T09:59:59Z", false),
+                key("current", "2026-11-01T10:00:00Z", false),
+                key("tagged", "2026-11-01T10:00:00Z", true),
+                // Whole seconds: created in the intent's second, before its instant.
+                key("lost", "2026-11-01T10:00:00Z", false),
+                key("later", "2026-11-01T10:00:03Z", false),
+            ],
+        };
+        let mut state = State::default();
+        state.record_user("asa", "bot", "u1", true, None);
+        state
+            .user_mut("asa", "bot")
+            .unwrap()
+            .slots
+            .entry("main".into())
+            .or_default()
+            .current = Some(KeyRecord {
+            id: "current".into(),
+            kind: KeyKind::ApiKey,
+            created_at: ts("2026-11-01T10:00:00Z"),
+            delivered_at: ts("2026-11-01T10:00:00Z"),
+            sinks: vec!["local".into()],
+            retire_after: None,
+        });
+        let op = Unfinished {
+            seq: 1,
+            started_at: ts("2026-11-01T10:00:00.5Z"),
+            action: Action::RotateKey,
+            provider: "asa".into(),
+            user: "bot".into(),
+            user_id: Some("u1".into()),
+            slot: Some("main".into()),
+            forced: true,
+            created: None,
+            delivered: None,
+        };
+        assert_eq!(
+            lost_key(&op, &user, &snapshot, &state).as_deref(),
+            Some("lost"),
+            "the earliest untagged, unrecorded key from the intent's second on"
+        );
+        // Claimed once: recorded as an orphan, the next candidate is the later key.
+        state
+            .user_mut("asa", "bot")
+            .unwrap()
+            .slots
+            .get_mut("main")
+            .unwrap()
+            .orphans
+            .push("lost".into());
+        assert_eq!(
+            lost_key(&op, &user, &snapshot, &state).as_deref(),
+            Some("later")
+        );
+        // Another user id (the user was re-created since): nothing.
+        let other = Unfinished {
+            user_id: Some("u0".into()),
+            ..op
+        };
+        assert_eq!(lost_key(&other, &user, &snapshot, &state), None);
     }
 }

@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::collections::BTreeSet;
+use std::time::Duration;
 
-use common::{Sandbox, Workspace, expect_code};
-use rand::{Rng, SeedableRng};
+use common::crash::Trials;
+use common::{Sandbox, Workspace};
 
 const USERS: [(&str, &str); 3] = [("c0", "0s"), ("c1", "1s"), ("c2", "0s")];
 const SLOTS: [(&str, &str); 2] = [("api", "api_key"), ("agent", "credential")];
@@ -123,109 +122,18 @@ fn kill_9_at_random_moments_never_loses_a_secret() {
     let sb = Sandbox::start(&["--latency", "15ms"]);
     let ws = Workspace::new(&sb);
     config(&ws);
-    expect_code(
-        &ws.keyward(&["apply", "--auto-approve"]),
-        0,
-        "initial apply",
-    );
-    converged(&sb, &ws).unwrap();
-
-    // How long an uninterrupted forced rotation of everything takes: kills land across it.
-    let rotate_args = ["rotate", "c0", "c1", "c2", "--auto-approve"];
-    let t0 = Instant::now();
-    expect_code(&ws.keyward(&rotate_args), 0, "baseline rotation");
-    let baseline = t0.elapsed();
-    std::thread::sleep(Duration::from_millis(1100));
-    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "settle");
-    converged(&sb, &ws).unwrap();
-
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b65_7977);
-    let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut recoveries: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut previous_log = String::new();
-    for trial in 0..TRIALS {
-        let delay = baseline.mul_f64(rng.random_range(0.0..1.1));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
-        cmd.args(rotate_args)
-            .arg("-c")
-            .arg(ws.config_path())
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .current_dir(ws.dir.path());
-        for (k, v) in &ws.env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        std::thread::sleep(delay);
-        let killed = child.try_wait().unwrap().is_none();
-        let _ = child.kill(); // SIGKILL
-        let status = child.wait().unwrap();
-        *outcomes
-            .entry(if killed {
-                "killed mid-run"
-            } else if status.success() {
-                "finished first"
-            } else {
-                "failed"
-            })
-            .or_default() += 1;
-
-        if let Err(e) = sinks_work(&sb, &ws) {
-            panic!(
-                "trial {trial} (killed after {delay:?}): a slot lost its working key: {e}\nstate: {}\njournal: {}\nprevious recovery: {}",
-                ws.state_text(),
-                std::fs::read_to_string(ws.path("state/journal.jsonl")).unwrap_or_default(),
-                previous_log
-            );
-        }
-        // Recovery: a plain apply finishes the job (a retiring key may need its overlap first).
-        let mut last = None;
-        for _ in 0..3 {
-            let out = ws.keyward(&["apply", "--auto-approve"]);
-            if out.status.success() {
-                last = Some(out);
-                break;
-            }
-            last = Some(out);
-        }
-        let last = last.unwrap();
-        expect_code(&last, 0, &format!("trial {trial}: recovery apply"));
-        let log = common::text(&last.stderr);
-        previous_log = log.clone();
-        for (what, needle) in [
-            ("adopted a delivered key", "adopted key"),
-            ("revoked an undelivered key", "never delivered"),
-            ("forgot a revoked key", "dropped from the state"),
-        ] {
-            if log.contains(needle) {
-                *recoveries.entry(what).or_default() += 1;
-            }
-        }
-        if let Err(e) = converged(&sb, &ws) {
-            panic!(
-                "trial {trial} (killed after {delay:?}): {e}\nstate: {}\nrecovery run: {log}",
-                ws.state_text()
-            );
-        }
+    let report = Trials {
+        ws: &ws,
+        rotate_args: &["rotate", "c0", "c1", "c2", "--auto-approve"],
+        trials: TRIALS,
+        seed: 0x6b65_7977,
+        // c1's overlap is 1s.
+        settle: Duration::from_millis(1100),
+        targeted: None,
     }
-    eprintln!("crash trials: {outcomes:?}; recoveries: {recoveries:?} (baseline run {baseline:?})");
-    assert!(
-        !recoveries.is_empty(),
-        "no kill ever left anything to recover: the test proves nothing"
-    );
-    assert!(
-        outcomes.get("killed mid-run").copied().unwrap_or(0) >= TRIALS / 2,
-        "too few kills landed inside a run: {outcomes:?}"
-    );
-    // Once every overlap has ended, a no-op plan: nothing left over.
-    std::thread::sleep(Duration::from_millis(1100));
-    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "settle");
-    converged(&sb, &ws).unwrap();
-    expect_code(
-        &ws.keyward(&["plan", "--detailed-exitcode"]),
-        0,
-        "final plan",
+    .run(|| sinks_work(&sb, &ws), || converged(&sb, &ws));
+    eprintln!(
+        "crash trials: {:?}; recoveries: {:?} (baseline run {:?})",
+        report.outcomes, report.recoveries, report.baseline
     );
 }

@@ -3,7 +3,8 @@
 //! The middleware here wraps the API routes only; `/_sandbox/` test-support routes are neither
 //! counted nor faulted. Order per request: count it, sleep the configured latency, apply the
 //! account-wide rolling-window rate limit (429 `ERR_NGROK_226` + `Retry-After`), then maybe
-//! answer a 500/503 *without* running the handler, so an injected error never has side effects.
+//! answer a 500/503 *without* running the handler, so an injected error never has side effects;
+//! otherwise run the handler and sleep the configured answer latency before answering.
 //! ASA paths get the same verdicts rendered the ASA way (`X-RateLimit-*` headers on every
 //! response, `X-RateLimit-Retry-At` on a 429; see [`super::asa`]).
 
@@ -27,6 +28,9 @@ use super::error::ApiError;
 pub struct Faults {
     /// Sleep before answering each API request.
     pub latency: Duration,
+    /// Sleep after a request was applied, before its answer goes out: the window in which a
+    /// client that dies has changed the account without ever hearing of it (crash tests).
+    pub answer_latency: Duration,
     /// Probability in 0..=1 that a request is answered 500/503 without being applied.
     pub error_rate: f64,
     /// At most N admitted requests per rolling window, for the whole account.
@@ -38,6 +42,7 @@ impl Faults {
     pub fn to_json(&self) -> Value {
         json!({
             "latency_ms": u64::try_from(self.latency.as_millis()).unwrap_or(u64::MAX),
+            "answer_latency_ms": u64::try_from(self.answer_latency.as_millis()).unwrap_or(u64::MAX),
             "error_rate": self.error_rate,
             "rate_limit": self.rate_limit.map(|(n, w)| format_rate_limit(n, w)),
         })
@@ -197,11 +202,11 @@ pub async fn api_faults(State(shared): State<Arc<Shared>>, req: Request, next: N
         req.method(),
         super::route_template(req.uri().path())
     );
-    let latency = {
+    let (latency, answer_latency) = {
         let mut control = shared.control();
         control.stats.requests += 1;
         *control.stats.by_route.entry(route).or_default() += 1;
-        control.faults.latency
+        (control.faults.latency, control.faults.answer_latency)
     };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -216,12 +221,16 @@ pub async fn api_faults(State(shared): State<Arc<Shared>>, req: Request, next: N
     match verdict {
         Some(err) if asa => super::asa::fault_response(err, rate),
         Some(err) => err.into_response(),
-        None if asa => {
+        None => {
             let mut resp = next.run(req).await;
-            super::asa::add_rate_headers(&mut resp, rate);
+            if !answer_latency.is_zero() {
+                tokio::time::sleep(answer_latency).await;
+            }
+            if asa {
+                super::asa::add_rate_headers(&mut resp, rate);
+            }
             resp
         }
-        None => next.run(req).await,
     }
 }
 

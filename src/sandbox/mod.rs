@@ -170,6 +170,7 @@ impl Sandbox {
                     latency: opts.latency,
                     error_rate: opts.error_rate,
                     rate_limit: opts.rate_limit,
+                    ..Faults::default()
                 },
                 fault_rng,
             )),

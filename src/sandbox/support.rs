@@ -2,7 +2,8 @@
 //! faulted. They let tests and the quick start inspect and steer the emulators:
 //!
 //! - `GET /_sandbox/stats`, `POST /_sandbox/stats/reset`: request counters.
-//! - `GET|PUT /_sandbox/faults`: read or change latency, error rate and rate limit at runtime.
+//! - `GET|PUT /_sandbox/faults`: read or change latency, answer latency, error rate and rate
+//!   limit at runtime.
 //! - `POST /_sandbox/verify` `{"token"}`: is this a live secret whose owner is active? (An ngrok
 //!   authtoken cannot call the API, so this is how a test proves a delivered credential works.)
 //! - `POST /_sandbox/ngrok/seed`: create ngrok objects directly, backdated if asked.
@@ -98,6 +99,13 @@ async fn put_faults(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
                         .ok_or_else(|| invalid("latency_ms must be a non-negative integer"))?;
                     faults.latency = std::time::Duration::from_millis(ms);
                 }
+                ("answer_latency_ms", Value::Null) => faults.answer_latency = Default::default(),
+                ("answer_latency_ms", v) => {
+                    let ms = v.as_u64().ok_or_else(|| {
+                        invalid("answer_latency_ms must be a non-negative integer")
+                    })?;
+                    faults.answer_latency = std::time::Duration::from_millis(ms);
+                }
                 ("error_rate", Value::Null) => faults.error_rate = 0.0,
                 ("error_rate", v) => {
                     let rate = v
@@ -112,7 +120,7 @@ async fn put_faults(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
                 }
                 (other, _) => {
                     return Err(invalid(format!(
-                        "unknown or mistyped field {other:?} (expected latency_ms, error_rate, rate_limit)"
+                        "unknown or mistyped field {other:?} (expected latency_ms, answer_latency_ms, error_rate, rate_limit)"
                     )));
                 }
             }

@@ -469,6 +469,7 @@ async fn faults_can_be_changed_in_process() {
         latency: Duration::from_millis(1),
         error_rate: 1.0,
         rate_limit: None,
+        ..Default::default()
     });
     assert!(api.call("GET", "/api_keys", None).await.0 >= 500);
     api.sb.set_faults(super::Faults::default());
@@ -483,4 +484,53 @@ async fn faults_can_be_changed_in_process() {
         (Some(2), Some(1))
     );
     api.sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn answer_latency_applies_the_write_before_answering() {
+    let api = std::sync::Arc::new(Api::start(SandboxOptions::default()).await);
+    api.support(
+        "PUT",
+        "/_sandbox/faults",
+        json!({"answer_latency_ms": 3000}),
+    )
+    .await;
+    assert_eq!(api.sb.faults().answer_latency, Duration::from_secs(3));
+    let poster = std::sync::Arc::clone(&api);
+    let post = tokio::spawn(async move {
+        poster
+            .call(
+                "POST",
+                "/service_users",
+                Some(json!({"name": "made-unheard"})),
+            )
+            .await
+            .0
+    });
+    // Once the POST is counted it has its answer latency; later requests answer at once.
+    while api.stats().await["by_route"]["POST /service_users"] != 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    api.support(
+        "PUT",
+        "/_sandbox/faults",
+        json!({"answer_latency_ms": null}),
+    )
+    .await;
+    let mut seen = false;
+    for _ in 0..100 {
+        let (status, _, body) = api.call("GET", "/service_users", None).await;
+        assert_eq!(status, 200);
+        if body["service_users"][0]["name"] == "made-unheard" {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen, "the POST was never applied");
+    assert!(
+        !post.is_finished(),
+        "the user was visible only after its creator had its answer"
+    );
+    assert_eq!(post.await.unwrap(), 201);
 }

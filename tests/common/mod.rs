@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod asa;
+pub mod crash;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -175,6 +176,10 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        // A sandbox that died under a test shows up as "connection refused"; say why it died.
+        if let Ok(Some(status)) = self.child.try_wait() {
+            eprintln!("keyward-sandbox had exited before the test ended: {status}");
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -278,4 +283,51 @@ pub fn expect_code(out: &Output, code: i32, what: &str) {
         text(&out.stdout),
         text(&out.stderr)
     );
+}
+
+impl Workspace {
+    /// Like [`Workspace::write_config`], with `sinks_extra` (indented sink definitions, e.g. an
+    /// exec sink) added under `sinks:` after `local`.
+    pub fn write_config_with_sinks(
+        &self,
+        settings_extra: &str,
+        sinks_extra: &str,
+        users_yaml: &str,
+    ) {
+        let text = format!(
+            "version: 1\nsettings:\n  state_dir: state\n{settings_extra}providers:\n  ng:\n    type: ngrok\n    api_key: ${{NGROK_API_KEY}}\n    base_url: ${{KEYWARD_SANDBOX_URL}}\n    rate_limit: 100000/1s\nsinks:\n  local:\n    type: file\n    path: secrets/{{provider}}/{{user}}/{{slot}}.json\n    format: json\n{sinks_extra}defaults:\n  sink: local\n{users_yaml}"
+        );
+        std::fs::write(self.config_path(), text).unwrap();
+    }
+
+    /// `status --json`'s `keys` entries.
+    pub fn status_keys(&self) -> Vec<Value> {
+        let out = self.keyward(&["status", "--json"]);
+        expect_code(&out, 0, "status --json");
+        let doc: Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+        doc["keys"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// `plan --json` as a document (exit 0 required: no `--detailed-exitcode`).
+    pub fn plan_json(&self) -> Value {
+        let out = self.keyward(&["plan", "--json"]);
+        expect_code(&out, 0, "plan --json");
+        serde_json::from_slice(&out.stdout).expect("plan --json is one JSON document")
+    }
+}
+
+impl Sandbox {
+    /// Ids of every ngrok API key and credential owned by the service user `name` (empty when
+    /// the user does not exist).
+    pub fn key_ids_of(&self, name: &str) -> std::collections::BTreeSet<String> {
+        let Some(user) = self.user_by_name(name) else {
+            return Default::default();
+        };
+        self.list("/api_keys", "keys")
+            .into_iter()
+            .chain(self.list("/credentials", "credentials"))
+            .filter(|k| k["owner_id"] == user["id"])
+            .filter_map(|k| k["id"].as_str().map(str::to_string))
+            .collect()
+    }
 }
