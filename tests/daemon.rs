@@ -519,3 +519,65 @@ fn speaks_the_systemd_notify_protocol() {
         Some(0)
     );
 }
+
+#[test]
+fn a_failing_account_backs_off_without_stopping_the_others() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    std::fs::write(
+        ws.config_path(),
+        "version: 1
+settings:
+  state_dir: state
+  interval: 10m
+providers:
+  good:
+    type: ngrok
+    api_key: ${NGROK_API_KEY}
+    base_url: ${KEYWARD_SANDBOX_URL}
+  broken:
+    type: ngrok
+    api_key_file: wrong-key
+    base_url: ${KEYWARD_SANDBOX_URL}
+sinks:
+  local: {type: file, path: \"secrets/{provider}/{user}/{slot}.json\"}
+defaults: {sink: local}
+users:
+  - {provider: good, name: fine, keys: {main: {}}}
+  - {provider: broken, name: stuck, keys: {main: {}}}
+",
+    )
+    .unwrap();
+    std::fs::write(ws.path("wrong-key"), "not-a-valid-ngrok-key-at-all\n").unwrap();
+    let d = Daemon::start(&ws);
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "the good account converged",
+        || ws.path("secrets/good/fine/main.json").exists(),
+    );
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "the broken account is reported and backs off",
+        || {
+            let log = d.log();
+            log.contains("provider broken") && log.contains("retrying this account in")
+        },
+    );
+    assert!(sb.user_by_name("stuck").is_none());
+    assert!(
+        !d.log().contains("not-a-valid-ngrok-key"),
+        "the credential leaked into the log"
+    );
+    // Fixing the credential (an edit of the file it names is not a config edit; SIGHUP
+    // reloads) lets the broken account converge too.
+    std::fs::write(ws.path("wrong-key"), format!("{}\n", sb.admin_key)).unwrap();
+    d.signal("HUP");
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "the repaired account converged",
+        || ws.path("secrets/broken/stuck/main.json").exists(),
+    );
+}

@@ -140,8 +140,8 @@ impl Daemon {
                                 "settings.metrics changed: restart keyward to move the listener"
                             );
                         }
-                        self.health
-                            .retain(|name, _| engine.config.providers.contains_key(name));
+                        // A reload is often the fix (a new credential): retry every account now.
+                        self.health.clear();
                         self.engine = engine;
                         self.text = text;
                         self.metrics.set_config_valid(true);
