@@ -335,6 +335,14 @@ mod tests {
         "Australia/Lord_Howe",
     ];
 
+    #[test]
+    fn dst_gap_in_new_york_shifts_to_the_first_valid_time() {
+        // The case proptest found: 02:30 does not exist in New York on 2024-03-10.
+        let s = slot(None, Some("30 2 * * *"), "America/New_York", "1h");
+        let d = next_due(&s, key("2024-03-09T07:30:00Z")).unwrap();
+        assert_eq!(d.at, ts("2024-03-10T07:00:00Z"), "03:00 EDT");
+    }
+
     proptest! {
         #[test]
         fn due_time_is_never_before_the_last_rotation(
@@ -371,8 +379,14 @@ mod tests {
             prop_assert!(first > created);
             let cron = parse_schedule(SCHEDULES[sched]).unwrap();
             let tz = TimeZone::get(ZONES[zone]).unwrap();
-            // `first` is a cron time, and no cron time lies strictly between created and first.
-            prop_assert!(cron.is_time_matching(&first.to_zoned(tz.clone())).unwrap());
+            // `first` is a cron time — or, when the cron time fell into a DST gap, the first
+            // valid instant after it (croner's documented rule) — and no cron time lies
+            // strictly between created and first.
+            let in_gap = tz.to_offset(first) != tz.to_offset(first - SignedDuration::from_hours(1));
+            prop_assert!(
+                cron.is_time_matching(&first.to_zoned(tz.clone())).unwrap() || in_gap,
+                "{first} is not a cron time of `{}` in {}", SCHEDULES[sched], ZONES[zone]
+            );
             let prev = cron.find_previous_occurrence(&first.to_zoned(tz.clone()), false).unwrap().timestamp();
             prop_assert!(prev <= created, "skipped cron time {prev}");
             // A key minted at that cron time (or just after) is due at the next one, never again at `first`.
