@@ -323,14 +323,7 @@ pub fn recover(
                         && op.created.is_none()
                         && let Some(key_id) = lost_key(op, u, snapshot, state)
                     {
-                        state.record_user(&op.provider, &op.user, &u.id, false, u.created_at);
-                        if let Some(rec) = state.user_mut(&op.provider, &op.user) {
-                            rec.slots
-                                .entry(slot.clone())
-                                .or_default()
-                                .orphans
-                                .push(key_id.clone());
-                        }
+                        mark_orphan(state, op, u, &slot, &key_id);
                         r.changed = true;
                         r.notes.push(format!(
                             "{} / {}: key {key_id} was created for slot {slot} by an interrupted run whose answer was lost; it will be revoked",
@@ -395,13 +388,7 @@ pub fn recover(
                     ));
                 } else {
                     // Never delivered: nobody has its secret. Revoke it; rotate again.
-                    state.record_user(&op.provider, &op.user, &u.id, false, u.created_at);
-                    if let Some(rec) = state.user_mut(&op.provider, &op.user) {
-                        let srec = rec.slots.entry(slot.clone()).or_default();
-                        if !srec.orphans.contains(key_id) {
-                            srec.orphans.push(key_id.clone());
-                        }
-                    }
+                    mark_orphan(state, op, u, &slot, key_id);
                     r.changed = true;
                     r.notes.push(format!(
                         "{} / {}: key {key_id} for slot {slot} was created by an interrupted run but never delivered; it will be revoked",
@@ -480,6 +467,23 @@ fn held_by_every_sink(
                 .is_some_and(|sink| crate::sinks::holds(sink, &op.provider, &op.user, slot, key_id))
         });
     all.then(|| spec.sinks.clone())
+}
+
+/// Records a key keyward created for `slot` that nobody holds, so the planner revokes it.
+fn mark_orphan(
+    state: &mut State,
+    op: &Unfinished,
+    user: &crate::model::RemoteUser,
+    slot: &str,
+    key_id: &str,
+) {
+    state.record_user(&op.provider, &op.user, &user.id, false, user.created_at);
+    if let Some(rec) = state.user_mut(&op.provider, &op.user) {
+        let srec = rec.slots.entry(slot.to_string()).or_default();
+        if !srec.orphans.iter().any(|o| o == key_id) {
+            srec.orphans.push(key_id.to_string());
+        }
+    }
 }
 
 /// Records a delivered key as the slot's current one; the previous current key retires.

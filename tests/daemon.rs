@@ -23,18 +23,28 @@ struct Daemon {
 
 impl Daemon {
     fn start(ws: &Workspace) -> Daemon {
+        Self::start_with(ws, &[("NOTIFY_SOCKET", None), ("WATCHDOG_USEC", None)])
+    }
+
+    /// Starts it with extra environment (`None` removes a variable).
+    fn start_with(ws: &Workspace, extra: &[(&str, Option<&str>)]) -> Daemon {
         let log = ws.path("daemon.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
         cmd.args(["daemon", "-c"])
             .arg(ws.config_path())
             .env("NO_COLOR", "1")
-            .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .current_dir(ws.dir.path());
         for (k, v) in &ws.env {
             cmd.env(k, v);
+        }
+        for (k, v) in extra {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
         }
         Daemon {
             child: cmd.spawn().unwrap(),
@@ -454,24 +464,15 @@ fn speaks_the_systemd_notify_protocol() {
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let log = ws.path("daemon.log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
-    cmd.args(["daemon", "-c"])
-        .arg(ws.config_path())
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "300000")
-        .env_remove("WATCHDOG_PID")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .current_dir(ws.dir.path());
-    for (k, v) in &ws.env {
-        cmd.env(k, v);
-    }
-    let mut d = Daemon {
-        child: cmd.spawn().unwrap(),
-        log,
-    };
+    let sock_text = sock_path.to_string_lossy().into_owned();
+    let mut d = Daemon::start_with(
+        &ws,
+        &[
+            ("NOTIFY_SOCKET", Some(sock_text.as_str())),
+            ("WATCHDOG_USEC", Some("300000")),
+            ("WATCHDOG_PID", None),
+        ],
+    );
     let mut messages: Vec<String> = Vec::new();
     let read_for = |limit: Duration, messages: &mut Vec<String>| {
         let t = Instant::now();
