@@ -2,7 +2,7 @@
 //! provider clients and state directory, and the steps observe (with journal recovery) →
 //! plan → check → execute. The CLI runs it once; the daemon runs it again on every trigger.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use jiff::Timestamp;
@@ -73,13 +73,29 @@ impl Engine {
         include: impl Fn(&str) -> bool,
     ) -> anyhow::Result<Observation> {
         let mut state = self.state_dir.load()?;
-        let lists = futures::future::join_all(
-            self.providers
-                .iter()
-                .filter(|(name, _)| include(name))
-                .map(|(name, p)| async move { (name.clone(), p.observe().await) }),
-        )
-        .await;
+        // The users whose keys matter: declared ones, and those keyward recorded (prune).
+        let mut managed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        for u in &self.config.users {
+            managed
+                .entry(&u.provider)
+                .or_default()
+                .insert(u.name.clone());
+        }
+        for (provider, account) in &state.accounts {
+            managed
+                .entry(provider)
+                .or_default()
+                .extend(account.users.keys().cloned());
+        }
+        let empty = BTreeSet::new();
+        let lists =
+            futures::future::join_all(self.providers.iter().filter(|(name, _)| include(name)).map(
+                |(name, p)| {
+                    let scope = managed.get(name.as_str()).unwrap_or(&empty);
+                    async move { (name.clone(), p.observe(Some(scope)).await) }
+                },
+            ))
+            .await;
         let mut observed = Observed::new();
         let mut failures = Vec::new();
         for (name, result) in lists {

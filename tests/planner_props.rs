@@ -38,7 +38,10 @@ impl Provider for Fake {
     fn name(&self) -> &str {
         "ng"
     }
-    async fn observe(&self) -> Result<AccountSnapshot, ProviderError> {
+    async fn observe(
+        &self,
+        _managed: Option<&std::collections::BTreeSet<String>>,
+    ) -> Result<AccountSnapshot, ProviderError> {
         Ok(self.snap.lock().unwrap().clone())
     }
     async fn create_user(&self, name: &str, active: bool) -> Result<RemoteUser, ProviderError> {

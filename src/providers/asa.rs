@@ -567,14 +567,18 @@ impl Provider for AsaProvider {
         &self.name
     }
 
-    async fn observe(&self) -> Result<AccountSnapshot, ProviderError> {
+    async fn observe(
+        &self,
+        managed: Option<&std::collections::BTreeSet<String>>,
+    ) -> Result<AccountSnapshot, ProviderError> {
         let op = Op::new("list service users", None);
         let wire: Vec<WireUser> = self.list_all(&op, self.url(&["service_users"])).await?;
         let users: Vec<RemoteUser> = wire.into_iter().map(RemoteUser::from).collect();
-        // A deleted user's keys can no longer be used; its name is all that remains.
+        // A deleted user's keys can no longer be used; its name is all that remains. Keys are
+        // listed one user at a time, so only for the users keyward manages.
         let mut listings: Vec<KeyListing<'_>> = Vec::new();
         for u in &users {
-            if !u.deleted {
+            if !u.deleted && managed.is_none_or(|m| m.contains(&u.name)) {
                 listings.push(Box::pin(self.list_keys(u)));
             }
         }
@@ -885,15 +889,15 @@ mod sandbox_tests {
         let sb = start(Duration::from_secs(2)).await;
         // The team in another case is the same team.
         let asa = client(&sb, &sb.asa_team().to_uppercase(), &sb.asa_key_secret());
-        asa.observe().await.unwrap();
-        asa.observe().await.unwrap();
+        asa.observe(None).await.unwrap();
+        asa.observe(None).await.unwrap();
         assert_eq!(token_calls(&sb), 1, "cached");
         // Lifetime 2 s, rounded up to a whole second: 2–3 s.
         tokio::time::sleep(Duration::from_millis(3100)).await;
-        asa.observe().await.unwrap();
+        asa.observe(None).await.unwrap();
         assert_eq!(token_calls(&sb), 2, "renewed after expiry");
         support(&sb, Method::POST, "/_sandbox/asa/revoke_tokens", json!({})).await;
-        let snap = asa.observe().await.unwrap();
+        let snap = asa.observe(None).await.unwrap();
         assert_eq!(token_calls(&sb), 3, "re-issued once after the 401");
         assert!(snap.users.iter().any(|u| u.name == "keyward-admin"));
         sb.shutdown().await;
@@ -904,7 +908,7 @@ mod sandbox_tests {
         let sb = start(Duration::from_secs(600)).await;
         let secret = "definitely-not-the-secret-0123456789";
         let asa = client(&sb, &sb.asa_team(), secret);
-        let e = asa.observe().await.unwrap_err();
+        let e = asa.observe(None).await.unwrap_err();
         assert_eq!(e.class, ErrorClass::Credential);
         assert_eq!(e.status, Some(401));
         let shown = e.to_string();
@@ -947,7 +951,7 @@ mod sandbox_tests {
         for _ in 0..3 {
             created.push(asa.create_key(&bot, &nk).await.unwrap().key.id);
         }
-        let snap = asa.observe().await.unwrap();
+        let snap = asa.observe(None).await.unwrap();
         assert_eq!(snap.users.len(), 7, "admin + 6 across pages of 2");
         let keys: Vec<&RemoteKey> = snap.keys_of(&bot.id).collect();
         assert_eq!(
@@ -970,7 +974,7 @@ mod sandbox_tests {
         let u = asa.update_user(&bot, true).await.unwrap();
         assert!(u.active);
         asa.delete_user(&u).await.unwrap();
-        let snap = asa.observe().await.unwrap();
+        let snap = asa.observe(None).await.unwrap();
         let gone = snap
             .users
             .iter()
@@ -1000,7 +1004,7 @@ mod sandbox_tests {
         for i in 0..4 {
             asa.create_user(&format!("r{i}"), true).await.unwrap();
         }
-        let snap = asa.observe().await.unwrap();
+        let snap = asa.observe(None).await.unwrap();
         assert_eq!(snap.users.len(), 5);
         assert!(sb.stats()["rate_limited"].as_u64().unwrap() > 0);
         sb.shutdown().await;

@@ -11,6 +11,7 @@ pub mod asa;
 pub mod http;
 pub mod ngrok;
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 
@@ -51,8 +52,13 @@ impl fmt::Debug for CreatedKey {
 pub trait Provider: Send + Sync {
     /// The account's name in the config.
     fn name(&self) -> &str;
-    /// Lists every service user and every key owned by one, using list endpoints only.
-    async fn observe(&self) -> Result<AccountSnapshot, ProviderError>;
+    /// Lists every service user, and the keys of the users in `managed` (all users when
+    /// `None`), using list endpoints only. Providers with an account-wide key list may return
+    /// more keys; a provider that must list keys user by user (Okta ASA) lists only these.
+    async fn observe(
+        &self,
+        managed: Option<&BTreeSet<String>>,
+    ) -> Result<AccountSnapshot, ProviderError>;
     async fn create_user(&self, name: &str, active: bool) -> Result<RemoteUser, ProviderError>;
     async fn update_user(
         &self,

@@ -270,7 +270,11 @@ impl Provider for NgrokProvider {
         &self.name
     }
 
-    async fn observe(&self) -> Result<AccountSnapshot, ProviderError> {
+    async fn observe(
+        &self,
+        _managed: Option<&std::collections::BTreeSet<String>>,
+    ) -> Result<AccountSnapshot, ProviderError> {
+        // The key lists are account-wide: listing them whole costs the same few pages.
         // The three lists are independent: run them concurrently.
         let (users, api_keys, credentials) = tokio::try_join!(
             self.list_all::<WireUser>("/service_users", "service_users"),
