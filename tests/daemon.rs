@@ -582,3 +582,29 @@ users:
         || ws.path("secrets/broken/stuck/main.json").exists(),
     );
 }
+
+#[test]
+fn sigterm_does_not_wait_out_a_long_retry_after() {
+    // Two requests a minute: the third list of the first observation is answered 429 with a
+    // Retry-After of about a minute.
+    let sb = Sandbox::start(&["--rate-limit", "2/60s"]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(QUIET, &users(&["patient"]));
+    let mut d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(10), "rate limited", || {
+        sb.stats()["rate_limited"].as_u64().unwrap_or(0) > 0
+    });
+    d.signal("TERM");
+    let t = Instant::now();
+    let status = d
+        .wait_exit(Duration::from_secs(20))
+        .expect("daemon exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    // A minute-long wait would still be running: the exit came from cutting it short.
+    assert!(t.elapsed() < Duration::from_secs(20));
+    sb.set_faults(json!({"rate_limit": null}));
+    assert!(
+        sb.user_by_name("patient").is_none(),
+        "nothing was sent after the signal"
+    );
+}

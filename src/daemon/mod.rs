@@ -365,6 +365,7 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
             }
             systemd::stopping();
             shutdown.cancel();
+            crate::providers::http::shut_down();
         });
     }
     let mut hup = signal(SignalKind::hangup())?;

@@ -23,6 +23,16 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// Attempts after the first for transient failures (429, 5xx, connection errors).
 const MAX_RETRIES: usize = 10;
 
+/// Fired once when the process shuts down: every wait for a rate budget, a `Retry-After` or a
+/// backoff ends, and nothing new is sent. A request already on the wire still completes.
+static SHUTDOWN: std::sync::LazyLock<tokio_util::sync::CancellationToken> =
+    std::sync::LazyLock::new(tokio_util::sync::CancellationToken::new);
+
+/// Stops every provider client from waiting or sending (SIGTERM).
+pub fn shut_down() {
+    SHUTDOWN.cancel();
+}
+
 /// What a request is for, so an error can name it.
 #[derive(Debug, Clone)]
 pub struct Op {
@@ -110,7 +120,14 @@ impl HttpClient {
                     .with_max_times(MAX_RETRIES)
                     .with_jitter(),
             )
-            .when(|e: &Failure| e.error.class == ErrorClass::Transient)
+            // Waits end early on shutdown: a SIGTERM must not sit out a long Retry-After.
+            .sleep(|d: Duration| async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = SHUTDOWN.cancelled() => {}
+                }
+            })
+            .when(|e: &Failure| e.error.class == ErrorClass::Transient && !SHUTDOWN.is_cancelled())
             .adjust(|e: &Failure, backoff| match (e.retry_after, backoff) {
                 // Out of attempts: stop, whatever the provider asked.
                 (_, None) => None,
@@ -139,12 +156,24 @@ impl HttpClient {
             retry_after: None,
         })?;
         let wait_until = *self.not_before.lock().await;
-        if let Some(t) = wait_until {
-            tokio::time::sleep_until(t).await;
+        let waits = async {
+            if let Some(t) = wait_until {
+                tokio::time::sleep_until(t).await;
+            }
+            self.limiter
+                .until_ready_with_jitter(governor::Jitter::up_to(Duration::from_millis(50)))
+                .await;
+        };
+        tokio::select! {
+            _ = waits => {}
+            _ = SHUTDOWN.cancelled() => {
+                // Nothing was sent: abandoning is safe.
+                return Err(Failure {
+                    error: self.local_error(op, "not sent: keyward is shutting down"),
+                    retry_after: None,
+                });
+            }
         }
-        self.limiter
-            .until_ready_with_jitter(governor::Jitter::up_to(Duration::from_millis(50)))
-            .await;
         self.requests.fetch_add(1, Ordering::Relaxed);
         let response = match build(&self.client).send().await {
             Ok(r) => r,
