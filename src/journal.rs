@@ -330,10 +330,7 @@ pub fn recover(
                             op.provider, op.user
                         ));
                     }
-                    if op.forced {
-                        r.force
-                            .push((op.provider.clone(), op.user.clone(), op.slot.clone()));
-                    }
+                    redo_if_forced(&mut r, op);
                     continue;
                 };
                 let exists = snapshot.keys_of(&u.id).any(|k| k.id == *key_id);
@@ -345,10 +342,7 @@ pub fn recover(
                 }
                 if !exists {
                     // Gone already (revoked since): nothing to adopt or revoke.
-                    if op.forced {
-                        r.force
-                            .push((op.provider.clone(), op.user.clone(), op.slot.clone()));
-                    }
+                    redo_if_forced(&mut r, op);
                     continue;
                 }
                 if let Some((sinks, delivered_at)) = &op.delivered {
@@ -394,10 +388,7 @@ pub fn recover(
                         "{} / {}: key {key_id} for slot {slot} was created by an interrupted run but never delivered; it will be revoked",
                         op.provider, op.user
                     ));
-                    if op.forced {
-                        r.force
-                            .push((op.provider.clone(), op.user.clone(), op.slot.clone()));
-                    }
+                    redo_if_forced(&mut r, op);
                 }
             }
             Action::UpdateUser | Action::DeleteUser | Action::RevokeKey => {
@@ -467,6 +458,14 @@ fn held_by_every_sink(
                 .is_some_and(|sink| crate::sinks::holds(sink, &op.provider, &op.user, slot, key_id))
         });
     all.then(|| spec.sinks.clone())
+}
+
+/// A forced rotation cut short runs again on the next apply.
+fn redo_if_forced(r: &mut Recovery, op: &Unfinished) {
+    if op.forced {
+        r.force
+            .push((op.provider.clone(), op.user.clone(), op.slot.clone()));
+    }
 }
 
 /// Records a key keyward created for `slot` that nobody holds, so the planner revokes it.

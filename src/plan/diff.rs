@@ -345,7 +345,12 @@ fn plan_existing_user(
 
     // Keys keyward owns on slots that left the file: the slot is gone, so are its keys.
     let declared: BTreeSet<&str> = spec.slots.keys().map(String::as_str).collect();
-    for (slot, key) in &sorted.current {
+    let current = sorted.current.iter().map(|(slot, key)| (slot, *key));
+    let retiring = sorted
+        .retiring
+        .iter()
+        .flat_map(|(slot, keys)| keys.iter().map(move |(key, _)| (slot, *key)));
+    for (slot, key) in current.chain(retiring) {
         if !declared.contains(slot.as_str()) {
             changes.push(revoke(
                 provider,
@@ -354,19 +359,6 @@ fn plan_existing_user(
                 key,
                 format!("slot {slot} is no longer declared"),
             ));
-        }
-    }
-    for (slot, keys) in &sorted.retiring {
-        if !declared.contains(slot.as_str()) {
-            for (key, _) in keys {
-                changes.push(revoke(
-                    provider,
-                    &spec.name,
-                    slot,
-                    key,
-                    format!("slot {slot} is no longer declared"),
-                ));
-            }
         }
     }
     for (slot, key) in &sorted.orphans {
