@@ -12,6 +12,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use jiff::Timestamp;
+use secrecy::zeroize::Zeroizing;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -103,10 +104,14 @@ impl Report {
         for r in &self.results {
             let what = describe(&r.change);
             match &r.outcome {
-                Outcome::Failed(e) => out.push_str(&format!("  failed:        {what}: {e}\n")),
-                Outcome::NotAttempted(why) => {
-                    out.push_str(&format!("  not attempted: {what}: {why}\n"))
-                }
+                Outcome::Failed(e) => out.push_str(&format!(
+                    "  failed:        {what}: {}\n",
+                    crate::text::escape(&crate::redact::mask(e, None))
+                )),
+                Outcome::NotAttempted(why) => out.push_str(&format!(
+                    "  not attempted: {what}: {}\n",
+                    crate::text::escape(why)
+                )),
                 Outcome::Done(_) => {}
             }
         }
@@ -128,7 +133,7 @@ pub fn describe(c: &Change) -> String {
         Action::RotateKey => format!("rotate key {slot}"),
         Action::RevokeKey => format!("revoke key {}", c.key_id.as_deref().unwrap_or("")),
     };
-    format!("{} / {}: {what}", c.provider, c.user)
+    crate::text::escape(&format!("{} / {}: {what}", c.provider, c.user)).into_owned()
 }
 
 /// Everything the executor works with.
@@ -548,6 +553,17 @@ impl Executor {
             metadata: KeyTag::new(&slot.name).to_metadata(),
             acl: slot.acl.clone(),
         };
+        // Every sink must be able to take this key before one is minted: a name its path cannot
+        // hold would otherwise mint, fail delivery and revoke on every run.
+        for name in &slot.sinks {
+            let sink = self
+                .config
+                .sinks
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("sink {name} is not defined"))?;
+            sinks::precheck(sink, &provider, &user.name, &slot.name)
+                .map_err(|e| anyhow::anyhow!("{e}; no key was created"))?;
+        }
         let seq = self
             .begin(
                 change.action,
@@ -693,13 +709,13 @@ impl Executor {
     /// so that no sink is left holding the new key the caller is about to revoke: the key left
     /// in place must still be what every sink holds.
     async fn deliver_all(&self, slot: &SlotSpec, doc: &SinkDocument) -> anyhow::Result<()> {
-        let mut written: Vec<(std::path::PathBuf, Option<Vec<u8>>)> = Vec::new();
+        let mut written: Vec<(std::path::PathBuf, Option<Zeroizing<Vec<u8>>>)> = Vec::new();
         let result = self.deliver_each(slot, doc, &mut written).await;
         if result.is_err() {
             for (path, previous) in written.into_iter().rev() {
                 let shown = path.display().to_string();
                 let undone = tokio::task::spawn_blocking(move || match previous {
-                    Some(bytes) => crate::state::write_private_file(&path, &bytes),
+                    Some(bytes) => crate::files::write_private_file(&path, &bytes),
                     None => std::fs::remove_file(&path).map_err(anyhow::Error::from),
                 })
                 .await;
@@ -719,7 +735,7 @@ impl Executor {
         &self,
         slot: &SlotSpec,
         doc: &SinkDocument,
-        written: &mut Vec<(std::path::PathBuf, Option<Vec<u8>>)>,
+        written: &mut Vec<(std::path::PathBuf, Option<Zeroizing<Vec<u8>>>)>,
     ) -> anyhow::Result<()> {
         for name in &slot.sinks {
             let sink = self
@@ -730,7 +746,7 @@ impl Executor {
             let before = match &sink.kind {
                 crate::config::SinkKind::File { path, .. } => doc.fill(path).ok().map(|p| {
                     let p = std::path::PathBuf::from(p);
-                    let previous = std::fs::read(&p).ok();
+                    let previous = crate::files::read_own_file(&p);
                     (p, previous)
                 }),
                 crate::config::SinkKind::Exec { .. } => None,
@@ -743,11 +759,14 @@ impl Executor {
                         .with_max_times(4)
                         .with_jitter(),
                 )
+                // A failure no retry can fix (a name the path cannot hold, a directory others
+                // can write) fails at once.
+                .when(|e: &sinks::SinkError| !e.permanent)
                 .notify(|e, wait| {
-                    tracing::warn!("sink {name}: {e:#}; retrying in {:.1}s", wait.as_secs_f64())
+                    tracing::warn!("sink {name}: {e}; retrying in {:.1}s", wait.as_secs_f64())
                 })
                 .await
-                .map_err(|e| e.context(format!("sink {name}")))?;
+                .map_err(|e| e.error.context(format!("sink {name}")))?;
             written.extend(before);
         }
         Ok(())

@@ -152,7 +152,7 @@ fn init_logging(cli: &Cli) {
         std::io::stderr().is_terminal() && !cli.no_color && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| OneLine(std::io::stderr()));
     match cli.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder
@@ -163,12 +163,48 @@ fn init_logging(cli: &Cli) {
     }
 }
 
+/// stderr for log lines: each event is one line. tracing's text format escapes terminal escape
+/// codes in what it logs but keeps line breaks, so a name holding a newline could forge a log
+/// line; here every line break inside an event is written as `\n` or `\r`. (The formatter
+/// hands over each event in one write.)
+struct OneLine(std::io::Stderr);
+
+impl Write for OneLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (body, newline) = match buf.strip_suffix(b"\n") {
+            Some(body) => (body, true),
+            None => (buf, false),
+        };
+        if !body.iter().any(|&b| b == b'\n' || b == b'\r') {
+            self.0.write_all(buf)?;
+            return Ok(buf.len());
+        }
+        let mut out = Vec::with_capacity(buf.len() + 16);
+        for &b in body {
+            match b {
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b => out.push(b),
+            }
+        }
+        if newline {
+            out.push(b'\n');
+        }
+        self.0.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Runs a command and maps its result to the exit code.
 pub async fn run(cli: &Cli) -> ExitCode {
     match dispatch(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_line(&e));
             ExitCode::from(1)
         }
     }
@@ -273,6 +309,19 @@ async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo => unreachable!("demo is dispatched before the runtime starts"),
     }
+}
+
+/// An error and its causes on one line, as `{:#}` shows them, with control characters escaped
+/// (names from the config or a provider cannot forge lines) and every credential keyward holds
+/// masked.
+pub fn error_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|cause| {
+            let text = cause.to_string();
+            crate::text::escape(&crate::redact::mask(&text, None)).into_owned()
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// The config path the flags, environment and default choose.
@@ -419,9 +468,11 @@ impl Context_ {
     /// Observes; any account that does not answer fails the command.
     async fn observe_all(&self, persist: bool) -> anyhow::Result<Observation> {
         let obs = self.engine.observe(persist).await?;
-        if !obs.failures.is_empty() {
-            let lines: Vec<String> = obs.failures.iter().map(|e| e.to_string()).collect();
-            anyhow::bail!("{}", lines.join("\nerror: "));
+        if let Some((last, rest)) = obs.failures.split_last() {
+            for failure in rest {
+                eprintln!("error: {failure}");
+            }
+            return Err(last.clone().into());
         }
         Ok(obs)
     }
@@ -459,8 +510,9 @@ impl Context_ {
     }
 
     async fn apply_saved(&self, path: &Path) -> anyhow::Result<ExitCode> {
-        let text = fs_err::read_to_string(path)?;
-        let saved: Plan = serde_json::from_str(&text)
+        let bytes = crate::files::read_bounded(path, crate::files::MAX_STATE_BYTES, true)
+            .map_err(|e| anyhow::anyhow!("cannot read the plan file {}: {e}", path.display()))?;
+        let saved: Plan = serde_json::from_slice(&bytes)
             .with_context(|| format!("{} is not a keyward plan file", path.display()))?;
         if saved.format_version != plan::FORMAT_VERSION {
             anyhow::bail!(

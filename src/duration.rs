@@ -4,7 +4,13 @@
 
 use jiff::SignedDuration;
 
-/// Parses `30d`, `12h`, `90m`, `45s`. Anything else is an error message fit for a diagnostic.
+/// The longest duration keyward accepts: 100 years (36500d). Every duration meets a timestamp
+/// somewhere (now + interval, created + rotate_every); this keeps all of them far inside what
+/// the time arithmetic holds.
+pub const MAX: SignedDuration = SignedDuration::from_secs(36_500 * 86_400);
+
+/// Parses `30d`, `12h`, `90m`, `45s`, at most [`MAX`]. Anything else is an error message fit
+/// for a diagnostic.
 pub fn parse(text: &str) -> Result<SignedDuration, String> {
     let t = text.trim();
     let bad = || {
@@ -25,8 +31,13 @@ pub fn parse(text: &str) -> Result<SignedDuration, String> {
         'd' => 86_400,
         _ => return Err(bad()),
     };
-    let secs = n.checked_mul(secs_per).ok_or_else(bad)?;
-    Ok(SignedDuration::from_secs(secs))
+    let too_long = || format!("duration `{text}` is too long: at most 36500d (100 years)");
+    let secs = n.checked_mul(secs_per).ok_or_else(too_long)?;
+    let d = SignedDuration::from_secs(secs);
+    if d > MAX {
+        return Err(too_long());
+    }
+    Ok(d)
 }
 
 /// Renders a duration the way users write them: the largest unit that divides it exactly.
@@ -68,6 +79,8 @@ mod tests {
         assert_eq!(parse("90m").unwrap().as_secs(), 5400);
         assert_eq!(parse("12h").unwrap().as_secs(), 43_200);
         assert_eq!(parse("30d").unwrap().as_secs(), 2_592_000);
+        assert_eq!(parse("36500d").unwrap(), MAX);
+        assert!(parse("2940000d").unwrap_err().contains("too long"));
     }
 
     #[test]
@@ -82,6 +95,9 @@ mod tests {
             "30 d",
             "3d4h",
             "99999999999999999999d",
+            "36501d",
+            "2940000d",
+            "9223372036854775807s",
         ] {
             assert!(parse(bad).is_err(), "{bad} should be rejected");
         }

@@ -40,6 +40,16 @@ impl Engine {
         let config = Arc::new(loaded.config);
         let mut clients = BTreeMap::new();
         for (name, account) in &config.providers {
+            // Whatever keyward quotes later (a sink program's output, an error body) is masked
+            // for these.
+            match &account.auth {
+                crate::config::ProviderAuth::Ngrok { api_key } => {
+                    crate::redact::remember(&format!("{name}.api_key"), api_key)
+                }
+                crate::config::ProviderAuth::OktaAsa { key_secret, .. } => {
+                    crate::redact::remember(&format!("{name}.key_secret"), key_secret)
+                }
+            }
             clients.insert(
                 name.clone(),
                 providers::connect(account, config.settings.concurrency)?,

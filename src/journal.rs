@@ -6,8 +6,7 @@
 //! Lines hold ids and names only, never a secret.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,15 +86,23 @@ impl Journal {
     /// Opens (creating, mode 0600) the journal for appending; sequence numbers continue after
     /// the highest one already in it.
     pub fn open(state_dir: &Path) -> anyhow::Result<Journal> {
-        crate::state::create_private_dir(state_dir)?;
+        crate::files::create_private_dir(state_dir, "state directory")?;
         let path = Self::path_in(state_dir);
-        let last = read(state_dir)?.iter().map(|e| e.seq).max().unwrap_or(0);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
+        let parsed = parse(state_dir)?;
+        let last = parsed.entries.iter().map(|e| e.seq).max().unwrap_or(0);
+        let mut file = crate::files::open_private(&path, true)
             .with_context(|| format!("opening the journal {}", path.display()))?;
+        if parsed.unterminated {
+            file.write_all(b"\n")
+                .and_then(|()| file.sync_data())
+                .with_context(|| format!("writing the journal {}", path.display()))?;
+        }
+        if let Some(good) = parsed.torn_at {
+            // Cut the torn tail off, so the next line starts on a line of its own.
+            file.set_len(good)
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("trimming the torn last line of {}", path.display()))?;
+        }
         Ok(Journal {
             path,
             file: Mutex::new(file),
@@ -165,33 +172,92 @@ impl Journal {
         }
         crate::state::write_private_file(&self.path, &bytes)?;
         // The old handle points at the replaced file: append to the new one.
-        *file = std::fs::OpenOptions::new()
-            .append(true)
-            .mode(0o600)
-            .open(&self.path)
+        *file = crate::files::open_private(&self.path, true)
             .with_context(|| format!("reopening the journal {}", self.path.display()))?;
         Ok(())
     }
 }
 
-/// Every readable entry of the journal in `state_dir` (none if there is no journal). A torn
-/// last line — the process died mid-write — is ignored: its write never became durable, so
-/// the remote write it announced never started.
+/// Every entry of the journal in `state_dir` (none if there is no journal). A torn last line
+/// (the process died mid-append) is ignored: its write never became durable, so the remote
+/// write it announced never started. A line anywhere else that does not parse is corruption:
+/// an error naming the file and line, and nothing is applied until an operator deals with it.
 pub fn read(state_dir: &Path) -> anyhow::Result<Vec<Entry>> {
+    Ok(parse(state_dir)?.entries)
+}
+
+/// The journal's entries, and where a torn last line starts (the length to cut it back to).
+struct Parsed {
+    entries: Vec<Entry>,
+    torn_at: Option<u64>,
+    /// The last entry is whole but lacks its newline.
+    unterminated: bool,
+}
+
+fn parse(state_dir: &Path) -> anyhow::Result<Parsed> {
     let path = Journal::path_in(state_dir);
-    let file = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("reading the journal {}", path.display())),
-    };
-    let mut out = Vec::new();
-    for line in BufReader::new(file).lines() {
-        let line = line.with_context(|| format!("reading the journal {}", path.display()))?;
-        if let Ok(entry) = serde_json::from_str::<Entry>(&line) {
-            out.push(entry);
+    let bytes = match crate::files::read_bounded(&path, crate::files::MAX_STATE_BYTES, false) {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => {
+            return Ok(Parsed {
+                entries: Vec::new(),
+                torn_at: None,
+                unterminated: false,
+            });
         }
+        Err(e) => anyhow::bail!("cannot read the journal {}: {e}", path.display()),
+    };
+    parse_bytes(&bytes, &path)
+}
+
+fn parse_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<Parsed> {
+    let mut entries = Vec::new();
+    let mut offset = 0usize;
+    let mut number = 0usize;
+    while offset < bytes.len() {
+        number += 1;
+        let (line, next, terminated) = match bytes[offset..].iter().position(|&b| b == b'\n') {
+            Some(i) => (&bytes[offset..offset + i], offset + i + 1, true),
+            None => (&bytes[offset..], bytes.len(), false),
+        };
+        let last = next >= bytes.len();
+        if line.iter().all(u8::is_ascii_whitespace) && !last {
+            anyhow::bail!(
+                "the journal {} is corrupt at line {number}: an empty line; keyward will not apply anything until it is repaired (move the file aside after checking the provider by hand)",
+                path.display()
+            );
+        }
+        match serde_json::from_slice::<Entry>(line) {
+            Ok(entry) => entries.push(entry),
+            // A crash mid-append leaves a partial last line (unterminated, or padded with
+            // zeros by the file system): that one alone may be dropped.
+            Err(_) if last => {
+                return Ok(Parsed {
+                    entries,
+                    torn_at: Some(offset as u64),
+                    unterminated: false,
+                });
+            }
+            Err(e) => anyhow::bail!(
+                "the journal {} is corrupt at line {number}: {e}; keyward will not apply anything until it is repaired (move the file aside after checking the provider by hand)",
+                path.display()
+            ),
+        }
+        if !terminated {
+            // A whole entry without its newline: keep it; the next append starts a new line.
+            return Ok(Parsed {
+                entries,
+                torn_at: None,
+                unterminated: true,
+            });
+        }
+        offset = next;
     }
-    Ok(out)
+    Ok(Parsed {
+        entries,
+        torn_at: None,
+        unterminated: false,
+    })
 }
 
 /// The operations started and not finished, in order.

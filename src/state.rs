@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -160,34 +159,31 @@ impl StateDir {
         self.dir.join("state.json")
     }
 
-    /// Creates the directory (0700) if needed.
+    /// Creates the directory (0700) if needed, and refuses one that another user owns or can
+    /// write in (they could plant links to files keyward would then overwrite).
     pub fn ensure(&self) -> anyhow::Result<()> {
-        create_private_dir(&self.dir)
+        crate::files::create_private_dir(&self.dir, "state directory")
     }
 
     /// Takes the exclusive lock, failing at once (with who to blame) if another process holds it.
     pub fn lock(&self) -> anyhow::Result<StateLock> {
         self.ensure()?;
         let path = self.dir.join("lock");
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
+        let mut file = crate::files::open_private(&path, false)
             .with_context(|| format!("opening lock file {}", path.display()))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = crate::files::read_bounded(&path, 4096, false)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
                 anyhow::bail!(
                     "the state directory {} is locked by another keyward process{}; wait for it to finish",
                     self.dir.display(),
                     if holder.trim().is_empty() {
                         String::new()
                     } else {
-                        format!(" ({})", holder.trim())
+                        format!(" ({})", crate::text::escape(holder.trim()))
                     }
                 );
             }
@@ -204,7 +200,10 @@ impl StateDir {
     /// silently replaced: it is the only record of which keys keyward created).
     pub fn load(&self) -> anyhow::Result<State> {
         let path = self.state_path();
-        match fs_err::read(&path) {
+        if self.dir.exists() {
+            self.ensure()?;
+        }
+        match crate::files::read_bounded(&path, crate::files::MAX_STATE_BYTES, false) {
             Ok(bytes) => {
                 let state: State = serde_json::from_slice(&bytes).with_context(|| {
                     format!("the state file {} is not valid; fix or move it aside (keyward will not overwrite it)", path.display())
@@ -219,11 +218,14 @@ impl StateDir {
                 }
                 Ok(state)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State {
+            Err(e) if e.is_not_found() => Ok(State {
                 format_version: FORMAT_VERSION,
                 ..State::default()
             }),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(anyhow::anyhow!(
+                "cannot read the state file {}: {e}",
+                path.display()
+            )),
         }
     }
 
@@ -245,44 +247,18 @@ impl StateDir {
     }
 }
 
-/// Creates `dir` and any missing parents with mode 0700.
-pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating directory {}", dir.display()))
-}
+pub use crate::files::write_private_file;
 
-/// Replaces `path` with `bytes` atomically and durably, mode 0600: a temp file in the same
-/// directory, fsync, rename over the target, fsync of the directory.
-pub fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use atomic_write_file::AtomicWriteFile;
-    use atomic_write_file::unix::OpenOptionsExt as _;
-    let mut options = AtomicWriteFile::options();
-    options.preserve_mode(false).preserve_owner(false);
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("opening {} for writing", path.display()))?;
-    file.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.commit()
-        .with_context(|| format!("committing {}", path.display()))?;
-    // The mode is set at creation, but make sure an umask never widened it.
-    let perms = std::fs::metadata(path)?.permissions();
-    if perms.mode() & 0o777 != 0o600 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(())
+/// Creates the state directory (or a sink's) with mode 0700 and checks that nobody else can
+/// write in it; see [`crate::files::create_private_dir`].
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    crate::files::create_private_dir(dir, "directory")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn save_then_load_round_trips_with_private_mode() {

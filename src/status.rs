@@ -163,6 +163,8 @@ pub fn table(entries: &[Entry], now: Timestamp) -> String {
                 },
                 e.state.clone(),
             ]
+            // Names, slots and ids come from the config and the provider: one row each.
+            .map(|cell| crate::text::escape(&cell).into_owned())
         })
         .collect();
     let mut widths = header.map(str::len);

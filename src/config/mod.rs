@@ -44,14 +44,15 @@ impl fmt::Display for Diagnostic {
             Severity::Error => "",
             Severity::Warning => "warning: ",
         };
+        // One line whatever the file holds: a message quotes names and values from it.
         write!(
             f,
             "{}:{}:{}: {}{}",
-            self.file.display(),
+            crate::text::escape(&self.file.display().to_string()),
             self.line,
             self.column,
             sev,
-            self.message
+            crate::text::escape(&self.message)
         )
     }
 }
@@ -235,7 +236,7 @@ pub fn load_with_env(
 }
 
 fn load_into(path: &Path, env: &dyn Fn(&str) -> Option<String>, d: &mut Diags) -> Option<Config> {
-    let bytes = match std::fs::read(path) {
+    let bytes = match crate::files::read_bounded(path, crate::files::MAX_CONFIG_BYTES, true) {
         Ok(b) => b,
         Err(e) => {
             d.error(Pos::new(1, 1), format!("cannot read the config file: {e}"));

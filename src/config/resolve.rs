@@ -28,6 +28,10 @@ use crate::duration;
 /// cannot be honoured.
 const ASA_MAX_OVERLAP: SignedDuration = SignedDuration::from_hours(48);
 
+/// The most requests in flight per account `concurrency` may ask for (providers throttle far
+/// below this).
+const MAX_CONCURRENCY: usize = 1024;
+
 /// The placeholders sink paths and commands may hold.
 const PLACEHOLDERS: &[&str] = &["provider", "user", "slot", "key_id"];
 
@@ -233,11 +237,14 @@ impl Ctx<'_> {
         let concurrency = match &s.concurrency {
             None => 8,
             Some(c) => match usize::try_from(*c.v()) {
-                Ok(n) if n >= 1 => n,
+                Ok(n) if (1..=MAX_CONCURRENCY).contains(&n) => n,
                 _ => {
                     self.d.error(
                         c.pos(),
-                        format!("concurrency must be at least 1 (got {})", c.v()),
+                        format!(
+                            "concurrency must be from 1 to {MAX_CONCURRENCY} (got {})",
+                            c.v()
+                        ),
                     );
                     8
                 }
@@ -271,6 +278,13 @@ impl Ctx<'_> {
                     ),
                 );
             }
+            if parsed.is_some_and(|a| a.port() == 0) {
+                self.d.error(
+                    m.pos(),
+                    format!("metrics address `{text}` has port 0: Prometheus needs a fixed port to scrape"),
+                );
+                return None;
+            }
             parsed
         });
         Settings {
@@ -289,6 +303,15 @@ impl Ctx<'_> {
             if entry.key.trim().is_empty() {
                 self.d.error(entry.pos, "provider name is empty");
                 continue;
+            }
+            if crate::text::has_control(&entry.key) {
+                self.d.error(
+                    entry.pos,
+                    format!(
+                        "provider name `{}` contains a control character",
+                        crate::text::escape(&entry.key)
+                    ),
+                );
             }
             let account = self.provider(&entry.key, entry.pos, &entry.value);
             out.insert(entry.key.clone(), account);
@@ -447,7 +470,15 @@ impl Ctx<'_> {
                 let Some(path) = self.path(f, file_name) else {
                     return empty();
                 };
-                match std::fs::read_to_string(&path) {
+                let read =
+                    crate::files::read_bounded(&path, crate::files::MAX_SECRET_FILE_BYTES, true)
+                        .map_err(|e| e.to_string())
+                        .and_then(|bytes| {
+                            String::from_utf8(bytes)
+                                .map(secrecy::zeroize::Zeroizing::new)
+                                .map_err(|_| "it is not UTF-8 text".to_string())
+                        });
+                match read {
                     Ok(content) => {
                         // Files written with `echo` or an editor end in a newline that is
                         // not part of the credential.
@@ -523,6 +554,17 @@ impl Ctx<'_> {
             let per = duration::parse(per).ok().filter(|d| !d.is_zero())?;
             Some(RateLimit { requests, per })
         });
+        // Fewer than one request a minute could never finish a listing: every run would hang
+        // for hours holding the state lock.
+        if let Some(limit) = parsed
+            && limit.per.as_secs() / i64::from(limit.requests) > 60
+        {
+            self.d.error(
+                r.pos(),
+                format!("rate_limit `{text}` allows fewer than one request a minute: keyward could not finish even one listing; the provider's own limit is far higher (ngrok: 120/60s)"),
+            );
+            return None;
+        }
         if parsed.is_none() {
             self.d.error(
                 r.pos(),
@@ -538,6 +580,15 @@ impl Ctx<'_> {
             if entry.key.trim().is_empty() {
                 self.d.error(entry.pos, "sink name is empty");
                 continue;
+            }
+            if crate::text::has_control(&entry.key) {
+                self.d.error(
+                    entry.pos,
+                    format!(
+                        "sink name `{}` contains a control character",
+                        crate::text::escape(&entry.key)
+                    ),
+                );
             }
             let kind = self.sink(&entry.key, entry.pos, &entry.value);
             out.insert(
@@ -633,6 +684,35 @@ impl Ctx<'_> {
         }
     }
 
+    /// Reports each name that a placeholder of `sink`'s path or command cannot hold (a `/`,
+    /// `..`): every delivery to it would fail, after a key was minted for nothing.
+    fn names_fit(&mut self, sink: &SinkConfig, names: [(&str, &str, &str, Pos); 3]) {
+        let templates: Vec<&String> = match &sink.kind {
+            SinkKind::File { path, .. } => vec![path],
+            SinkKind::Exec { command, .. } => command.iter().collect(),
+        };
+        for (placeholder, what, value, pos) in names {
+            // Empty names have their own error.
+            if value.is_empty() || crate::sinks::fits_placeholder(value) {
+                continue;
+            }
+            if templates.iter().any(|t| t.contains(placeholder)) {
+                self.d.error(
+                    pos,
+                    format!(
+                        "{what} `{}` cannot stand in for {placeholder} in sink `{}`: a name there must not be `.` or `..` nor contain `/` or a control character; rename it, or take {placeholder} out of the sink's {}",
+                        crate::text::escape(value),
+                        sink.name,
+                        match sink.kind {
+                            SinkKind::File { .. } => "path",
+                            SinkKind::Exec { .. } => "command",
+                        }
+                    ),
+                );
+            }
+        }
+    }
+
     /// Rejects `{name}` placeholders keyward would not fill in (a typo would otherwise end up
     /// in a file name verbatim).
     fn placeholders(&mut self, at: &Sp<String>, text: &str, field: &str) {
@@ -696,7 +776,17 @@ impl Ctx<'_> {
     fn schedule(&mut self, s: &Sp<String>) -> Option<String> {
         let text = self.string(s)?;
         match crate::rotation::parse_schedule(&text) {
-            Ok(_) => Some(text),
+            Ok(cron) => {
+                let now = jiff::Zoned::now().with_time_zone(jiff::tz::TimeZone::UTC);
+                if cron.find_next_occurrence(&now, false).is_err() {
+                    self.d.error(
+                        s.pos(),
+                        format!("cron expression `{text}` never fires (no such date): a slot with it would never rotate"),
+                    );
+                    return None;
+                }
+                Some(text)
+            }
             Err(e) => {
                 self.d.error(
                     s.pos(),
@@ -795,7 +885,16 @@ impl Ctx<'_> {
             } else {
                 seen.insert((provider.clone(), name.clone()), u.name.pos().line);
             }
-            let slots = self.slots(u, &name, kind, sinks, defaults);
+            if crate::text::has_control(&name) {
+                self.d.error(
+                    u.name.pos(),
+                    format!(
+                        "user name `{}` contains a control character",
+                        crate::text::escape(&name)
+                    ),
+                );
+            }
+            let slots = self.slots(u, (&provider, &name), kind, sinks, defaults);
             out.push(UserSpec {
                 provider,
                 name,
@@ -810,7 +909,7 @@ impl Ctx<'_> {
     fn slots(
         &mut self,
         u: &RawUser,
-        user: &str,
+        (provider, user): (&str, &str),
         kind: Option<ProviderType>,
         sinks: &BTreeMap<String, SinkConfig>,
         defaults: &Policy,
@@ -823,6 +922,14 @@ impl Ctx<'_> {
             let raw = entry.value.as_ref().unwrap_or(&empty);
             if slot_name.trim().is_empty() {
                 self.d.error(entry.pos, "slot name is empty");
+            } else if crate::text::has_control(slot_name) {
+                self.d.error(
+                    entry.pos,
+                    format!(
+                        "slot name `{}` contains a control character",
+                        crate::text::escape(slot_name)
+                    ),
+                );
             }
             if kind == Some(ProviderType::OktaAsa) && i > 0 {
                 self.d.error(
@@ -890,6 +997,16 @@ impl Ctx<'_> {
                     Vec::new()
                 }
             };
+            for sink in slot_sinks.iter().filter_map(|n| sinks.get(n)) {
+                self.names_fit(
+                    sink,
+                    [
+                        ("{provider}", "provider name", provider, u.provider.pos()),
+                        ("{user}", "user name", user, u.name.pos()),
+                        ("{slot}", "slot name", slot_name, entry.pos),
+                    ],
+                );
+            }
             if let (Some(tz), None) = (&timezone, &schedule) {
                 self.d
                     .warn(tz.pos, "timezone has no effect without a schedule");

@@ -208,20 +208,110 @@ fn node<'a>(
     }
 }
 
-/// The text with everything outside `keep` (character ranges) replaced by spaces, line breaks
-/// kept: lines and columns stay where they were.
-fn masked(chars: &[char], keep: &[(usize, usize)]) -> String {
-    chars
-        .iter()
-        .enumerate()
-        .map(|(i, &c)| {
-            if c == '\n' || c == '\r' || keep.iter().any(|&(s, e)| i >= s && i < e) {
-                c
-            } else {
-                ' '
+/// Where each line starts (character indices), for turning positions into lines and columns.
+struct Lines(Vec<usize>);
+
+impl Lines {
+    fn of(chars: &[char]) -> Lines {
+        let mut starts = vec![0];
+        starts.extend(
+            chars
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c == '\n')
+                .map(|(i, _)| i + 1),
+        );
+        Lines(starts)
+    }
+
+    /// The 1-based line and column of character index `i`.
+    fn pos(&self, i: usize) -> (usize, usize) {
+        let line = self.0.partition_point(|&s| s <= i).max(1);
+        (line, i - self.0[line - 1] + 1)
+    }
+}
+
+/// A piece of the document on its own: the kept ranges, each starting at its own column, with
+/// the lines between ranges dropped (so building and parsing a piece costs its own size, not
+/// the document's), and how its lines map back to the document's.
+struct PieceText {
+    text: String,
+    /// (first line in `text`, the document's line for it), ascending; 1-based.
+    segments: Vec<(usize, usize)>,
+}
+
+impl PieceText {
+    fn new(chars: &[char], lines: &Lines, keep: &[(usize, usize)]) -> PieceText {
+        let mut ranges = keep.to_vec();
+        ranges.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::new();
+        for (s, e) in ranges {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
             }
-        })
-        .collect()
+        }
+        let mut text = String::new();
+        let mut segments = Vec::new();
+        let (mut line, mut col) = (1usize, 1usize);
+        let mut prev_end_line = None;
+        for (s, e) in merged {
+            let (orig_line, orig_col) = lines.pos(s);
+            match prev_end_line {
+                Some(l) if l == orig_line => {}
+                Some(_) => {
+                    text.push('\n');
+                    line += 1;
+                    col = 1;
+                    segments.push((line, orig_line));
+                }
+                None => segments.push((line, orig_line)),
+            }
+            while col < orig_col {
+                text.push(' ');
+                col += 1;
+            }
+            for &c in chars.get(s..e).unwrap_or(&[]) {
+                text.push(c);
+                if c == '\n' {
+                    line += 1;
+                    col = 1;
+                } else {
+                    col += 1;
+                }
+            }
+            prev_end_line = Some(lines.pos(e).0);
+        }
+        PieceText { text, segments }
+    }
+
+    /// The document's position for a position in this piece.
+    fn locate(&self, pos: Pos) -> Pos {
+        let seg = self
+            .segments
+            .iter()
+            .rev()
+            .find(|(first, _)| *first <= pos.line)
+            .or(self.segments.first());
+        match seg {
+            Some((first, orig)) => Pos::new(orig + pos.line.saturating_sub(*first), pos.column),
+            None => pos,
+        }
+    }
+}
+
+/// The text with the `blank` ranges (character indices) replaced by spaces, line breaks kept:
+/// lines and columns stay where they were.
+fn blanked(chars: &[char], blank: &[(usize, usize)]) -> String {
+    let mut out: Vec<char> = chars.to_vec();
+    for &(s, e) in blank {
+        for c in out.get_mut(s..e).unwrap_or(&mut []) {
+            if *c != '\n' && *c != '\r' {
+                *c = ' ';
+            }
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// The position of the `-` that introduces a block sequence item starting at `start`.
@@ -264,7 +354,7 @@ fn recover(text: &str) -> Option<(Parsed, Vec<Problem>)> {
             .unwrap_or_default()
     };
 
-    // Each piece: the character ranges to keep, and its meaning.
+    // Each piece: the character ranges to keep (its own last), and its meaning.
     let mut pieces: Vec<(Vec<(usize, usize)>, Piece)> = Vec::new();
     for (key, value) in entries {
         let name = scalar_text(key);
@@ -301,65 +391,39 @@ fn recover(text: &str) -> Option<(Parsed, Vec<Problem>)> {
         }
     }
 
-    let mut raw = RawConfig::default();
+    // Each piece parsed on its own finds its errors; then the document with the failed pieces
+    // blanked out is parsed once, so that the good pieces keep their exact positions.
+    let lines = Lines::of(&chars);
     let mut broken = Broken::default();
     let mut problems = Vec::new();
+    let mut blank = Vec::new();
     for (keep, piece) in pieces {
-        match serde_saphyr::from_str::<RawConfig>(&masked(&chars, &keep)) {
-            Ok(part) => merge(&mut raw, part),
-            Err(e) => {
-                problems.push(problem_of(&e));
-                match piece {
-                    Piece::Provider(name) => {
-                        broken.providers.insert(name);
-                    }
-                    Piece::Sink(name) => {
-                        broken.sinks.insert(name);
-                    }
-                    Piece::User => {}
-                    Piece::Section(name) => match name.as_str() {
-                        "providers" => broken.all_providers = true,
-                        "sinks" => broken.all_sinks = true,
-                        "defaults" => broken.defaults = true,
-                        _ => {}
-                    },
-                }
+        let part = PieceText::new(&chars, &lines, &keep);
+        let Err(e) = serde_saphyr::from_str::<RawConfig>(&part.text) else {
+            continue;
+        };
+        let mut problem = problem_of(&e);
+        problem.pos = part.locate(problem.pos);
+        problems.push(problem);
+        blank.extend(keep.last().copied());
+        match piece {
+            Piece::Provider(name) => {
+                broken.providers.insert(name);
             }
+            Piece::Sink(name) => {
+                broken.sinks.insert(name);
+            }
+            Piece::User => {}
+            Piece::Section(name) => match name.as_str() {
+                "providers" => broken.all_providers = true,
+                "sinks" => broken.all_sinks = true,
+                "defaults" => broken.defaults = true,
+                _ => {}
+            },
         }
     }
+    let raw = serde_saphyr::from_str::<RawConfig>(&blanked(&chars, &blank)).ok()?;
     Some((Parsed { raw, broken }, problems))
-}
-
-/// Adds the sections of a piece to the partial config.
-fn merge(into: &mut RawConfig, part: RawConfig) {
-    let RawConfig {
-        version,
-        settings,
-        providers,
-        sinks,
-        defaults,
-        users,
-        prune,
-    } = part;
-    into.version = into.version.take().or(version);
-    into.settings = into.settings.take().or(settings);
-    into.defaults = into.defaults.take().or(defaults);
-    into.prune = into.prune.take().or(prune);
-    if let Some(p) = providers {
-        into.providers
-            .get_or_insert_with(Default::default)
-            .0
-            .extend(p.0);
-    }
-    if let Some(s) = sinks {
-        into.sinks
-            .get_or_insert_with(Default::default)
-            .0
-            .extend(s.0);
-    }
-    if let Some(u) = users {
-        into.users.get_or_insert_with(Vec::new).extend(u);
-    }
 }
 
 #[cfg(test)]

@@ -106,13 +106,14 @@ pub struct Summary {
     pub warnings: usize,
 }
 
-impl Plan {
-    pub fn new(changes: Vec<Change>, warnings: Vec<Warning>, observed: String) -> Self {
+impl Summary {
+    /// The counts of `changes`, with `warnings` warnings.
+    pub fn of(changes: &[Change], warnings: usize) -> Summary {
         let mut summary = Summary {
-            warnings: warnings.len(),
+            warnings,
             ..Summary::default()
         };
-        for c in &changes {
+        for c in changes {
             match c.action {
                 Action::CreateUser | Action::CreateKey => summary.create += 1,
                 Action::UpdateUser => summary.update += 1,
@@ -121,6 +122,13 @@ impl Plan {
                 Action::DeleteUser => summary.delete += 1,
             }
         }
+        summary
+    }
+}
+
+impl Plan {
+    pub fn new(changes: Vec<Change>, warnings: Vec<Warning>, observed: String) -> Self {
+        let summary = Summary::of(&changes, warnings.len());
         Plan {
             format_version: FORMAT_VERSION.to_string(),
             changes,

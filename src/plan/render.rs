@@ -2,10 +2,13 @@
 //! user) and to programs (one JSON document). Rendering never decides anything: it only reads
 //! the plan.
 
+use std::collections::HashMap;
+
 use anstyle::{AnsiColor, Style};
 
 use super::diff::short_id;
 use super::{Action, Change, Plan, Upcoming, Warning};
+use crate::text::escape;
 
 const WIDTH: usize = 26;
 /// The human plan lists this many upcoming events, soonest first.
@@ -160,6 +163,8 @@ fn line(
     detail: &str,
     colored: bool,
 ) {
+    // Names, ids and reasons come from the config and the provider: one line each, always.
+    let (what, detail) = (escape(what), escape(detail));
     let head = if detail.is_empty() {
         what.to_string()
     } else {
@@ -190,47 +195,54 @@ pub fn text(plan: &Plan, colored: bool) -> String {
     }
 
     // Groups in the order the planner put the changes (the file's order), warnings joining
-    // their user's group.
-    let mut groups: Vec<(String, String)> = Vec::new();
-    let key_of = |p: &Option<String>, u: &Option<String>| {
-        (p.clone().unwrap_or_default(), u.clone().unwrap_or_default())
-    };
+    // their user's group: one pass over each list, whatever the size of the account.
+    type Group<'p> = (Vec<&'p Change>, Vec<&'p Warning>);
+    let mut order: Vec<(&str, &str)> = Vec::new();
+    let mut groups: HashMap<(&str, &str), Group> = HashMap::new();
     for c in &plan.changes {
-        let k = (c.provider.clone(), c.user.clone());
-        if !groups.contains(&k) {
-            groups.push(k);
-        }
+        let k = (c.provider.as_str(), c.user.as_str());
+        groups
+            .entry(k)
+            .or_insert_with(|| {
+                order.push(k);
+                Default::default()
+            })
+            .0
+            .push(c);
     }
     let mut loose = Vec::new();
     for w in &plan.warnings {
-        if w.user.is_none() {
+        let Some(user) = w.user.as_deref() else {
             loose.push(w);
             continue;
-        }
-        let k = key_of(&w.provider, &w.user);
-        if !groups.contains(&k) {
-            groups.push(k);
-        }
+        };
+        let k = (w.provider.as_deref().unwrap_or_default(), user);
+        groups
+            .entry(k)
+            .or_insert_with(|| {
+                order.push(k);
+                Default::default()
+            })
+            .1
+            .push(w);
     }
-    if !groups.is_empty() {
+    if !order.is_empty() {
         out.push('\n');
     }
-    for (provider, user) in &groups {
+    for k in &order {
+        let (provider, user) = *k;
         out.push_str(&format!(
             "  {}\n",
-            bold(&format!("{provider} / {user}"), colored)
+            bold(&escape(&format!("{provider} / {user}")), colored)
         ));
-        for c in plan
-            .changes
-            .iter()
-            .filter(|c| &c.provider == provider && &c.user == user)
-        {
+        let Some((changes, warnings)) = groups.get(k) else {
+            continue;
+        };
+        for c in changes {
             let (sym, color, what, detail) = change_line(c);
             line(&mut out, sym, color, &what, &detail, colored);
         }
-        for w in plan.warnings.iter().filter(|w| {
-            w.user.is_some() && key_of(&w.provider, &w.user) == (provider.clone(), user.clone())
-        }) {
+        for w in warnings {
             let (what, detail) = warning_line(w);
             line(
                 &mut out,
@@ -248,7 +260,7 @@ pub fn text(plan: &Plan, colored: bool) -> String {
             out.push_str(&format!(
                 "  {} {}\n",
                 paint("!", Some(AnsiColor::Yellow), colored),
-                w.message
+                escape(&w.message)
             ));
         }
     }
@@ -257,7 +269,10 @@ pub fn text(plan: &Plan, colored: bool) -> String {
         out.push_str(&bold("Upcoming (nothing to do now):", colored));
         out.push('\n');
         for u in plan.upcoming.iter().take(UPCOMING_SHOWN) {
-            out.push_str(&format!("  {}\n", upcoming_line(u, plan.planned_at)));
+            out.push_str(&format!(
+                "  {}\n",
+                escape(&upcoming_line(u, plan.planned_at))
+            ));
         }
         if plan.upcoming.len() > UPCOMING_SHOWN {
             out.push_str(&format!(
@@ -267,7 +282,8 @@ pub fn text(plan: &Plan, colored: bool) -> String {
         }
     }
     out.push('\n');
-    let s = &plan.summary;
+    // Counted from the changes themselves, never taken from a plan file's own summary.
+    let s = &super::Summary::of(&plan.changes, plan.warnings.len());
     let warnings = match s.warnings {
         0 => String::new(),
         1 => " 1 warning.".to_string(),

@@ -97,7 +97,13 @@ impl AsaProvider {
             team: team.clone(),
             key_id: key_id.clone(),
             key_secret: key_secret.clone(),
-            http: HttpClient::new(&account.name, account.rate_limit, concurrency, decode_error)?,
+            http: HttpClient::new(
+                &account.name,
+                &account.base_url,
+                account.rate_limit,
+                concurrency,
+                decode_error,
+            )?,
             concurrency: concurrency.max(1),
             token: Mutex::new((None, 0)),
         })
@@ -199,7 +205,10 @@ impl AsaProvider {
             self.error(
                 &op,
                 Some(answer.status.as_u16()),
-                format!("unexpected service_token response: {e}"),
+                format!(
+                    "unexpected service_token response: {}",
+                    super::http::decode_problem(&e)
+                ),
                 ErrorClass::Rejected,
             )
         })?;
@@ -214,7 +223,9 @@ impl AsaProvider {
             })
             .and_then(|d| Duration::try_from(d).ok())
             .unwrap_or(Duration::ZERO);
-        Ok((SecretString::from(t.bearer_token), lifetime))
+        let token = SecretString::from(t.bearer_token);
+        crate::redact::remember(&format!("{}.token", self.name), &token);
+        Ok((token, lifetime))
     }
 
     /// Removes the key secret from a text, should an answer ever echo it.
@@ -274,7 +285,7 @@ impl AsaProvider {
             self.error(
                 op,
                 Some(answer.status.as_u16()),
-                format!("unexpected response body: {e}"),
+                super::http::decode_problem(&e),
                 ErrorClass::Rejected,
             )
         })
@@ -798,7 +809,7 @@ mod tests {
         let answer = |status: u16, body: &str| Answer {
             status: reqwest::StatusCode::from_u16(status).unwrap(),
             headers: Default::default(),
-            body: body.to_string(),
+            body: body.to_string().into(),
         };
         let op = Op::new("create service user", Some("bot"));
         let e = decode_error(

@@ -12,6 +12,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::{Method, Response, StatusCode};
+use secrecy::zeroize::Zeroizing;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 
@@ -54,7 +55,8 @@ impl Op {
 pub struct Answer {
     pub status: StatusCode,
     pub headers: reqwest::header::HeaderMap,
-    pub body: String,
+    /// Zeroized when dropped: a create answer holds the new key's secret.
+    pub body: Zeroizing<String>,
 }
 
 /// Classifies a non-success answer into a [`ProviderError`]; supplied by each provider.
@@ -73,17 +75,26 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
+    /// A client for the account at `base_url`. It never follows a redirect (a 3xx is an error:
+    /// following one would send the credential to another host, perhaps over plain http), and
+    /// never sends a request for a loopback `base_url` through a proxy (`HTTP_PROXY` would
+    /// otherwise see the bearer token in clear).
     pub fn new(
         provider: &str,
+        base_url: &str,
         rate: RateLimit,
         concurrency: usize,
         decode_error: ErrorDecoder,
     ) -> anyhow::Result<Arc<Self>> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("keyward/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
-            .build()?;
+            .redirect(reqwest::redirect::Policy::none());
+        if is_loopback(base_url) {
+            builder = builder.no_proxy();
+        }
+        let client = builder.build()?;
         Ok(Arc::new(HttpClient {
             provider: provider.to_string(),
             client,
@@ -177,6 +188,14 @@ impl HttpClient {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let response = match build(&self.client).send().await {
             Ok(r) => r,
+            // A request that cannot even be built (a credential that is no valid header
+            // value, say) fails the same way every time.
+            Err(e) if e.is_builder() => {
+                return Err(Failure {
+                    error: self.local_error(op, &describe_transport_error(&e)),
+                    retry_after: None,
+                });
+            }
             Err(e) => {
                 return Err(Failure {
                     error: self.transport_error(op, describe_transport_error(&e)),
@@ -196,6 +215,15 @@ impl HttpClient {
         })?;
         if answer.status.is_success() {
             return Ok(answer);
+        }
+        if answer.status.is_redirection() {
+            return Err(Failure {
+                error: ProviderError {
+                    status: Some(answer.status.as_u16()),
+                    ..self.local_error(op, &redirect_refused(&answer))
+                },
+                retry_after: None,
+            });
         }
         let retry_after = retry_after(&answer.headers).or_else(|| retry_at(&answer.headers));
         if answer.status == StatusCode::TOO_MANY_REQUESTS {
@@ -251,12 +279,58 @@ struct Failure {
 async fn read(response: Response) -> Result<Answer, reqwest::Error> {
     let status = response.status();
     let headers = response.headers().clone();
-    let body = response.text().await?;
+    let body = Zeroizing::new(response.text().await?);
     Ok(Answer {
         status,
         headers,
         body,
     })
+}
+
+/// A JSON decoding error in words that quote nothing of the body (serde_json's own message can
+/// quote a fragment of it, and a create answer's body holds the new secret): the kind of
+/// problem and where.
+pub fn decode_problem(e: &serde_json::Error) -> String {
+    let kind = match e.classify() {
+        serde_json::error::Category::Io => "could not be read",
+        serde_json::error::Category::Syntax => "is not valid JSON",
+        serde_json::error::Category::Data => "does not have the expected fields or types",
+        serde_json::error::Category::Eof => "ends early",
+    };
+    format!(
+        "the response body {kind} (line {}, column {})",
+        e.line(),
+        e.column()
+    )
+}
+
+/// Whether a base URL's host is a loopback address (or `localhost`).
+pub fn is_loopback(base_url: &str) -> bool {
+    match url::Url::parse(base_url)
+        .ok()
+        .as_ref()
+        .and_then(url::Url::host)
+    {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// The message for a 3xx answer: where it pointed (scheme, host and port only), and why
+/// keyward does not go there.
+fn redirect_refused(answer: &Answer) -> String {
+    let target = answer
+        .headers
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|l| url::Url::parse(l).ok())
+        .map(|u| crate::text::escape(&u.origin().ascii_serialization()).into_owned());
+    format!(
+        "the provider answered with a redirect{}; keyward never follows redirects (the credential would be sent to another address). Set base_url to the address that serves the API",
+        target.map(|t| format!(" to {t}")).unwrap_or_default()
+    )
 }
 
 /// `Retry-After` as delta-seconds or an HTTP-date.

@@ -125,19 +125,22 @@ pub struct ProviderError {
 }
 
 impl fmt::Display for ProviderError {
+    /// One line: names from the config and text from the provider are escaped (no forged
+    /// lines), and any credential keyward holds is masked.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "provider {}: {}", self.provider, self.operation)?;
+        use crate::text::escape;
+        write!(f, "provider {}: {}", escape(&self.provider), self.operation)?;
         if let Some(user) = &self.user {
-            write!(f, " for user {user}")?;
+            write!(f, " for user {}", escape(user))?;
         }
         write!(f, " failed")?;
         match (&self.status, &self.code) {
-            (Some(s), Some(c)) => write!(f, " (HTTP {s}, {c})")?,
+            (Some(s), Some(c)) => write!(f, " (HTTP {s}, {})", escape(c))?,
             (Some(s), None) => write!(f, " (HTTP {s})")?,
-            (None, Some(c)) => write!(f, " ({c})")?,
+            (None, Some(c)) => write!(f, " ({})", escape(c))?,
             (None, None) => {}
         }
-        write!(f, ": {}", self.message)?;
+        write!(f, ": {}", escape(&crate::redact::mask(&self.message, None)))?;
         if self.class == ErrorClass::Credential {
             write!(f, " (check the provider's credential and its permissions)")?;
         }

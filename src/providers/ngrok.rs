@@ -36,7 +36,13 @@ impl NgrokProvider {
             name: account.name.clone(),
             base_url: account.base_url.trim_end_matches('/').to_string(),
             api_key: api_key.clone(),
-            http: HttpClient::new(&account.name, account.rate_limit, concurrency, decode_error)?,
+            http: HttpClient::new(
+                &account.name,
+                &account.base_url,
+                account.rate_limit,
+                concurrency,
+                decode_error,
+            )?,
         })
     }
 
@@ -68,7 +74,7 @@ impl NgrokProvider {
             user: op.user.clone(),
             status: Some(answer.status.as_u16()),
             code: None,
-            message: format!("unexpected response body: {e}"),
+            message: super::http::decode_problem(&e),
             class: ErrorClass::Rejected,
         })
     }

@@ -1,75 +1,159 @@
 //! The exec sink: runs a program with placeholders filled in its argv, writes the JSON sink
-//! document to its stdin, and counts exit status 0 within the timeout as delivered. Its
-//! stdout/stderr are kept for the error message, with the secret masked should the program
-//! echo it.
+//! document to its stdin, and counts exit status 0 within the timeout as delivered. The program
+//! gets a cleared environment (only [`ALLOWED_ENV`] and the `KEYWARD_*` names of the delivery),
+//! so no credential keyward holds reaches it; it runs in a process group of its own, killed
+//! whole on timeout. Its stdout/stderr are kept for the error message, with the new secret and
+//! every credential keyward holds masked, and control characters escaped.
 
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
 use jiff::SignedDuration;
-use secrecy::ExposeSecret;
+use secrecy::zeroize::Zeroizing;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::SinkDocument;
+use super::{SinkDocument, SinkError};
 
 /// At most this much of the program's output is quoted in an error.
 const OUTPUT_LIMIT: usize = 2000;
+/// At most this much of the program's output is kept at all.
+const CAPTURE_LIMIT: u64 = 64 << 10;
 
+/// The variables of keyward's environment a sink program inherits (when set): where to find
+/// programs, the home directory, locale, time zone and temp directory. Nothing else: keyward's
+/// environment holds credentials (`NGROK_API_KEY`, `${VAR}`s the config interpolates).
+pub const ALLOWED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_MESSAGES",
+    "TZ",
+    "TMPDIR",
+    "USER",
+    "LOGNAME",
+];
+
+/// Used when keyward itself runs without `PATH`.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Reads a pipe to its end, keeping the first [`CAPTURE_LIMIT`] bytes (zeroized when dropped:
+/// a program may echo the secret) and discarding the rest, so a chatty program never blocks.
+async fn capture(pipe: &mut (impl tokio::io::AsyncRead + Unpin)) -> Zeroizing<Vec<u8>> {
+    let mut kept = Zeroizing::new(Vec::new());
+    let mut buf = Zeroizing::new([0u8; 8192]);
+    loop {
+        match pipe.read(&mut buf[..]).await {
+            Ok(0) | Err(_) => return kept,
+            Ok(n) => {
+                let room = (CAPTURE_LIMIT as usize).saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
+}
+
+/// Runs the program of an exec sink with `doc` on its stdin.
 pub async fn deliver(
     command: &[String],
     timeout: SignedDuration,
     doc: &SinkDocument,
-) -> anyhow::Result<()> {
+) -> Result<(), SinkError> {
     let argv: Vec<String> = command
         .iter()
         .map(|a| doc.fill(a))
         .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)?;
+        .map_err(|e| SinkError::permanent(anyhow::Error::msg(e)))?;
     let (program, args) = argv
         .split_first()
-        .context("exec sink has an empty command")?;
-    let mut child = tokio::process::Command::new(program)
-        .args(args)
+        .ok_or_else(|| SinkError::permanent(anyhow::anyhow!("exec sink has an empty command")))?;
+    let shown = crate::text::escape(program).into_owned();
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env_clear()
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("exec sink: starting {program}"))?;
+        // Its own process group: a timeout kills whatever it started, too.
+        .process_group(0);
+    for name in ALLOWED_ENV {
+        if let Some(v) = std::env::var_os(name) {
+            cmd.env(name, v);
+        }
+    }
+    if std::env::var_os("PATH").is_none() {
+        cmd.env("PATH", DEFAULT_PATH);
+    }
+    cmd.env("KEYWARD_PROVIDER", &doc.provider)
+        .env("KEYWARD_USER", &doc.user)
+        .env("KEYWARD_SLOT", &doc.slot)
+        .env("KEYWARD_KEY_ID", &doc.key_id);
+    let mut child = cmd.spawn().map_err(|e| {
+        let permanent = matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+        );
+        SinkError {
+            error: anyhow::Error::new(e).context(format!("exec sink: starting {shown}")),
+            permanent,
+        }
+    })?;
+    let group = child.id();
     let input = doc.to_json();
-    let mut stdin = child.stdin.take().context("exec sink: no stdin")?;
-    let mut stdout = child.stdout.take().context("exec sink: no stdout")?;
-    let mut stderr = child.stderr.take().context("exec sink: no stderr")?;
-    let limit = Duration::from_millis(timeout.as_millis().max(0) as u64);
+    let mut stdin = child
+        .stdin
+        .take()
+        .context("exec sink: no stdin")
+        .map_err(SinkError::transient)?;
+    let mut stdout = child
+        .stdout
+        .take()
+        .context("exec sink: no stdout")
+        .map_err(SinkError::transient)?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .context("exec sink: no stderr")
+        .map_err(SinkError::transient)?;
+    let limit = Duration::from_millis(u64::try_from(timeout.as_millis()).unwrap_or(0));
     let run = async {
         // A program that exits without reading stdin is not an error in itself: its exit
         // status decides.
         let _ = stdin.write_all(input.as_bytes()).await;
         drop(stdin);
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        let (_, _, status) = tokio::join!(
-            stdout.read_to_end(&mut out),
-            stderr.read_to_end(&mut err),
-            child.wait()
-        );
+        let (out, err, status) =
+            tokio::join!(capture(&mut stdout), capture(&mut stderr), child.wait());
         (status, out, err)
     };
-    let (status, out, err) = match tokio::time::timeout(limit, run).await {
+    let outcome = tokio::time::timeout(limit, run).await;
+    // Whatever the program left running in its group goes with it (on success too: the
+    // delivery is over, and a straggler would hold the secret for no one).
+    if let Some(pid) = group.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+    let (status, out, err) = match outcome {
         Ok(r) => r,
-        Err(_) => anyhow::bail!(
-            "exec sink {program}: did not finish within {}",
-            crate::duration::format(timeout)
-        ),
+        Err(_) => {
+            return Err(SinkError::transient(anyhow::anyhow!(
+                "exec sink {shown}: did not finish within {}; its process group was killed",
+                crate::duration::format(timeout)
+            )));
+        }
     };
-    let status = status.with_context(|| format!("exec sink {program}: waiting for it"))?;
+    let status = status
+        .with_context(|| format!("exec sink {shown}: waiting for it"))
+        .map_err(SinkError::transient)?;
     if status.success() {
         return Ok(());
     }
     let mask = |bytes: &[u8]| {
-        let text = String::from_utf8_lossy(bytes).replace(doc.secret.expose_secret(), "[REDACTED]");
-        let text = text.trim();
+        let lossy = Zeroizing::new(String::from_utf8_lossy(bytes).into_owned());
+        let masked = crate::redact::mask(&lossy, Some(&doc.secret)).into_owned();
+        let text = crate::text::escape(masked.trim()).into_owned();
         if text.len() > OUTPUT_LIMIT {
             let cut = (0..=OUTPUT_LIMIT)
                 .rev()
@@ -77,10 +161,10 @@ pub async fn deliver(
                 .unwrap_or(0);
             format!("{}…", &text[..cut])
         } else {
-            text.to_string()
+            text
         }
     };
-    let mut message = format!("exec sink {program}: {status}");
+    let mut message = format!("exec sink {shown}: {status}");
     let (o, e) = (mask(&out), mask(&err));
     if !e.is_empty() {
         message.push_str(&format!("; stderr: {e}"));
@@ -88,7 +172,7 @@ pub async fn deliver(
     if !o.is_empty() {
         message.push_str(&format!("; stdout: {o}"));
     }
-    anyhow::bail!(message)
+    Err(SinkError::transient(anyhow::Error::msg(message)))
 }
 
 #[cfg(test)]

@@ -4,33 +4,46 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use secrecy::ExposeSecret;
 
-use super::SinkDocument;
+use super::{SinkDocument, SinkError};
 use crate::config::SinkFormat;
-use crate::state::{create_private_dir, write_private_file};
+use crate::files::{check_private_dir, create_private_dir, write_private_file};
 
-pub async fn deliver(template: &str, format: SinkFormat, doc: &SinkDocument) -> anyhow::Result<()> {
-    let path = PathBuf::from(doc.fill(template).map_err(anyhow::Error::msg)?);
+/// Writes the document for `doc` to the path `template` names. A path that cannot hold the
+/// names, or a directory another user could write in, fails at once (retrying cannot help);
+/// an I/O failure may pass and is worth retrying.
+pub async fn deliver(
+    template: &str,
+    format: SinkFormat,
+    doc: &SinkDocument,
+) -> Result<(), SinkError> {
+    let path = PathBuf::from(
+        doc.fill(template)
+            .map_err(|e| SinkError::permanent(anyhow::Error::msg(e)))?,
+    );
     let bytes = match format {
-        SinkFormat::Json => doc.to_json().into_bytes(),
-        SinkFormat::Env => doc.to_env().into_bytes(),
-        SinkFormat::Raw => {
-            let mut s = doc.secret.expose_secret().to_string();
-            s.push('\n');
-            s.into_bytes()
-        }
+        SinkFormat::Json => doc.to_json(),
+        SinkFormat::Env => doc.to_env(),
+        SinkFormat::Raw => doc.to_raw(),
     };
     let shown = path.display().to_string();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || -> Result<(), SinkError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            create_private_dir(parent)?;
+            if parent.is_dir() {
+                check_private_dir(parent, "sink directory").map_err(SinkError::permanent)?;
+            } else {
+                create_private_dir(parent, "sink directory").map_err(SinkError::transient)?;
+            }
         }
-        write_private_file(&path, &bytes)
+        write_private_file(&path, bytes.as_bytes()).map_err(SinkError::transient)
     })
     .await
-    .context("file sink task failed")?
-    .with_context(|| format!("file sink {shown}"))
+    .context("file sink task failed")
+    .map_err(SinkError::transient)?
+    .map_err(|e| SinkError {
+        error: e.error.context(format!("file sink {shown}")),
+        permanent: e.permanent,
+    })
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod exec;
 pub mod file;
 
 use jiff::Timestamp;
+use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
@@ -59,8 +60,9 @@ struct JsonDocument<'a> {
 }
 
 impl SinkDocument {
-    /// The JSON document (the one place the secret is exposed for serialization).
-    pub fn to_json(&self) -> String {
+    /// The JSON document (the one place the secret is exposed for serialization), zeroized
+    /// when dropped.
+    pub fn to_json(&self) -> Zeroizing<String> {
         let doc = JsonDocument {
             provider: &self.provider,
             provider_type: self.provider_type,
@@ -75,18 +77,26 @@ impl SinkDocument {
             expires_at: self.expires_at,
             rotate_after: self.rotate_after,
         };
-        let mut text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+        let mut text = Zeroizing::new(serde_json::to_string_pretty(&doc).unwrap_or_default());
         text.push('\n');
         text
     }
 
-    /// `KEYWARD_KEY_ID=…` and `KEYWARD_SECRET=…` lines.
-    pub fn to_env(&self) -> String {
-        format!(
+    /// `KEYWARD_KEY_ID=…` and `KEYWARD_SECRET=…` lines, zeroized when dropped.
+    pub fn to_env(&self) -> Zeroizing<String> {
+        Zeroizing::new(format!(
             "KEYWARD_KEY_ID={}\nKEYWARD_SECRET={}\n",
             self.key_id,
             self.secret.expose_secret()
-        )
+        ))
+    }
+
+    /// The secret alone and a newline (`format: raw`), zeroized when dropped.
+    pub fn to_raw(&self) -> Zeroizing<String> {
+        let mut s = Zeroizing::new(String::with_capacity(self.secret.expose_secret().len() + 1));
+        s.push_str(self.secret.expose_secret());
+        s.push('\n');
+        s
     }
 
     /// Fills `{provider} {user} {slot} {key_id}` in a path or argument.
@@ -101,8 +111,19 @@ impl SinkDocument {
     }
 }
 
+/// Whether a name can stand in for a placeholder of a sink's path or command: not empty, not
+/// `.` or `..`, no `/` and no control character.
+pub fn fits_placeholder(value: &str) -> bool {
+    !(value.is_empty()
+        || value == "."
+        || value == ".."
+        || value.contains('/')
+        || crate::text::has_control(value))
+}
+
 /// Fills `{provider} {user} {slot} {key_id}` in a path or argument. A value that could escape
-/// a directory (`/`, `..`, NUL) is refused rather than written somewhere unexpected.
+/// a directory (`/`, `..`, NUL) or holds a control character is refused rather than written
+/// somewhere unexpected.
 pub fn fill(
     template: &str,
     provider: &str,
@@ -118,9 +139,10 @@ pub fn fill(
         ("{key_id}", key_id),
     ] {
         if out.contains(name) {
-            if value.is_empty() || value == "." || value == ".." || value.contains(['/', '\0']) {
+            if !fits_placeholder(value) {
                 return Err(format!(
-                    "cannot put {name} = {value:?} into a path: it is empty or contains `/`, `..` or NUL"
+                    "cannot put {name} = \"{}\" into a path or command: it is empty, `.` or `..`, or contains `/` or a control character",
+                    crate::text::escape(value)
                 ));
             }
             out = out.replace(name, value);
@@ -130,7 +152,8 @@ pub fn fill(
 }
 
 /// Whether a sink verifiably holds the secret of `key_id` now: a `json` or `env` file naming
-/// it. Raw files and programs cannot be asked, so they never count as holding it.
+/// it, that keyward could have written (a private regular file of keyward's user, not a link).
+/// Raw files and programs cannot be asked, so they never count as holding it.
 pub fn holds(sink: &SinkConfig, provider: &str, user: &str, slot: &str, key_id: &str) -> bool {
     let SinkKind::File { path, format } = &sink.kind else {
         return false;
@@ -138,23 +161,76 @@ pub fn holds(sink: &SinkConfig, provider: &str, user: &str, slot: &str, key_id: 
     let Ok(path) = fill(path, provider, user, slot, key_id) else {
         return false;
     };
-    let Ok(text) = std::fs::read_to_string(path) else {
+    let Some(bytes) = crate::files::read_own_file(std::path::Path::new(&path)) else {
+        return false;
+    };
+    let Ok(text) = std::str::from_utf8(&bytes) else {
         return false;
     };
     match format {
-        crate::config::SinkFormat::Json => serde_json::from_str::<serde_json::Value>(&text)
+        crate::config::SinkFormat::Json => serde_json::from_str::<serde_json::Value>(text)
             .is_ok_and(|v| {
                 v["key_id"] == key_id && v["secret"].as_str().is_some_and(|s| !s.is_empty())
             }),
         crate::config::SinkFormat::Env => text
             .lines()
-            .any(|l| l == format!("KEYWARD_KEY_ID={key_id}")),
+            .any(|l| l.strip_prefix("KEYWARD_KEY_ID=") == Some(key_id)),
         crate::config::SinkFormat::Raw => false,
     }
 }
 
+/// Why a delivery failed, and whether trying again could help.
+#[derive(Debug, thiserror::Error)]
+#[error("{error:#}")]
+pub struct SinkError {
+    pub error: anyhow::Error,
+    /// True when no retry can succeed (a name a path cannot hold, a directory another user
+    /// can write): the delivery fails at once instead of being retried.
+    pub permanent: bool,
+}
+
+impl SinkError {
+    /// A failure that retrying cannot fix.
+    pub fn permanent(error: impl Into<anyhow::Error>) -> Self {
+        SinkError {
+            error: error.into(),
+            permanent: true,
+        }
+    }
+
+    /// A failure that may pass (a full disk, a program that failed this time).
+    pub fn transient(error: impl Into<anyhow::Error>) -> Self {
+        SinkError {
+            error: error.into(),
+            permanent: false,
+        }
+    }
+}
+
+/// Checks, before a key is created, that `sink` can take a key of this provider, user and slot:
+/// every placeholder of its path or command can be filled, and a file sink's directory, if it
+/// exists, is one only keyward's user can write. Key ids are checked again at delivery (a
+/// provider's id is not known before the key exists).
+pub fn precheck(sink: &SinkConfig, provider: &str, user: &str, slot: &str) -> Result<(), String> {
+    // A stand-in id: providers' ids are letters, digits, `_` and `-`.
+    let id = "key_id";
+    let checked = match &sink.kind {
+        SinkKind::File { path, .. } => fill(path, provider, user, slot, id).and_then(|p| {
+            match std::path::Path::new(&p).parent() {
+                Some(dir) if dir.is_dir() => crate::files::check_private_dir(dir, "sink directory")
+                    .map_err(|e| format!("{e:#}")),
+                _ => Ok(()),
+            }
+        }),
+        SinkKind::Exec { command, .. } => command
+            .iter()
+            .try_for_each(|a| fill(a, provider, user, slot, id).map(drop)),
+    };
+    checked.map_err(|e| format!("sink {}: {e}", sink.name))
+}
+
 /// Delivers `doc` to one sink.
-pub async fn deliver(sink: &SinkConfig, doc: &SinkDocument) -> anyhow::Result<()> {
+pub async fn deliver(sink: &SinkConfig, doc: &SinkDocument) -> Result<(), SinkError> {
     match &sink.kind {
         SinkKind::File { path, format } => file::deliver(path, *format, doc).await,
         SinkKind::Exec { command, timeout } => exec::deliver(command, *timeout, doc).await,

@@ -1,0 +1,315 @@
+//! Files keyward reads and writes, handled as a program holding production keys must: the
+//! state directory and sink directories are checked before use (owned by keyward's user, not
+//! writable by anyone else), files inside them are opened without following symbolic links,
+//! every input is a regular file of bounded size (a FIFO or `/dev/zero` in place of a config is
+//! an error, never a hang or a 2 GB read), and private files are replaced atomically and durably
+//! with mode 0600.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use anyhow::Context;
+
+/// Largest config file (and included file) keyward reads: 64 MiB, room for a config of
+/// 100,000 users.
+pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
+/// Largest `*_file` secret keyward reads: 64 KiB (credentials are a few hundred bytes).
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
+/// Largest sink file keyward reads back to check what it holds: 1 MiB.
+pub const MAX_SINK_FILE_BYTES: u64 = 1 << 20;
+/// Largest state, journal or plan file keyward reads: 1 GiB.
+pub const MAX_STATE_BYTES: u64 = 1 << 30;
+
+/// The effective user id of this process: the owner every private directory must have.
+pub fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// Why a file could not be read as a bounded, regular input.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("it is not a regular file (a {0}); keyward reads only regular files here")]
+    NotRegular(&'static str),
+    #[error("it is larger than {limit} bytes ({size} bytes)")]
+    TooLarge { size: u64, limit: u64 },
+}
+
+impl ReadError {
+    /// Whether the file does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ReadError::Io(e) if e.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+fn kind_of(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "directory"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_symlink() {
+        "symbolic link"
+    } else {
+        "special file"
+    }
+}
+
+/// Opens `path` for reading without blocking (a FIFO with no writer would otherwise hang the
+/// open) and checks that it is a regular file of at most `limit` bytes. With `follow_links`
+/// false a symbolic link is refused (`O_NOFOLLOW`).
+pub fn open_regular(path: &Path, limit: u64, follow_links: bool) -> Result<File, ReadError> {
+    let mut flags = rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::CLOEXEC;
+    if !follow_links {
+        flags |= rustix::fs::OFlags::NOFOLLOW;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits() as i32)
+        .open(path)
+        .map_err(|e| {
+            // ELOOP is what O_NOFOLLOW answers for a link.
+            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                ReadError::NotRegular("symbolic link")
+            } else {
+                ReadError::Io(e)
+            }
+        })?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(ReadError::NotRegular(kind_of(meta.file_type())));
+    }
+    if meta.len() > limit {
+        return Err(ReadError::TooLarge {
+            size: meta.len(),
+            limit,
+        });
+    }
+    Ok(file)
+}
+
+/// Reads a whole regular file of at most `limit` bytes (see [`open_regular`]). A file that
+/// grows past the limit while being read is refused too.
+pub fn read_bounded(path: &Path, limit: u64, follow_links: bool) -> Result<Vec<u8>, ReadError> {
+    let file = open_regular(path, limit, follow_links)?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(ReadError::TooLarge {
+            size: bytes.len() as u64,
+            limit,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Creates `dir` and any missing parents with mode 0700, then checks it with
+/// [`check_private_dir`].
+pub fn create_private_dir(dir: &Path, what: &str) -> anyhow::Result<()> {
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating the {what} {}", dir.display()))?;
+    }
+    check_private_dir(dir, what)
+}
+
+/// Refuses a directory that another user could plant files or links in: it must be owned by
+/// keyward's user and writable by nobody else (no group or other write bit). The path itself
+/// may be a symbolic link (systemd's `StateDirectory=` with `DynamicUser=` makes one); the
+/// directory it leads to is what is checked.
+pub fn check_private_dir(dir: &Path, what: &str) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(dir).with_context(|| format!("the {what} {}", dir.display()))?;
+    if !meta.is_dir() {
+        anyhow::bail!(
+            "the {what} {} is not a directory ({})",
+            dir.display(),
+            kind_of(meta.file_type())
+        );
+    }
+    let me = euid();
+    if meta.uid() != me {
+        anyhow::bail!(
+            "refusing the {what} {}: it is owned by uid {}, not by keyward's user (uid {me}); another user could replace what keyward keeps there. Fix: chown it to keyward's user, or use another directory",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 {
+        anyhow::bail!(
+            "refusing the {what} {}: it is writable by {} (mode {:04o}), who could plant links or files in it. Fix: chmod go-w {}",
+            dir.display(),
+            if mode & 0o002 != 0 {
+                "every user"
+            } else {
+                "its group"
+            },
+            mode & 0o7777,
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Opens (creating with mode 0600) a file inside a checked private directory for reading and
+/// writing, never through a symbolic link.
+pub fn open_private(path: &Path, append: bool) -> std::io::Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options
+        .create(true)
+        .read(true)
+        .mode(0o600)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC).bits() as i32);
+    if append {
+        options.append(true);
+    } else {
+        options.write(true).truncate(false);
+    }
+    let file = options.open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file ({})",
+            path.display(),
+            kind_of(meta.file_type())
+        )));
+    }
+    Ok(file)
+}
+
+/// Replaces `path` with `bytes` atomically and durably, mode 0600: a temp file in the same
+/// directory, fsync, rename over the target (a link at `path` is replaced, never followed),
+/// fsync of the directory.
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use atomic_write_file::AtomicWriteFile;
+    use atomic_write_file::unix::OpenOptionsExt as _;
+    let mut options = AtomicWriteFile::options();
+    options.preserve_mode(false).preserve_owner(false);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("opening {} for writing", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.commit()
+        .with_context(|| format!("committing {}", path.display()))?;
+    // The mode is set at creation, but make sure an umask never widened it.
+    let perms = std::fs::symlink_metadata(path)?.permissions();
+    if perms.mode() & 0o777 != 0o600 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// Reads back a file keyward wrote into a private directory (a sink file), only if it is one
+/// keyward could have written: a regular file, not a link, owned by keyward's user, with no
+/// group or other permission bits, of bounded size. Anything else reads as `None`.
+pub fn read_own_file(path: &Path) -> Option<secrecy::zeroize::Zeroizing<Vec<u8>>> {
+    let file = open_regular(path, MAX_SINK_FILE_BYTES, false).ok()?;
+    let meta = file.metadata().ok()?;
+    if meta.uid() != euid() || meta.permissions().mode() & 0o077 != 0 {
+        return None;
+    }
+    let mut bytes = secrecy::zeroize::Zeroizing::new(Vec::new());
+    file.take(MAX_SINK_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Some(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fifo_and_devices_are_refused_without_hanging() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("fifo");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        let err = read_bounded(&fifo, 100, true).unwrap_err().to_string();
+        assert!(err.contains("FIFO"), "{err}");
+        let err = read_bounded(Path::new("/dev/zero"), 100, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("character device"), "{err}");
+        let err = read_bounded(tmp.path(), 100, true).unwrap_err().to_string();
+        assert!(err.contains("directory"), "{err}");
+    }
+
+    #[test]
+    fn size_is_bounded_and_links_refused_on_request() {
+        let tmp = tempfile::tempdir().unwrap();
+        let big = tmp.path().join("big");
+        std::fs::write(&big, vec![b'x'; 101]).unwrap();
+        assert!(matches!(
+            read_bounded(&big, 100, true),
+            Err(ReadError::TooLarge { size: 101, .. })
+        ));
+        assert_eq!(read_bounded(&big, 101, true).unwrap().len(), 101);
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&big, &link).unwrap();
+        assert_eq!(read_bounded(&link, 200, true).unwrap().len(), 101);
+        let err = read_bounded(&link, 200, false).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+    }
+
+    #[test]
+    fn writable_directories_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        create_private_dir(&dir, "state directory").unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = check_private_dir(&dir, "state directory")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("writable by every user"), "{err}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770)).unwrap();
+        let err = check_private_dir(&dir, "state directory")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("writable by its group"), "{err}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        check_private_dir(&dir, "state directory").unwrap();
+    }
+
+    #[test]
+    fn open_private_never_follows_a_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("target");
+        std::fs::write(&target, b"keep me").unwrap();
+        let link = tmp.path().join("journal.jsonl");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(open_private(&link, true).is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    }
+
+    #[test]
+    fn read_own_file_wants_a_private_regular_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("f");
+        write_private_file(&f, b"doc").unwrap();
+        assert_eq!(read_own_file(&f).unwrap().as_slice(), b"doc");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(read_own_file(&f).is_none());
+        let link = tmp.path().join("l");
+        std::os::unix::fs::symlink(&f, &link).unwrap();
+        assert!(read_own_file(&link).is_none());
+    }
+}

@@ -1,0 +1,64 @@
+//! Text from outside keyward (names in the config, names, ids and error bodies from a provider,
+//! a sink program's output) made safe to print: control characters are escaped so that a user
+//! named with a newline and terminal escape codes cannot forge lines in a plan, a status table,
+//! an error or a log line, nor drive the terminal.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+/// `text` with every control character written as an escape (`\n`, `\r`, `\t`, `\u{1b}`, …)
+/// and everything else as it is. Borrowed when there is nothing to escape.
+pub fn escape(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if needs_escape(c) {
+            match c {
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c => {
+                    let _ = write!(out, "\\u{{{:x}}}", c as u32);
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Control characters (C0, DEL, C1) and the Unicode line and paragraph separators and
+/// direction overrides, which can make a line read differently from what it holds.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// Whether `text` holds a character [`escape`] would change (config names are checked with it).
+pub fn has_control(text: &str) -> bool {
+    text.chars().any(needs_escape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_controls_and_keeps_the_rest() {
+        assert!(matches!(escape("ci-deployer ✓"), Cow::Borrowed(_)));
+        assert_eq!(
+            escape("bot\n  + create key x\u{1b}[31m"),
+            "bot\\n  + create key x\\u{1b}[31m"
+        );
+        assert_eq!(escape("a\rb\tc\u{7f}"), "a\\rb\\tc\\u{7f}");
+        assert_eq!(escape("x\u{202e}y"), "x\\u{202e}y");
+        assert!(has_control("a\u{85}"));
+        assert!(!has_control("plain/name"));
+    }
+}
