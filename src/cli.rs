@@ -530,12 +530,37 @@ impl Context_ {
                 "plan is stale: the remote objects it was made from have changed since; nothing was changed. Run `keyward plan` again"
             );
         }
-        print_plan(&saved, false);
-        if !saved.has_changes() {
+        // The file says what was approved; what runs is recomputed from the config, the state
+        // and the remote, and only where the two agree.
+        let now = Timestamp::now();
+        let current = self.engine.plan(&obs, &PlanOptions::default(), now);
+        let checked = check_saved(&saved, current);
+        if !checked.refused.is_empty() {
+            let lines: Vec<String> = checked
+                .refused
+                .iter()
+                .map(|c| format!("  {}", crate::apply::describe(c)))
+                .collect();
+            anyhow::bail!(
+                "refusing the saved plan {}: {} of its changes are not what keyward would do now (edited, or made under another config or state); nothing was changed:\n{}",
+                path.display(),
+                checked.refused.len(),
+                lines.join("\n")
+            );
+        }
+        for c in &checked.left {
+            tracing::info!(
+                "not in the saved plan, left for the next run: {}",
+                crate::apply::describe(c)
+            );
+        }
+        let plan = checked.plan;
+        print_plan(&plan, false);
+        if !plan.has_changes() {
             return Ok(ExitCode::SUCCESS);
         }
-        self.engine.check_deletions(&saved)?;
-        self.execute(&saved, obs).await
+        self.engine.check_deletions(&plan)?;
+        self.execute(&plan, obs).await
     }
 
     async fn execute(&self, plan: &Plan, obs: Observation) -> anyhow::Result<ExitCode> {
@@ -549,6 +574,75 @@ impl Context_ {
         } else {
             ExitCode::from(1)
         })
+    }
+}
+
+/// A saved plan held against the plan keyward computes now.
+struct CheckedPlan {
+    /// The computed changes the saved plan also holds: what runs.
+    plan: Plan,
+    /// Saved changes keyward would not make now.
+    refused: Vec<plan::Change>,
+    /// Computed changes the saved plan does not hold (work that came due since): not run.
+    left: Vec<plan::Change>,
+}
+
+/// Matches each saved change with a computed one (same action, provider, user, slot, key and
+/// target attributes; the reason may differ, it holds ages). One pass over each list.
+fn check_saved(saved: &Plan, current: Plan) -> CheckedPlan {
+    type Identity = (
+        plan::Action,
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        String,
+    );
+    let identity = |c: &plan::Change| -> Identity {
+        (
+            c.action,
+            c.provider.clone(),
+            c.user.clone(),
+            c.slot.clone(),
+            c.key_id.clone(),
+            c.after.as_ref().map(|a| a.to_string()).unwrap_or_default(),
+        )
+    };
+    let mut wanted: std::collections::HashMap<Identity, usize> = std::collections::HashMap::new();
+    let mut refused = Vec::new();
+    let mut computed: std::collections::HashMap<Identity, Vec<usize>> =
+        std::collections::HashMap::new();
+    for (i, c) in current.changes.iter().enumerate() {
+        computed.entry(identity(c)).or_default().push(i);
+    }
+    for c in &saved.changes {
+        let id = identity(c);
+        let available = computed.get(&id).map_or(0, Vec::len);
+        let taken = wanted.entry(id).or_default();
+        if *taken < available {
+            *taken += 1;
+        } else {
+            refused.push(c.clone());
+        }
+    }
+    let mut run = Vec::new();
+    let mut left = Vec::new();
+    for c in current.changes {
+        match wanted.get_mut(&identity(&c)) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                run.push(c);
+            }
+            _ => left.push(c),
+        }
+    }
+    let mut plan = Plan::new(run, current.warnings, current.observed);
+    plan.planned_at = current.planned_at;
+    plan.upcoming = current.upcoming;
+    CheckedPlan {
+        plan,
+        refused,
+        left,
     }
 }
 

@@ -646,6 +646,59 @@ mod tests {
         assert!(read(dir.path()).unwrap().is_empty());
     }
 
+    fn done_line(seq: u64) -> String {
+        format!("{{\"seq\":{seq},\"at\":\"2026-01-01T00:00:00Z\",\"event\":\"done\"}}\n")
+    }
+
+    #[test]
+    fn a_corrupt_line_before_the_last_is_an_error_naming_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Journal::path_in(dir.path());
+        let text = format!("{}not json at all\n{}", done_line(1), done_line(2));
+        std::fs::write(&path, text).unwrap();
+        let err = read(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("corrupt at line 2"), "{err}");
+        assert!(err.contains("journal.jsonl"), "{err}");
+        assert!(Journal::open(dir.path()).is_err());
+        // A blank line in the middle is corruption too: keyward never writes one.
+        std::fs::write(&path, format!("{}\n{}", done_line(1), done_line(2))).unwrap();
+        let err = read(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("corrupt at line 2"), "{err}");
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off_before_the_next_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Journal::path_in(dir.path());
+        std::fs::write(&path, format!("{}{{\"seq\":2,\"at", done_line(1))).unwrap();
+        assert_eq!(read(dir.path()).unwrap().len(), 1);
+        let j = Journal::open(dir.path()).unwrap();
+        let seq = j.next_seq();
+        assert_eq!(seq, 2);
+        j.append(seq, Event::Done, true).unwrap();
+        // Without the cut, the new line would have been glued to the torn one, and the
+        // journal would now be corrupt in the middle.
+        assert_eq!(read(dir.path()).unwrap().len(), 2);
+        // A whole last entry that lacks its newline is kept, and the next starts a new line.
+        std::fs::write(&path, done_line(1).trim_end()).unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.append(j.next_seq(), Event::Done, true).unwrap();
+        assert_eq!(read(dir.path()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_journal_that_is_a_link_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let state = dir.path().join("state");
+        crate::files::create_private_dir(&state, "state directory").unwrap();
+        std::os::unix::fs::symlink(&victim, Journal::path_in(&state)).unwrap();
+        assert!(Journal::open(&state).is_err());
+        assert!(read(&state).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    }
+
     #[test]
     fn a_key_whose_creation_was_never_journaled_is_found_by_time_and_absence_of_tag() {
         use crate::model::{AccountSnapshot, KeyTag, RemoteKey, RemoteUser};

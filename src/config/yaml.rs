@@ -48,7 +48,7 @@ pub struct Parsed {
 /// Parses `text`. Returns the (possibly partial) raw config when the YAML itself could be read,
 /// and every structural problem found.
 pub fn parse(text: &str) -> (Option<Parsed>, Vec<Problem>) {
-    match serde_saphyr::from_str::<RawConfig>(text) {
+    match deserialize(text) {
         Ok(raw) => (
             Some(Parsed {
                 raw,
@@ -71,6 +71,19 @@ pub fn parse(text: &str) -> (Option<Parsed>, Vec<Problem>) {
             }
         }
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Characters handed to the YAML parser on this thread (tests check the total stays linear).
+    static PARSED_CHARS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Deserializes a whole text (the document, or one piece of it).
+fn deserialize(text: &str) -> Result<RawConfig, YamlError> {
+    #[cfg(test)]
+    PARSED_CHARS.with(|n| n.set(n.get() + text.len()));
+    serde_saphyr::from_str::<RawConfig>(text)
 }
 
 /// The location and user-facing text of a serde-saphyr error, without its source snippet
@@ -399,7 +412,7 @@ fn recover(text: &str) -> Option<(Parsed, Vec<Problem>)> {
     let mut blank = Vec::new();
     for (keep, piece) in pieces {
         let part = PieceText::new(&chars, &lines, &keep);
-        let Err(e) = serde_saphyr::from_str::<RawConfig>(&part.text) else {
+        let Err(e) = deserialize(&part.text) else {
             continue;
         };
         let mut problem = problem_of(&e);
@@ -422,7 +435,7 @@ fn recover(text: &str) -> Option<(Parsed, Vec<Problem>)> {
             },
         }
     }
-    let raw = serde_saphyr::from_str::<RawConfig>(&blanked(&chars, &blank)).ok()?;
+    let raw = deserialize(&blanked(&chars, &blank)).ok()?;
     Some((Parsed { raw, broken }, problems))
 }
 
@@ -472,6 +485,46 @@ mod tests {
     fn syntax_errors_are_reported_once() {
         let got = problems("version: 1\nusers: [\n");
         assert_eq!(got.len(), 1, "{got:?}");
+    }
+
+    #[test]
+    fn reporting_errors_reads_the_text_a_bounded_number_of_times() {
+        // 2,000 users, every tenth with a typo: the pieces cost their own size, not the
+        // document's (formerly each of the 2,001 pieces re-read the whole text).
+        let mut text = String::from("version: 1\nusers:\n");
+        for i in 0..2000 {
+            let field = if i % 10 == 0 { "activ" } else { "active" };
+            text.push_str(&format!(
+                "  - provider: p\n    name: u{i}\n    {field}: true\n"
+            ));
+        }
+        PARSED_CHARS.with(|n| n.set(0));
+        let (parsed, problems) = parse(&text);
+        let read = PARSED_CHARS.with(|n| n.get());
+        assert_eq!(problems.len(), 200, "{:?}", &problems[..3]);
+        assert!(
+            read <= 4 * text.len(),
+            "parsed {read} characters for a text of {}",
+            text.len()
+        );
+        // Each error is where the typo is, and the good users keep their exact positions.
+        assert_eq!((problems[0].pos.line, problems[0].pos.column), (5, 5));
+        assert_eq!(
+            (problems[199].pos.line, problems[199].pos.column),
+            (5 + 3 * 1990, 5)
+        );
+        let raw = parsed.expect("the good users parse").raw;
+        let users = raw.users.expect("users");
+        assert_eq!(users.len(), 1800);
+        assert_eq!(users[0].v().name.pos().line, 7);
+    }
+
+    #[test]
+    fn errors_in_later_providers_are_located_exactly() {
+        let text = "version: 1\nproviders:\n  a:\n    type: ngrok\n\n\n  b:\n    type: ngrok\n    nope: 1\n";
+        let got = problems(text);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].0, got[0].1), (9, 5), "{got:?}");
     }
 
     #[test]

@@ -226,6 +226,84 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_program_sees_no_credential_in_its_environment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("env");
+        // cargo gives the test process variables of its own: they stand in for keyward's
+        // environment (where credentials live).
+        assert!(
+            std::env::var_os("CARGO_MANIFEST_DIR").is_some(),
+            "run under cargo"
+        );
+        crate::redact::remember(
+            "test.exec",
+            &secrecy::SecretString::from("credential-held".to_string()),
+        );
+        let script = format!(
+            "env > {}; env; cat; echo credential-held; exit 1",
+            out.display()
+        );
+        let err = deliver(
+            &sh(&script),
+            SignedDuration::from_secs(10),
+            &crate::sinks::tests::doc(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        let env = std::fs::read_to_string(&out).unwrap();
+        assert!(!env.contains("CARGO_MANIFEST_DIR"), "{env}");
+        assert!(env.contains("PATH="), "{env}");
+        assert!(env.contains("KEYWARD_USER=ci-deployer"), "{env}");
+        // What it printed is quoted with every credential and the new secret masked, and on
+        // one line.
+        assert!(!err.contains("credential-held"), "{err}");
+        assert!(err.contains("[REDACTED]"), "{err}");
+        assert!(!err.contains("s3cr3t"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_what_the_program_started() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pidfile = tmp.path().join("pid");
+        let script = format!("sleep 300 & echo $! > {}; sleep 300", pidfile.display());
+        let err = deliver(
+            &sh(&script),
+            SignedDuration::from_millis(500),
+            &crate::sinks::tests::doc(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("did not finish"), "{err}");
+        assert!(!err.permanent);
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        let proc = std::path::PathBuf::from(format!("/proc/{}", pid.trim()));
+        // Killed at once; it may linger a moment as a zombie until it is reaped.
+        let gone = (0..100).any(|_| {
+            let state = std::fs::read_to_string(proc.join("stat")).unwrap_or_default();
+            let alive = !state.is_empty() && !state.contains(") Z");
+            if alive {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            !alive
+        });
+        assert!(gone, "the background child {} still runs", pid.trim());
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_permanent_failure() {
+        let err = deliver(
+            &["/nonexistent/keyward-sink".to_string()],
+            SignedDuration::from_secs(5),
+            &crate::sinks::tests::doc(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.permanent, "{err}");
+    }
+
+    #[tokio::test]
     async fn timeout_is_an_error() {
         let err = deliver(
             &sh("sleep 5"),

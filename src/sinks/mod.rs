@@ -276,6 +276,44 @@ mod tests {
     }
 
     #[test]
+    fn documents_are_zeroized_when_dropped() {
+        // The type says it: every serialized form of a sink document wipes itself.
+        fn zeroizing(_: &Zeroizing<String>) {}
+        let d = doc();
+        zeroizing(&d.to_json());
+        zeroizing(&d.to_env());
+        zeroizing(&d.to_raw());
+    }
+
+    #[test]
+    fn holds_reads_only_files_keyward_could_have_written() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let sink = SinkConfig {
+            name: "local".into(),
+            kind: SinkKind::File {
+                path: format!("{}/{{user}}.json", tmp.path().display()),
+                format: crate::config::SinkFormat::Json,
+            },
+        };
+        let planted = tmp.path().join("elsewhere.json");
+        std::fs::write(&planted, r#"{"key_id":"ak_1","secret":"x"}"#).unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // A link planted where the sink file goes does not count as holding the key.
+        std::os::unix::fs::symlink(&planted, tmp.path().join("u.json")).unwrap();
+        assert!(!holds(&sink, "ng", "u", "s", "ak_1"));
+        // Nor does a file others can read or write.
+        let open = tmp.path().join("v.json");
+        std::fs::write(&open, r#"{"key_id":"ak_1","secret":"x"}"#).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(!holds(&sink, "ng", "v", "s", "ak_1"));
+        // The file keyward writes does.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(holds(&sink, "ng", "v", "s", "ak_1"));
+        assert!(!holds(&sink, "ng", "v", "s", "ak_2"));
+    }
+
+    #[test]
     fn fill_refuses_traversal() {
         let mut d = doc();
         assert_eq!(
@@ -285,6 +323,8 @@ mod tests {
         d.user = "../etc".into();
         assert!(d.fill("/x/{user}").is_err());
         d.user = "..".into();
+        assert!(d.fill("/x/{user}").is_err());
+        d.user = "a\nb".into();
         assert!(d.fill("/x/{user}").is_err());
     }
 }
