@@ -238,13 +238,17 @@ impl Ctx<'_> {
             None => 8,
             Some(c) => match usize::try_from(*c.v()) {
                 Ok(n) if (1..=MAX_CONCURRENCY).contains(&n) => n,
+                Ok(n) if n > MAX_CONCURRENCY => {
+                    self.d.error(
+                        c.pos(),
+                        format!("concurrency must be at most {MAX_CONCURRENCY} (got {n})"),
+                    );
+                    8
+                }
                 _ => {
                     self.d.error(
                         c.pos(),
-                        format!(
-                            "concurrency must be from 1 to {MAX_CONCURRENCY} (got {})",
-                            c.v()
-                        ),
+                        format!("concurrency must be at least 1 (got {})", c.v()),
                     );
                     8
                 }
