@@ -608,3 +608,43 @@ fn sigterm_does_not_wait_out_a_long_retry_after() {
         "nothing was sent after the signal"
     );
 }
+
+#[test]
+fn reload_diff_never_shows_an_inline_secret_in_flow_style() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    // The admin key written inline, in a flow mapping (validate warns about it; it works).
+    let config = |rate: &str, users: &str| {
+        format!(
+            "version: 1\nsettings: {{state_dir: state, interval: 10m}}\nproviders:\n  ng: {{type: ngrok, api_key: {}, base_url: \"{}\", rate_limit: {rate}}}\nsinks:\n  local: {{type: file, path: \"secrets/{{provider}}/{{user}}/{{slot}}.json\"}}\ndefaults: {{sink: local}}\n{users}",
+            sb.admin_key, sb.url
+        )
+    };
+    std::fs::write(ws.config_path(), config("100000/1s", &users(&["inline"]))).unwrap();
+    let d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(10), "converged", || {
+        ws.path("secrets/ng/inline/main.json").exists()
+    });
+    // The edit touches the line that holds the secret, so that line is part of the diff.
+    std::fs::write(
+        ws.config_path(),
+        config("99999/1s", &users(&["inline", "edited"])),
+    )
+    .unwrap();
+    eventually(&d, Duration::from_secs(10), "edit applied", || {
+        sb.user_by_name("edited").is_some() && d.log().contains("config reloaded")
+    });
+    let log = d.log();
+    assert!(
+        log.contains("+    name: edited"),
+        "the diff is logged:\n{log}"
+    );
+    assert!(
+        log.contains("rate_limit: 99999/1s"),
+        "the diff is logged:\n{log}"
+    );
+    assert!(
+        !log.contains(&sb.admin_key),
+        "the inline api_key is in the daemon's log:\n{log}"
+    );
+}

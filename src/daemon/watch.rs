@@ -9,6 +9,8 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use crate::config::mask::mask_secrets;
+
 /// How long a burst of events (an editor's write, rename and chmod) is left to settle before the
 /// file is re-read.
 pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
@@ -71,35 +73,21 @@ pub fn file_hash(path: &Path) -> Option<String> {
     Some(hex::encode(Sha256::digest(&bytes)))
 }
 
-/// A short unified diff of two config texts, with inline secret values masked.
+/// A short unified diff of two config texts, with the value of every secret field masked (see
+/// [`mask_secrets`]). When either text is not valid YAML nothing of it is shown: the secrets'
+/// places cannot be known.
 pub fn config_diff(old: &str, new: &str) -> String {
-    let (old, new) = (mask_secrets(old), mask_secrets(new));
+    let (Some(old), Some(new)) = (mask_secrets(old), mask_secrets(new)) else {
+        return "config changed (diff not shown: not valid YAML)".to_string();
+    };
+    if old == new {
+        return "only masked (secret) values changed".to_string();
+    }
     similar::TextDiff::from_lines(&old, &new)
         .unified_diff()
         .context_radius(1)
         .header("previous", "current")
         .to_string()
-}
-
-/// Replaces the value of `api_key:` / `key_secret:` lines unless it is a `${VAR}` reference.
-pub fn mask_secrets(text: &str) -> String {
-    text.lines()
-        .map(|line| {
-            let trimmed = line.trim_start().trim_start_matches("- ");
-            for field in ["api_key:", "key_secret:"] {
-                if let Some(value) = trimmed.strip_prefix(field) {
-                    let v = value.trim();
-                    if !v.is_empty() && !v.starts_with("${") && !v.starts_with('#') {
-                        let indent = &line[..line.len() - line.trim_start().len()];
-                        return format!("{indent}{field} ***");
-                    }
-                }
-            }
-            line.to_string()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        + "\n"
 }
 
 #[cfg(test)]
@@ -117,6 +105,24 @@ mod tests {
         assert!(d.contains("-    api_key: ***"), "{d}");
         assert!(d.contains("+    api_key: ${NGROK_API_KEY}"), "{d}");
         assert!(d.contains("+  - {provider: a, name: x}"), "{d}");
+    }
+
+    #[test]
+    fn diff_masks_secrets_in_flow_quoted_and_block_forms() {
+        let old = "providers:\n  a: {type: ngrok, api_key: flow-secret-1}\n  b:\n    \"api_key\": quoted-secret-1\n  c:\n    key_secret: >-\n      folded-secret-1\n    type: okta-asa\nusers: []\n";
+        let new = old.replace("-1", "-2") + "# edited\n";
+        let d = config_diff(old, &new);
+        for s in ["flow-secret", "quoted-secret", "folded-secret"] {
+            assert!(!d.contains(s), "`{s}` shown in the diff:\n{d}");
+        }
+        assert!(d.contains("+# edited"), "{d}");
+    }
+
+    #[test]
+    fn diff_of_text_that_is_not_yaml_shows_nothing_of_it() {
+        let d = config_diff("a: 1\n", "providers: {a: {api_key: hunter2\n");
+        assert!(!d.contains("hunter2"), "{d}");
+        assert!(d.contains("not valid YAML"), "{d}");
     }
 
     #[tokio::test]
