@@ -648,3 +648,82 @@ fn reload_diff_never_shows_an_inline_secret_in_flow_style() {
         "the inline api_key is in the daemon's log:\n{log}"
     );
 }
+
+/// The times at which `WATCHDOG=1` arrived on `sock` while `act` ran every `every`, for `total`.
+fn watchdog_pings(
+    sock: &std::os::unix::net::UnixDatagram,
+    total: Duration,
+    every: Duration,
+    mut act: impl FnMut(),
+) -> Vec<Instant> {
+    let mut pings = Vec::new();
+    let mut buf = [0u8; 4096];
+    let start = Instant::now();
+    let mut next_act = start;
+    while start.elapsed() < total {
+        if Instant::now() >= next_act {
+            act();
+            next_act += every;
+        }
+        if let Ok(n) = sock.recv(&mut buf)
+            && String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1")
+        {
+            pings.push(Instant::now());
+        }
+    }
+    pings
+}
+
+#[test]
+fn a_busy_config_directory_does_not_starve_the_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(QUIET, &users(&["watched"]));
+    let sock_path = ws.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let sock_text = sock_path.to_string_lossy().into_owned();
+    let watchdog_usec = 2_000_000u64;
+    let usec_text = watchdog_usec.to_string();
+    let d = Daemon::start_with(
+        &ws,
+        &[
+            ("NOTIFY_SOCKET", Some(sock_text.as_str())),
+            ("WATCHDOG_USEC", Some(usec_text.as_str())),
+            ("WATCHDOG_PID", None),
+        ],
+    );
+    eventually(&d, Duration::from_secs(10), "converged", || {
+        ws.path("secrets/ng/watched/main.json").exists()
+    });
+    // Unrelated files in the config directory, touched every 0.3 s for 8 s.
+    let mut n = 0u32;
+    let pings = watchdog_pings(
+        &sock,
+        Duration::from_secs(8),
+        Duration::from_millis(300),
+        || {
+            n += 1;
+            std::fs::write(ws.path("unrelated.txt"), n.to_string()).unwrap();
+        },
+    );
+    let bound = Duration::from_micros(watchdog_usec);
+    assert!(
+        pings.len() >= 2,
+        "{} watchdog ping(s) in 8 s with WATCHDOG_USEC=2s\n{}",
+        pings.len(),
+        d.log()
+    );
+    let worst = pings
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    assert!(
+        worst <= bound,
+        "a {worst:?} gap between watchdog pings (WATCHDOG_USEC=2s): systemd would kill the daemon\n{}",
+        d.log()
+    );
+}
