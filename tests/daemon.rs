@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,10 +28,15 @@ impl Daemon {
 
     /// Starts it with extra environment (`None` removes a variable).
     fn start_with(ws: &Workspace, extra: &[(&str, Option<&str>)]) -> Daemon {
+        Self::start_at(ws, &ws.config_path(), extra)
+    }
+
+    /// Starts it on the config file `config` (its log stays in the workspace).
+    fn start_at(ws: &Workspace, config: &Path, extra: &[(&str, Option<&str>)]) -> Daemon {
         let log = ws.path("daemon.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
         cmd.args(["daemon", "-c"])
-            .arg(ws.config_path())
+            .arg(config)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -726,4 +731,81 @@ fn a_busy_config_directory_does_not_starve_the_watchdog() {
         "a {worst:?} gap between watchdog pings (WATCHDOG_USEC=2s): systemd would kill the daemon\n{}",
         d.log()
     );
+}
+
+#[test]
+fn follows_a_symlinked_config_and_a_repointed_link() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    // The config lives elsewhere; keyward.yaml in the workspace is a symlink to it. Relative
+    // paths are avoided: where they resolve against is not what this test is about.
+    // The link sits in a directory of its own, where nothing else is written (the daemon's log
+    // is elsewhere): no unrelated event there can stand in for the edit.
+    let link_dir = tempfile::tempdir().unwrap();
+    let link = link_dir.path().join("keyward.yaml");
+    let first_dir = tempfile::tempdir().unwrap();
+    let second_dir = tempfile::tempdir().unwrap();
+    let root = ws.dir.path().display().to_string();
+    let config = |users: &str| {
+        format!(
+            "version: 1\nsettings:\n  state_dir: {root}/state\n  interval: 10m\nproviders:\n  ng:\n    type: ngrok\n    api_key: ${{NGROK_API_KEY}}\n    base_url: ${{KEYWARD_SANDBOX_URL}}\n    rate_limit: 100000/1s\nsinks:\n  local:\n    type: file\n    path: {root}/secrets/{{provider}}/{{user}}/{{slot}}.json\ndefaults:\n  sink: local\n{users}"
+        )
+    };
+    let first = first_dir.path().join("real.yaml");
+    std::fs::write(&first, config(&users(&["linked"]))).unwrap();
+    std::os::unix::fs::symlink(&first, &link).unwrap();
+    let d = Daemon::start_at(
+        &ws,
+        &link,
+        &[("NOTIFY_SOCKET", None), ("WATCHDOG_USEC", None)],
+    );
+    eventually(&d, Duration::from_secs(10), "converged", || {
+        sb.user_by_name("linked").is_some()
+    });
+
+    // An in-place edit of the file the link points to, in its own directory.
+    std::fs::write(&first, config(&users(&["linked", "target-edit"]))).unwrap();
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "edit of the link's target applied without SIGHUP",
+        || sb.user_by_name("target-edit").is_some(),
+    );
+
+    // The link re-pointed (by rename, as `ln -sfn` and Kubernetes do) to a file in a third
+    // directory.
+    let second = second_dir.path().join("other.yaml");
+    std::fs::write(
+        &second,
+        config(&users(&["linked", "target-edit", "repointed"])),
+    )
+    .unwrap();
+    let tmp_link = link_dir.path().join(".keyward.yaml.new");
+    std::os::unix::fs::symlink(&second, &tmp_link).unwrap();
+    std::fs::rename(&tmp_link, &link).unwrap();
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "re-pointed link followed",
+        || sb.user_by_name("repointed").is_some(),
+    );
+
+    // And the new target's directory is watched now.
+    std::fs::write(
+        &second,
+        config(&users(&[
+            "linked",
+            "target-edit",
+            "repointed",
+            "new-target-edit",
+        ])),
+    )
+    .unwrap();
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "edit of the new target applied without SIGHUP",
+        || sb.user_by_name("new-target-edit").is_some(),
+    );
+    assert!(!d.log().contains("SIGHUP"), "{}", d.log());
 }

@@ -425,6 +425,8 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
             _ = sleep_until_or_forever(settle_until) => {
                 settle_until = None;
                 while watch.events.try_recv().is_ok() {}
+                // A symlink may point elsewhere now: watch where the file lives before reading it.
+                watch.refresh();
                 run_now = daemon.reload(false);
                 if !run_now {
                     systemd::status(&daemon.status_line());
@@ -433,6 +435,7 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the config");
                 systemd::reloading();
+                watch.refresh();
                 daemon.reload(true);
                 run_now = true;
                 systemd::ready(&daemon.status_line());
