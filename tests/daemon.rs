@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,10 +28,15 @@ impl Daemon {
 
     /// Starts it with extra environment (`None` removes a variable).
     fn start_with(ws: &Workspace, extra: &[(&str, Option<&str>)]) -> Daemon {
+        Self::start_at(ws, &ws.config_path(), extra)
+    }
+
+    /// Starts it on the config file `config` (its log stays in the workspace).
+    fn start_at(ws: &Workspace, config: &Path, extra: &[(&str, Option<&str>)]) -> Daemon {
         let log = ws.path("daemon.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
         cmd.args(["daemon", "-c"])
-            .arg(ws.config_path())
+            .arg(config)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -607,4 +612,200 @@ fn sigterm_does_not_wait_out_a_long_retry_after() {
         sb.user_by_name("patient").is_none(),
         "nothing was sent after the signal"
     );
+}
+
+#[test]
+fn reload_diff_never_shows_an_inline_secret_in_flow_style() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    // The admin key written inline, in a flow mapping (validate warns about it; it works).
+    let config = |rate: &str, users: &str| {
+        format!(
+            "version: 1\nsettings: {{state_dir: state, interval: 10m}}\nproviders:\n  ng: {{type: ngrok, api_key: {}, base_url: \"{}\", rate_limit: {rate}}}\nsinks:\n  local: {{type: file, path: \"secrets/{{provider}}/{{user}}/{{slot}}.json\"}}\ndefaults: {{sink: local}}\n{users}",
+            sb.admin_key, sb.url
+        )
+    };
+    std::fs::write(ws.config_path(), config("100000/1s", &users(&["inline"]))).unwrap();
+    let d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(10), "converged", || {
+        ws.path("secrets/ng/inline/main.json").exists()
+    });
+    // The edit touches the line that holds the secret, so that line is part of the diff.
+    std::fs::write(
+        ws.config_path(),
+        config("99999/1s", &users(&["inline", "edited"])),
+    )
+    .unwrap();
+    eventually(&d, Duration::from_secs(10), "edit applied", || {
+        sb.user_by_name("edited").is_some() && d.log().contains("config reloaded")
+    });
+    let log = d.log();
+    assert!(
+        log.contains("+    name: edited"),
+        "the diff is logged:\n{log}"
+    );
+    assert!(
+        log.contains("rate_limit: 99999/1s"),
+        "the diff is logged:\n{log}"
+    );
+    assert!(
+        !log.contains(&sb.admin_key),
+        "the inline api_key is in the daemon's log:\n{log}"
+    );
+}
+
+/// The times at which `WATCHDOG=1` arrived on `sock` while `act` ran every `every`, for `total`.
+fn watchdog_pings(
+    sock: &std::os::unix::net::UnixDatagram,
+    total: Duration,
+    every: Duration,
+    mut act: impl FnMut(),
+) -> Vec<Instant> {
+    let mut pings = Vec::new();
+    let mut buf = [0u8; 4096];
+    let start = Instant::now();
+    let mut next_act = start;
+    while start.elapsed() < total {
+        if Instant::now() >= next_act {
+            act();
+            next_act += every;
+        }
+        if let Ok(n) = sock.recv(&mut buf)
+            && String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1")
+        {
+            pings.push(Instant::now());
+        }
+    }
+    pings
+}
+
+#[test]
+fn a_busy_config_directory_does_not_starve_the_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(QUIET, &users(&["watched"]));
+    let sock_path = ws.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let sock_text = sock_path.to_string_lossy().into_owned();
+    let watchdog_usec = 2_000_000u64;
+    let usec_text = watchdog_usec.to_string();
+    let d = Daemon::start_with(
+        &ws,
+        &[
+            ("NOTIFY_SOCKET", Some(sock_text.as_str())),
+            ("WATCHDOG_USEC", Some(usec_text.as_str())),
+            ("WATCHDOG_PID", None),
+        ],
+    );
+    eventually(&d, Duration::from_secs(10), "converged", || {
+        ws.path("secrets/ng/watched/main.json").exists()
+    });
+    // Unrelated files in the config directory, touched every 0.3 s for 8 s.
+    let mut n = 0u32;
+    let pings = watchdog_pings(
+        &sock,
+        Duration::from_secs(8),
+        Duration::from_millis(300),
+        || {
+            n += 1;
+            std::fs::write(ws.path("unrelated.txt"), n.to_string()).unwrap();
+        },
+    );
+    let bound = Duration::from_micros(watchdog_usec);
+    assert!(
+        pings.len() >= 2,
+        "{} watchdog ping(s) in 8 s with WATCHDOG_USEC=2s\n{}",
+        pings.len(),
+        d.log()
+    );
+    let worst = pings
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    assert!(
+        worst <= bound,
+        "a {worst:?} gap between watchdog pings (WATCHDOG_USEC=2s): systemd would kill the daemon\n{}",
+        d.log()
+    );
+}
+
+#[test]
+fn follows_a_symlinked_config_and_a_repointed_link() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    // The config lives elsewhere; keyward.yaml in the workspace is a symlink to it. Relative
+    // paths are avoided: where they resolve against is not what this test is about.
+    // The link sits in a directory of its own, where nothing else is written (the daemon's log
+    // is elsewhere): no unrelated event there can stand in for the edit.
+    let link_dir = tempfile::tempdir().unwrap();
+    let link = link_dir.path().join("keyward.yaml");
+    let first_dir = tempfile::tempdir().unwrap();
+    let second_dir = tempfile::tempdir().unwrap();
+    let root = ws.dir.path().display().to_string();
+    let config = |users: &str| {
+        format!(
+            "version: 1\nsettings:\n  state_dir: {root}/state\n  interval: 10m\nproviders:\n  ng:\n    type: ngrok\n    api_key: ${{NGROK_API_KEY}}\n    base_url: ${{KEYWARD_SANDBOX_URL}}\n    rate_limit: 100000/1s\nsinks:\n  local:\n    type: file\n    path: {root}/secrets/{{provider}}/{{user}}/{{slot}}.json\ndefaults:\n  sink: local\n{users}"
+        )
+    };
+    let first = first_dir.path().join("real.yaml");
+    std::fs::write(&first, config(&users(&["linked"]))).unwrap();
+    std::os::unix::fs::symlink(&first, &link).unwrap();
+    let d = Daemon::start_at(
+        &ws,
+        &link,
+        &[("NOTIFY_SOCKET", None), ("WATCHDOG_USEC", None)],
+    );
+    eventually(&d, Duration::from_secs(10), "converged", || {
+        sb.user_by_name("linked").is_some()
+    });
+
+    // An in-place edit of the file the link points to, in its own directory.
+    std::fs::write(&first, config(&users(&["linked", "target-edit"]))).unwrap();
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "edit of the link's target applied without SIGHUP",
+        || sb.user_by_name("target-edit").is_some(),
+    );
+
+    // The link re-pointed (by rename, as `ln -sfn` and Kubernetes do) to a file in a third
+    // directory.
+    let second = second_dir.path().join("other.yaml");
+    std::fs::write(
+        &second,
+        config(&users(&["linked", "target-edit", "repointed"])),
+    )
+    .unwrap();
+    let tmp_link = link_dir.path().join(".keyward.yaml.new");
+    std::os::unix::fs::symlink(&second, &tmp_link).unwrap();
+    std::fs::rename(&tmp_link, &link).unwrap();
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "re-pointed link followed",
+        || sb.user_by_name("repointed").is_some(),
+    );
+
+    // And the new target's directory is watched now.
+    std::fs::write(
+        &second,
+        config(&users(&[
+            "linked",
+            "target-edit",
+            "repointed",
+            "new-target-edit",
+        ])),
+    )
+    .unwrap();
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "edit of the new target applied without SIGHUP",
+        || sb.user_by_name("new-target-edit").is_some(),
+    );
+    assert!(!d.log().contains("SIGHUP"), "{}", d.log());
 }

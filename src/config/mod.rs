@@ -4,6 +4,7 @@
 //! validation live here; nothing here touches the network.
 
 mod interp;
+pub mod mask;
 mod raw;
 mod resolve;
 mod yaml;

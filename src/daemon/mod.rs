@@ -378,7 +378,7 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
             }
         })
     });
-    let watchdog = systemd::watchdog_interval();
+    let heartbeat = systemd::start_watchdog();
     systemd::ready("config loaded; first reconcile starting");
     tracing::info!(
         "keyward daemon started: config {}, mode {:?}, interval {}",
@@ -395,14 +395,15 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
         }
         if run_now {
             run_now = false;
-            // Ping the watchdog while the run makes progress: a wedged runtime stops the pings.
+            // The loop answers the watchdog while the run is under way: a run that waits on the
+            // network is alive; a wedged one (or runtime) stops answering, and the pings stop.
             {
                 let run = daemon.reconcile(&shutdown);
                 tokio::pin!(run);
                 loop {
                     tokio::select! {
                         _ = &mut run => break,
-                        _ = sleep_or_forever(watchdog) => systemd::watchdog(),
+                        _ = heartbeat.asked() => heartbeat.answer(),
                     }
                 }
             }
@@ -424,6 +425,8 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
             _ = sleep_until_or_forever(settle_until) => {
                 settle_until = None;
                 while watch.events.try_recv().is_ok() {}
+                // A symlink may point elsewhere now: watch where the file lives before reading it.
+                watch.refresh();
                 run_now = daemon.reload(false);
                 if !run_now {
                     systemd::status(&daemon.status_line());
@@ -432,11 +435,12 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the config");
                 systemd::reloading();
+                watch.refresh();
                 daemon.reload(true);
                 run_now = true;
                 systemd::ready(&daemon.status_line());
             }
-            _ = sleep_or_forever(watchdog) => systemd::watchdog(),
+            _ = heartbeat.asked() => heartbeat.answer(),
         }
     }
     if let Some(t) = metrics_task {
@@ -449,13 +453,6 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
 async fn sleep_until_or_forever(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_or_forever(d: Option<Duration>) {
-    match d {
-        Some(d) => tokio::time::sleep(d).await,
         None => std::future::pending().await,
     }
 }
