@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use rand::Rng;
+use secrecy::zeroize::Zeroizing;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +47,7 @@ struct Daemon {
     path: PathBuf,
     engine: Engine,
     hash: Option<String>,
-    text: String,
+    text: Zeroizing<String>,
     metrics: Arc<Metrics>,
     health: BTreeMap<String, Health>,
     next_interval: Instant,
@@ -116,7 +117,7 @@ impl Daemon {
                 false
             }
             Ok(loaded) => {
-                let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+                let text = read_config_text(&self.path);
                 let old_metrics = self.engine.config.settings.metrics;
                 match Engine::new(loaded) {
                     Ok(engine) => {
@@ -124,11 +125,11 @@ impl Daemon {
                             tracing::warn!("{w}");
                         }
                         if text != self.text {
-                            tracing::info!(
-                                "config reloaded from {}:\n{}",
-                                self.path.display(),
-                                watch::config_diff(&self.text, &text).trim_end()
-                            );
+                            // One log line per diff line: a log line never holds a line break.
+                            tracing::info!("config reloaded from {}:", self.path.display());
+                            for line in watch::config_diff(&self.text, &text).trim_end().lines() {
+                                tracing::info!("  {line}");
+                            }
                         } else {
                             tracing::info!(
                                 "config reloaded from {} (unchanged)",
@@ -315,11 +316,22 @@ impl Daemon {
         self.last_outcome = format!("{outcome}: {summary}");
     }
 
+    /// The `STATUS=` line: one line, whatever an error quoted (a line break there would add
+    /// assignments such as `READY=1` to the notify message).
     fn status_line(&self) -> String {
         let wake = self.next_wake();
         let secs = wake.saturating_duration_since(Instant::now()).as_secs();
-        format!("{}; next run in {secs}s", self.last_outcome)
+        crate::text::escape(&format!("{}; next run in {secs}s", self.last_outcome)).into_owned()
     }
+}
+
+/// The config file's text for the reload diff (bounded like every config read; zeroized when
+/// dropped, as it may hold an inline secret). Unreadable reads as empty.
+fn read_config_text(path: &std::path::Path) -> Zeroizing<String> {
+    let bytes = crate::files::read_bounded(path, crate::files::MAX_CONFIG_BYTES, true)
+        .map(Zeroizing::new)
+        .unwrap_or_default();
+    Zeroizing::new(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -334,7 +346,7 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
             anyhow::bail!("{}: the config is not valid; not starting", path.display());
         }
     };
-    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let text = read_config_text(&path);
     let engine = Engine::new(loaded)?;
     for w in &engine.warnings {
         tracing::warn!("{w}");

@@ -148,7 +148,7 @@ impl Watch {
 
 /// SHA-256 of the file's bytes (following symlinks), or `None` if it cannot be read now.
 pub fn file_hash(path: &Path) -> Option<String> {
-    let bytes = std::fs::read(path).ok()?;
+    let bytes = crate::files::read_bounded(path, crate::files::MAX_CONFIG_BYTES, true).ok()?;
     Some(hex::encode(Sha256::digest(&bytes)))
 }
 
