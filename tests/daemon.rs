@@ -809,3 +809,27 @@ fn follows_a_symlinked_config_and_a_repointed_link() {
     );
     assert!(!d.log().contains("SIGHUP"), "{}", d.log());
 }
+
+#[test]
+fn the_longest_durations_a_config_may_hold_run_without_a_panic() {
+    // 36500d is the longest duration that validates; the daemon adds it to now, to a key's
+    // creation and to an instant, and must neither panic nor crash-loop.
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(
+        "  interval: 36500d\n",
+        "users:\n  - provider: ng\n    name: longlived\n    keys:\n      main: {rotate_every: 36500d, overlap: 36500d}\n",
+    );
+    let mut d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(20), "the first reconcile", || {
+        !sb.key_ids_of("longlived").is_empty()
+    });
+    // Still up after the run: no panic in computing the next wake-up.
+    assert!(d.wait_exit(Duration::from_secs(2)).is_none(), "{}", d.log());
+    d.signal("TERM");
+    let status = d
+        .wait_exit(Duration::from_secs(30))
+        .expect("daemon exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(!d.log().contains("panicked"), "{}", d.log());
+}

@@ -63,6 +63,16 @@ fn backoff(failures: u32) -> Duration {
     capped.mul_f64(rand::rng().random_range(0.8..1.2))
 }
 
+/// The longest the daemon waits for anything: the longest duration a config may hold (a trigger
+/// further away, from a provider's timestamp, is re-computed when it wakes).
+const MAX_SLEEP: Duration = Duration::from_secs(36_500 * 86_400);
+
+/// `now + d`, with `d` capped at [`MAX_SLEEP`]: never an overflow, whatever a config or a
+/// provider's timestamp says.
+fn after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d.min(MAX_SLEEP)).unwrap_or(now)
+}
+
 fn until(at: Timestamp, now: Timestamp) -> Duration {
     let d = at.duration_since(now);
     if d.is_negative() {
@@ -74,11 +84,9 @@ fn until(at: Timestamp, now: Timestamp) -> Duration {
 
 impl Daemon {
     fn interval(&self) -> Duration {
-        until(
-            Timestamp::UNIX_EPOCH + self.engine.config.settings.interval,
-            Timestamp::UNIX_EPOCH,
-        )
-        .max(Duration::from_secs(1))
+        Duration::try_from(self.engine.config.settings.interval)
+            .unwrap_or(MAX_SLEEP)
+            .clamp(Duration::from_secs(1), MAX_SLEEP)
     }
 
     /// The earliest trigger time.
@@ -164,7 +172,7 @@ impl Daemon {
     async fn reconcile(&mut self, shutdown: &CancellationToken) {
         let now = Instant::now();
         let now_ts = Timestamp::now();
-        self.next_interval = now + self.interval();
+        self.next_interval = after(now, self.interval());
         self.requeue = None;
         let lock = match self.engine.lock() {
             Ok(l) => l,
@@ -217,7 +225,7 @@ impl Daemon {
             .iter()
             .map(|u| u.at)
             .min()
-            .map(|at| now + until(at, now_ts));
+            .map(|at| after(now, until(at, now_ts)));
 
         let mut outcome = if obs.failures.is_empty() {
             "ok"
@@ -423,7 +431,9 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
             tracing::debug!("{status}");
             systemd::status(&status);
             metrics.set_next_wakeup(
-                Timestamp::now() + daemon.next_wake().saturating_duration_since(Instant::now()),
+                Timestamp::now()
+                    .checked_add(daemon.next_wake().saturating_duration_since(Instant::now()))
+                    .unwrap_or(Timestamp::MAX),
             );
             continue;
         }

@@ -152,7 +152,11 @@ impl AsaProvider {
         let generation = guard.1;
         guard.0 = Some(CachedToken {
             bearer: bearer.clone(),
-            renew_at: Instant::now() + lifetime.saturating_sub(renew_margin(lifetime)),
+            // A token claiming to live longer than a day is renewed after a day all the same.
+            renew_at: {
+                let lifetime = lifetime.min(Duration::from_secs(86_400));
+                Instant::now() + lifetime.saturating_sub(renew_margin(lifetime))
+            },
             generation,
         });
         Ok((bearer, generation))
