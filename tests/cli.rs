@@ -112,7 +112,13 @@ fn validate_accepts_a_good_file_and_warns_on_inline_secret() {
         corpus("ok-minimal.yaml").to_str().unwrap(),
     ]);
     expect_code(&ok, 0, "ok-minimal");
-    assert!(text(&ok.stdout).contains("valid"));
+    // "invalid" contains "valid": match the whole verdict.
+    let verdict = text(&ok.stdout);
+    assert!(verdict.contains(": valid ("), "{verdict}");
+    assert!(
+        !verdict.contains("invalid") && !verdict.contains("not valid"),
+        "{verdict}"
+    );
     let inline = keyward(&[
         "validate",
         "-c",
@@ -144,11 +150,62 @@ fn schema_is_json_and_completions_print() {
 
 #[test]
 fn rotate_targets_resolve_or_fail_without_rotating() {
+    // A real account, so that a rotation that should not happen could happen.
+    let sb = common::Sandbox::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("k.yaml");
     std::fs::write(
         &cfg,
-        "version: 1\nproviders:\n  a: {type: ngrok, api_key: '${NGROK_API_KEY}', base_url: 'http://127.0.0.1:9'}\n  b: {type: ngrok, api_key: '${NGROK_API_KEY}', base_url: 'http://127.0.0.1:9'}\nsinks:\n  s: {type: file, path: \"out/{user}\"}\ndefaults: {sink: s}\nusers:\n  - {provider: a, name: twin, keys: {k: {}}}\n  - {provider: b, name: twin, keys: {k: {}}}\n  - {provider: a, name: solo, keys: {k: {}}}\n",
+        format!("version: 1\nsettings: {{state_dir: state}}\nproviders:\n  a: {{type: ngrok, api_key: '${{NGROK_API_KEY}}', base_url: '{url}', rate_limit: 1000/1s}}\n  b: {{type: ngrok, api_key: '${{NGROK_API_KEY}}', base_url: '{url}', rate_limit: 1000/1s}}\nsinks:\n  s: {{type: file, path: \"out/{{user}}\"}}\ndefaults: {{sink: s}}\nusers:\n  - {{provider: a, name: twin, keys: {{k: {{}}}}}}\n  - {{provider: b, name: twin2, keys: {{k: {{}}}}}}\n  - {{provider: a, name: solo, keys: {{k: {{}}}}}}\n", url = sb.url),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(args)
+            .args(["-c", c])
+            .env_remove("KEYWARD_CONFIG")
+            .env("NGROK_API_KEY", &sb.admin_key)
+            .env("NO_COLOR", "1")
+            .current_dir(dir.path())
+            .output()
+            .expect("run keyward")
+    };
+    // Everything exists and is delivered first: a rotation would now mint a new key.
+    expect_code(&run(&["apply", "--auto-approve"]), 0, "apply");
+    let keys_before = sb.key_ids_of("solo");
+    assert_eq!(keys_before.len(), 1);
+    let delivered = std::fs::read_to_string(dir.path().join("out/solo")).unwrap();
+    let out = run(&["rotate", "nobody", "--auto-approve"]);
+    expect_code(&out, 1, "unknown user");
+    assert!(text(&out.stderr).contains("no user nobody"));
+    let out = run(&["rotate", "solo/nope", "--auto-approve"]);
+    expect_code(&out, 1, "unknown slot");
+    assert!(text(&out.stderr).contains("no slot nope"));
+    let out = run(&["rotate", "solo", "nobody", "--auto-approve"]);
+    expect_code(&out, 1, "one good and one unknown target");
+    assert_eq!(sb.key_ids_of("solo"), keys_before, "nothing was rotated");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out/solo")).unwrap(),
+        delivered,
+        "nothing was delivered"
+    );
+    // The same account and config do rotate when the target is right.
+    expect_code(
+        &run(&["rotate", "solo", "--auto-approve"]),
+        0,
+        "rotate solo",
+    );
+    assert_ne!(sb.key_ids_of("solo"), keys_before, "a good target rotates");
+}
+
+#[test]
+fn rotate_an_ambiguous_user_lists_the_choices() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("k.yaml");
+    std::fs::write(
+        &cfg,
+        "version: 1\nproviders:\n  a: {type: ngrok, api_key: '${NGROK_API_KEY}', base_url: 'http://127.0.0.1:9'}\n  b: {type: ngrok, api_key: '${NGROK_API_KEY}', base_url: 'http://127.0.0.1:9'}\nsinks:\n  s: {type: file, path: \"out/{user}\"}\ndefaults: {sink: s}\nusers:\n  - {provider: a, name: twin, keys: {k: {}}}\n  - {provider: b, name: twin, keys: {k: {}}}\n",
     )
     .unwrap();
     let c = cfg.to_str().unwrap();
@@ -156,11 +213,4 @@ fn rotate_targets_resolve_or_fail_without_rotating() {
     expect_code(&out, 1, "ambiguous user");
     let err = text(&out.stderr);
     assert!(err.contains("a:twin") && err.contains("b:twin"), "{err}");
-    let out = keyward(&["rotate", "nobody", "-c", c, "--auto-approve"]);
-    expect_code(&out, 1, "unknown user");
-    assert!(text(&out.stderr).contains("no user nobody"));
-    let out = keyward(&["rotate", "solo/nope", "-c", c, "--auto-approve"]);
-    expect_code(&out, 1, "unknown slot");
-    assert!(text(&out.stderr).contains("no slot nope"));
-    assert!(!dir.path().join("out").exists(), "nothing was rotated");
 }

@@ -82,7 +82,10 @@ fn converged(sb: &Sandbox, ws: &Workspace) -> Result<(), String> {
                 ));
             }
             recorded.insert(current.to_string());
-            let retiring = s["retiring"].as_array().cloned().unwrap_or_default();
+            let retiring = s["retiring"]
+                .as_array()
+                .cloned()
+                .unwrap_or_else(|| panic!("a slot record without `retiring`: {s}"));
             if overlap == "0s" && !retiring.is_empty() {
                 return Err(format!(
                     "{user}/{slot}: overlap 0s but {} keys still retiring",

@@ -73,7 +73,10 @@ fn converged(sb: &Sandbox, ws: &Workspace) -> Result<(), String> {
             return Err(format!("{user}: current key {current} is gone at ASA"));
         }
         let mut recorded = BTreeSet::from([current.to_string()]);
-        let retiring = s["retiring"].as_array().cloned().unwrap_or_default();
+        let retiring = s["retiring"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("a slot record without `retiring`: {s}"));
         if overlap == "0s" && !retiring.is_empty() {
             return Err(format!(
                 "{user}: overlap 0s but {} keys still retiring",

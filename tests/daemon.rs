@@ -478,50 +478,49 @@ fn speaks_the_systemd_notify_protocol() {
             ("WATCHDOG_PID", None),
         ],
     );
-    let mut messages: Vec<String> = Vec::new();
-    let read_for = |limit: Duration, messages: &mut Vec<String>| {
+    // Reads messages until `done` holds for what came so far, within a generous bound (the
+    // bound only turns a missing message into a failure; it is not what is tested).
+    let read_until = |what: &str, done: &dyn Fn(&[String]) -> bool| -> Vec<String> {
         let t = Instant::now();
+        let mut messages = Vec::new();
         let mut buf = [0u8; 4096];
-        while t.elapsed() < limit {
+        while !done(&messages) {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{what}: not within 30 s; got {messages:?}"
+            );
             if let Ok(n) = sock.recv(&mut buf) {
                 messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
             }
         }
+        messages
     };
-    read_for(Duration::from_secs(3), &mut messages);
+    let has = |m: &[String], needle: &str| m.iter().any(|x| x.contains(needle));
+    let messages = read_until("READY, a status and 3 watchdog pings", &|m| {
+        has(m, "READY=1")
+            && m.iter().any(|x| {
+                x.lines()
+                    .any(|l| l.starts_with("STATUS=") && l.contains("next run in"))
+            })
+            && m.iter().filter(|x| x.contains("WATCHDOG=1")).count() >= 3
+    });
     let all = messages.join("\n");
-    assert!(all.contains("READY=1"), "{all}");
     assert!(all.contains("STATUS="), "{all}");
-    assert!(
-        all.lines()
-            .any(|l| l.starts_with("STATUS=") && l.contains("next run in")),
-        "{all}"
-    );
-    let pings = messages.iter().filter(|m| m.contains("WATCHDOG=1")).count();
-    assert!(
-        pings >= 3,
-        "watchdog pinged {pings} times in 3s with WATCHDOG_USEC=300ms:\n{all}"
-    );
 
-    messages.clear();
     d.signal("HUP");
-    read_for(Duration::from_secs(2), &mut messages);
-    let all = messages.join("\n");
-    assert!(
-        all.contains("RELOADING=1") && all.contains("MONOTONIC_USEC="),
-        "{all}"
-    );
-    assert!(
-        all.contains("READY=1"),
-        "READY again after the reload:\n{all}"
-    );
+    let messages = read_until("RELOADING with MONOTONIC_USEC, then READY", &|m| {
+        let reloading = m
+            .iter()
+            .position(|x| x.contains("RELOADING=1") && x.contains("MONOTONIC_USEC="));
+        reloading.is_some_and(|i| m[i..].iter().any(|x| x.contains("READY=1")))
+    });
+    assert!(has(&messages, "MONOTONIC_USEC="), "{messages:?}");
 
-    messages.clear();
     d.signal("TERM");
-    read_for(Duration::from_secs(1), &mut messages);
-    assert!(messages.join("\n").contains("STOPPING=1"), "{messages:?}");
+    let messages = read_until("STOPPING", &|m| has(m, "STOPPING=1"));
+    assert!(has(&messages, "STOPPING=1"), "{messages:?}");
     assert_eq!(
-        d.wait_exit(Duration::from_secs(10)).and_then(|s| s.code()),
+        d.wait_exit(Duration::from_secs(30)).and_then(|s| s.code()),
         Some(0)
     );
 }
@@ -600,13 +599,12 @@ fn sigterm_does_not_wait_out_a_long_retry_after() {
         sb.stats()["rate_limited"].as_u64().unwrap_or(0) > 0
     });
     d.signal("TERM");
-    let t = Instant::now();
+    // A minute-long wait would still be running at the bound: exiting within it means the
+    // wait was cut short.
     let status = d
         .wait_exit(Duration::from_secs(20))
-        .expect("daemon exits after SIGTERM");
+        .expect("daemon exits after SIGTERM, without waiting out the Retry-After");
     assert_eq!(status.code(), Some(0), "{}", d.log());
-    // A minute-long wait would still be running: the exit came from cutting it short.
-    assert!(t.elapsed() < Duration::from_secs(20));
     sb.set_faults(json!({"rate_limit": null}));
     assert!(
         sb.user_by_name("patient").is_none(),

@@ -164,15 +164,10 @@ fn tokens_expiring_mid_run_are_renewed() {
         ));
     }
     asa::write_config(&ws, "  concurrency: 1\n", &users);
-    let started = std::time::Instant::now();
     let apply = ws.keyward(&["apply", "--auto-approve"]);
     expect_code(&apply, 0, "apply with 1-second tokens");
-    // 1 + 10 × 2 requests at 150 ms each, one at a time: longer than any 1–2 s token.
-    assert!(
-        started.elapsed() > std::time::Duration::from_millis(2500),
-        "the run should outlive a token: {:?}",
-        started.elapsed()
-    );
+    // 1 + 10 × 2 requests at 150 ms each, one at a time, outlive any 1–2 s token: the run
+    // had to get a new one.
     let tokens = asa::route_count(&sb, "POST /v1/teams/{team}/service_token");
     assert!(tokens >= 2, "tokens were renewed: {}", sb.stats());
     expect_code(

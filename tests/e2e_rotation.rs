@@ -21,6 +21,17 @@ use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use serde_json::{Value, json};
 
+/// The tests of this file run one at a time: each measures seconds-long policies in real time,
+/// and several at once on a busy 2-core machine would stretch a step past an overlap.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    // A test that failed while holding it poisons nothing the others need.
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
 }
@@ -34,11 +45,17 @@ fn secret(doc: &Value) -> String {
 }
 
 fn changes(plan: &Value) -> Vec<Value> {
-    plan["changes"].as_array().cloned().unwrap_or_default()
+    plan["changes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| panic!("the plan has no `changes` array: {plan}"))
 }
 
 fn warnings(plan: &Value) -> Vec<Value> {
-    plan["warnings"].as_array().cloned().unwrap_or_default()
+    plan["warnings"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| panic!("the plan has no `warnings` array: {plan}"))
 }
 
 fn status_of(ws: &Workspace, key_id: &str) -> Option<Value> {
@@ -58,6 +75,7 @@ fn sleep_until(t: Timestamp, ms_after: i64) {
 
 #[test]
 fn rotation_by_age_keeps_the_old_key_through_the_overlap_then_revokes_it() {
+    let _serial = serial();
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
     let users = |every: &str| {
@@ -177,6 +195,7 @@ fn next_new_year_3am(t: Timestamp, zone: &str) -> Timestamp {
 
 #[test]
 fn cron_window_delays_a_due_rotation() {
+    let _serial = serial();
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
     ws.write_config(
@@ -218,6 +237,7 @@ fn next_five(t: Timestamp) -> Timestamp {
 
 #[test]
 fn seconds_schedule_without_age_rotates_once_per_fire_time() {
+    let _serial = serial();
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
     ws.write_config(
@@ -271,6 +291,7 @@ fn seconds_schedule_without_age_rotates_once_per_fire_time() {
 
 #[test]
 fn forced_rotation_touches_only_its_targets() {
+    let _serial = serial();
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
     ws.write_config(
@@ -332,6 +353,7 @@ fn forced_rotation_touches_only_its_targets() {
 
 #[test]
 fn ambiguous_rotate_target_rotates_nothing_at_either_provider() {
+    let _serial = serial();
     let sb = Sandbox::start(&[]);
     let ws = asa::workspace(&sb);
     asa::write_config(
@@ -371,6 +393,7 @@ fn ambiguous_rotate_target_rotates_nothing_at_either_provider() {
 
 #[test]
 fn unknown_keys_are_reported_and_revoked_only_when_told() {
+    let _serial = serial();
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
     let users = "users:\n  - provider: ng\n    name: holder\n    keys:\n      main: {}\n";
@@ -533,6 +556,7 @@ impl PruneWorld {
 
 #[test]
 fn prune_keep_only_warns() {
+    let _serial = serial();
     let w = prune_world("keep");
     let plan = w.ws.plan_json();
     assert!(changes(&plan).is_empty(), "{plan}");
@@ -570,6 +594,7 @@ fn prune_keep_only_warns() {
 
 #[test]
 fn prune_disable_deactivates_only_what_keyward_created() {
+    let _serial = serial();
     let w = prune_world("disable");
     let out = w.ws.keyward(&["plan", "--detailed-exitcode"]);
     expect_code(&out, 2, "disable plan");
@@ -607,6 +632,7 @@ fn prune_disable_deactivates_only_what_keyward_created() {
 
 #[test]
 fn prune_delete_removes_only_what_keyward_created_with_its_keys() {
+    let _serial = serial();
     let w = prune_world("delete");
     let out = w.ws.keyward(&["plan", "--detailed-exitcode"]);
     expect_code(&out, 2, "delete plan");
@@ -645,6 +671,7 @@ fn prune_delete_removes_only_what_keyward_created_with_its_keys() {
 
 #[test]
 fn max_deletions_refuses_a_large_prune_and_deletes_nothing() {
+    let _serial = serial();
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
     let names = ["p0", "p1", "p2"];
@@ -689,6 +716,7 @@ fn max_deletions_refuses_a_large_prune_and_deletes_nothing() {
 
 #[test]
 fn exec_sink_gets_the_document_and_its_failure_keeps_the_old_key() {
+    let _serial = serial();
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
     // The hook's files live under secrets/, which the leak check skips: it receives secrets.
@@ -813,6 +841,7 @@ fn exec_sink_gets_the_document_and_its_failure_keeps_the_old_key() {
 
 #[test]
 fn saved_plan_with_a_due_rotation_applies_once() {
+    let _serial = serial();
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
     ws.write_config(

@@ -244,6 +244,7 @@ fn plan_existing_user(
     upcoming: &mut Vec<Upcoming>,
 ) {
     let provider = spec.provider.as_str();
+    let first_change = changes.len();
     if let Some(key_id) = own_key(config, provider, remote, snapshot) {
         warnings.push(Warning {
             kind: "own_credential".to_string(),
@@ -395,6 +396,71 @@ fn plan_existing_user(
             });
         }
     }
+    keep_one_key(
+        provider,
+        &spec.name,
+        remote,
+        snapshot,
+        &sorted.orphans,
+        (changes, first_change),
+        warnings,
+    );
+}
+
+/// keyward never revokes every key of a user at once (product contract §3): when this plan
+/// would leave the user with no key that anyone may hold, and gives it no new one, the newest
+/// key it would revoke stays, with a warning. Keys created but never delivered (orphans) do not
+/// count: nobody holds them.
+fn keep_one_key(
+    provider: &str,
+    user: &str,
+    remote: &RemoteUser,
+    snapshot: &AccountSnapshot,
+    orphans: &[(String, &RemoteKey)],
+    (all, first): (&mut Vec<Change>, usize),
+    warnings: &mut Vec<Warning>,
+) {
+    let changes = &all[first..];
+    let adds_a_key = changes
+        .iter()
+        .any(|c| matches!(c.action, Action::CreateKey | Action::RotateKey));
+    if adds_a_key {
+        return;
+    }
+    let orphan_ids: BTreeSet<&str> = orphans.iter().map(|(_, k)| k.id.as_str()).collect();
+    let revoked: BTreeSet<&str> = changes
+        .iter()
+        .filter(|c| c.action == Action::RevokeKey)
+        .filter_map(|c| c.key_id.as_deref())
+        .collect();
+    let held: Vec<&RemoteKey> = snapshot
+        .keys_of(&remote.id)
+        .filter(|k| !orphan_ids.contains(k.id.as_str()))
+        .collect();
+    if held.is_empty() || !held.iter().all(|k| revoked.contains(k.id.as_str())) {
+        return;
+    }
+    let Some(keep) = held.iter().max_by_key(|k| (k.created_at, k.id.as_str())) else {
+        return;
+    };
+    let kept = keep.id.clone();
+    // This user's changes are the tail of the list: dropping one shifts only those.
+    if let Some(i) = changes
+        .iter()
+        .position(|c| c.action == Action::RevokeKey && c.key_id.as_deref() == Some(kept.as_str()))
+    {
+        all.remove(first + i);
+    }
+    warnings.push(Warning {
+        kind: "last_key_kept".to_string(),
+        provider: Some(provider.to_string()),
+        user: Some(user.to_string()),
+        key_id: Some(keep.id.clone()),
+        message: format!(
+            "{} is the last key of this user: keyward never revokes every key of a user at once, so it stays until the user has another",
+            keep.id
+        ),
+    });
 }
 
 /// The id of the key keyward itself authenticates with, if it belongs to `user` (Okta ASA: a

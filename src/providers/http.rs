@@ -225,7 +225,7 @@ impl HttpClient {
                 retry_after: None,
             });
         }
-        let retry_after = retry_after(&answer.headers).or_else(|| retry_at(&answer.headers));
+        let retry_after = wait_hint(&answer.headers);
         if answer.status == StatusCode::TOO_MANY_REQUESTS {
             self.rate_limited.fetch_add(1, Ordering::Relaxed);
             // Every caller of this account waits, not just this one: the budget is shared.
@@ -333,6 +333,12 @@ fn redirect_refused(answer: &Answer) -> String {
     )
 }
 
+/// How long the provider asked keyward to wait: `Retry-After` when present, else Okta ASA's
+/// `X-RateLimit-Retry-At`.
+pub fn wait_hint(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    retry_after(headers).or_else(|| retry_at(headers))
+}
+
 /// `Retry-After` as delta-seconds or an HTTP-date.
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let value = headers
@@ -432,9 +438,16 @@ mod tests {
         h.insert("x-ratelimit-retry-at", HeaderValue::from(1_000_000_000i64));
         let d = retry_at(&h).unwrap();
         assert!(d >= Duration::from_millis(100) && d <= Duration::from_millis(1500));
-        // Retry-After, when present, wins.
+        // Only X-RateLimit-Retry-At: it decides the wait.
+        h.insert(
+            "x-ratelimit-retry-at",
+            HeaderValue::from(jiff::Timestamp::now().as_second() + 60),
+        );
+        let d = wait_hint(&h).unwrap();
+        assert!(d > Duration::from_secs(55), "{d:?}");
+        // Retry-After, when present, wins over it.
         h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        assert_eq!(wait_hint(&h), Some(Duration::from_secs(7)));
     }
 
     #[test]

@@ -122,7 +122,10 @@ impl<'a> Asa<'a> {
         while let Some(p) = next {
             let (status, link, body) = self.call("GET", &p, None);
             assert_eq!(status, 200, "list {p}: {body}");
-            out.extend(body["list"].as_array().cloned().unwrap_or_default());
+            let items = body["list"]
+                .as_array()
+                .unwrap_or_else(|| panic!("ASA list has no `list` array: {body}"));
+            out.extend(items.iter().cloned());
             next = link.and_then(|l| {
                 l.split(',')
                     .find(|part| part.contains("rel=\"next\""))

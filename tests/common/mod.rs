@@ -108,7 +108,10 @@ impl Sandbox {
         loop {
             let (status, page) = self.api("GET", &next, None);
             assert_eq!(status, 200, "list {path}: {page}");
-            out.extend(page[key].as_array().cloned().unwrap_or_default());
+            let items = page[key]
+                .as_array()
+                .unwrap_or_else(|| panic!("list {path}: no `{key}` array in {page}"));
+            out.extend(items.iter().cloned());
             match page["next_page_uri"].as_str() {
                 Some(n) => next = n.to_string(),
                 None => break,
@@ -305,7 +308,10 @@ impl Workspace {
         let out = self.keyward(&["status", "--json"]);
         expect_code(&out, 0, "status --json");
         let doc: Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
-        doc["keys"].as_array().cloned().unwrap_or_default()
+        doc["keys"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("status --json has no `keys` array: {doc}"))
     }
 
     /// `plan --json` as a document (exit 0 required: no `--detailed-exitcode`).
