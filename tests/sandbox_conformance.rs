@@ -1,11 +1,19 @@
 //! Conformance of `keyward-sandbox` with the official ngrok Python client (`ngrok-api==0.19.0`),
-//! plus start-up and shutdown behaviour of the real binary.
+//! with an independent suite for its Okta ASA half written from the provider documentation only
+//! (`tests/conformance/asa_api.py`, plain Python 3), plus start-up and shutdown behaviour of the
+//! real binary.
 //!
 //! The Python client is a hard requirement: if `import ngrok` fails the test fails and says how
 //! to install it, rather than skipping silently (CI installs it).
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+
+const NGROK_SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/conformance/ngrok_client.py"
+);
+const ASA_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/conformance/asa_api.py");
 
 /// A running `keyward-sandbox` child, killed on drop.
 struct SandboxProcess {
@@ -13,6 +21,9 @@ struct SandboxProcess {
     url: String,
     key: String,
     header: String,
+    asa_team: String,
+    asa_key_id: String,
+    asa_key_secret: String,
 }
 
 impl SandboxProcess {
@@ -30,44 +41,60 @@ impl SandboxProcess {
         let mut next = || {
             lines
                 .next()
-                .expect("keyward-sandbox printed fewer than 3 start-up lines")
+                .expect("keyward-sandbox printed fewer than 6 start-up lines")
                 .expect("read stdout")
         };
         let header = next();
-        let url_line = next();
-        let key_line = next();
-        let url = url_line
-            .strip_prefix("KEYWARD_SANDBOX_URL=")
-            .unwrap_or_else(|| panic!("unexpected line {url_line:?}"))
-            .to_owned();
-        let key = key_line
-            .strip_prefix("NGROK_API_KEY=")
-            .unwrap_or_else(|| panic!("unexpected line {key_line:?}"))
-            .to_owned();
+        let mut value = |prefix: &str| {
+            let line = next();
+            line.strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("expected a line starting {prefix:?}, got {line:?}"))
+                .to_owned()
+        };
+        let url = value("KEYWARD_SANDBOX_URL=");
+        let key = value("NGROK_API_KEY=");
+        let asa_team = value("ASA_TEAM=");
+        let asa_key_id = value("ASA_KEY_ID=");
+        let asa_key_secret = value("ASA_KEY_SECRET=");
         SandboxProcess {
             child,
             url,
             key,
             header,
+            asa_team,
+            asa_key_id,
+            asa_key_secret,
         }
     }
 
-    /// Runs `python3 ARGS` with the sandbox's URL and key in the environment and fails the test,
-    /// showing the script's output, unless it succeeds.
-    fn run_python(&self, args: &[&str]) {
-        let out = Command::new("python3")
+    /// Runs `python3 ARGS` with the sandbox's start-up values (and `env`) in the environment.
+    fn python(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        Command::new("python3")
             .args(args)
             .env("KEYWARD_SANDBOX_URL", &self.url)
             .env("NGROK_API_KEY", &self.key)
+            .env("ASA_TEAM", &self.asa_team)
+            .env("ASA_KEY_ID", &self.asa_key_id)
+            .env("ASA_KEY_SECRET", &self.asa_key_secret)
+            .envs(env.iter().copied())
             .output()
-            .expect("run python3");
+            .expect("run python3")
+    }
+
+    /// Runs `python3 ARGS` (see [`Self::python`]) and fails the test, showing the script's
+    /// output, unless it succeeds.
+    fn run_python_with(&self, args: &[&str], env: &[(&str, &str)]) {
+        let out = self.python(args, env);
         assert!(
             out.status.success(),
-            "python3 {args:?} failed ({})\n--- stdout\n{}\n--- stderr\n{}",
+            "python3 {args:?} failed ({})\n{}",
             out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            show(&out)
         );
+    }
+
+    fn run_python(&self, args: &[&str]) {
+        self.run_python_with(args, &[]);
     }
 
     /// Sends SIGTERM and returns the exit status.
@@ -92,6 +119,14 @@ impl Drop for SandboxProcess {
     }
 }
 
+fn show(out: &Output) -> String {
+    format!(
+        "--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 fn python_has_ngrok_client() -> Result<(), String> {
     let out = Command::new("python3")
         .args(["-c", "import ngrok, requests"])
@@ -112,10 +147,7 @@ fn official_python_client_accepts_the_sandbox() {
         );
     }
     let sandbox = SandboxProcess::spawn(&["--listen", "127.0.0.1:0", "--rng-seed", "42"]);
-    sandbox.run_python(&[concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/conformance/ngrok_client.py"
-    )]);
+    sandbox.run_python(&[NGROK_SCRIPT]);
     let status = sandbox.terminate();
     assert!(status.success(), "SIGTERM should exit 0, got {status}");
 }
@@ -166,11 +198,81 @@ fn seed_file_is_loaded_at_startup() {
     let sandbox = SandboxProcess::spawn(&["--seed", path.to_str().expect("utf-8 path")]);
     sandbox.run_python(&[
         "-c",
-        "import os, ngrok\n\
+        // Explicit checks, not `assert`, so that PYTHONOPTIMIZE cannot turn them off.
+        "import os, sys, ngrok\n\
          c = ngrok.Client(os.environ['NGROK_API_KEY'], base_url=os.environ['KEYWARD_SANDBOX_URL'])\n\
          users = list(c.service_users.list())\n\
-         assert [(u.name, u.active, u.created_at) for u in users] == [('seeded', False, '2024-01-02T03:04:05Z')], users\n\
+         if [(u.name, u.active, u.created_at) for u in users] != [('seeded', False, '2024-01-02T03:04:05Z')]: sys.exit(f'unexpected users {users}')\n\
          keys = [k for k in c.api_keys.list() if k.owner_id == users[0].id]\n\
-         assert [(k.description, k.created_at) for k in keys] == [('old', '2024-01-03T00:00:00Z')], keys\n",
+         if [(k.description, k.created_at) for k in keys] != [('old', '2024-01-03T00:00:00Z')]: sys.exit(f'unexpected keys {keys}')\n",
     ]);
+}
+
+/// The ASA half of the sandbox against a suite written from the Okta ASA documentation alone
+/// (`/work/shared/spec/asa-api.md` and the raw docs), not from keyward's code. A full pass needs two
+/// sandboxes: the documented 2-day key grace with a 2 s token lifetime (so token expiry can be
+/// waited out), and a 5 s key grace (so key expiry can be waited out); they run side by side.
+#[test]
+fn asa_api_matches_the_documentation() {
+    let documented = SandboxProcess::spawn(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--asa-token-lifetime",
+        "2s",
+        "--asa-key-grace",
+        "48h",
+    ]);
+    let short_grace = SandboxProcess::spawn(&["--listen", "127.0.0.1:0", "--asa-key-grace", "5s"]);
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| documented.python(&[ASA_SCRIPT], &[]));
+        let b = s.spawn(|| short_grace.python(&[ASA_SCRIPT], &[("ASA_KEY_GRACE_SECONDS", "5")]));
+        (
+            a.join().expect("documented-grace run"),
+            b.join().expect("short-grace run"),
+        )
+    });
+    for (what, out) in [("2-day grace, 2s tokens", a), ("5s grace", b)] {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.trim_end().ends_with(" passed, 0 failed"),
+            "asa_api.py ({what}) failed ({})\n{}",
+            out.status,
+            show(&out)
+        );
+    }
+    for sandbox in [documented, short_grace] {
+        let status = sandbox.terminate();
+        assert!(status.success(), "SIGTERM should exit 0, got {status}");
+    }
+}
+
+/// Both conformance scripts use explicit checks, not `assert`: with `PYTHONOPTIMIZE=2` (which
+/// strips asserts) and one deliberately broken expectation, each must still report that check
+/// as failed and exit non-zero.
+#[test]
+fn conformance_checks_survive_pythonoptimize() {
+    if let Err(e) = python_has_ngrok_client() {
+        panic!("this test needs `pip install ngrok-api==0.19.0`\n{e}");
+    }
+    let sandbox = SandboxProcess::spawn(&["--listen", "127.0.0.1:0", "--rng-seed", "42"]);
+    let env = [
+        ("PYTHONOPTIMIZE", "2"),
+        ("KEYWARD_CONFORMANCE_SELF_TEST", "1"),
+    ];
+    for script in [NGROK_SCRIPT, ASA_SCRIPT] {
+        let out = sandbox.python(&[script], &env);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().last().unwrap_or_default();
+        assert!(
+            !out.status.success()
+                && stdout.contains("self_test.must_fail")
+                && last.ends_with(" passed, 1 failed"),
+            "{script} under PYTHONOPTIMIZE=2 with KEYWARD_CONFORMANCE_SELF_TEST=1 should fail exactly \
+             the self-test check and exit non-zero ({})\n{}",
+            out.status,
+            show(&out)
+        );
+    }
+    let status = sandbox.terminate();
+    assert!(status.success(), "SIGTERM should exit 0, got {status}");
 }

@@ -55,6 +55,9 @@ pub struct Stats {
     requests: u64,
     rate_limited: u64,
     injected_errors: u64,
+    /// The most requests that were being served at once (a client's concurrency cap, seen
+    /// from the server).
+    max_in_flight: u64,
     by_route: BTreeMap<String, u64>,
 }
 
@@ -65,6 +68,7 @@ impl Stats {
             "requests": self.requests,
             "rate_limited": self.rate_limited,
             "injected_errors": self.injected_errors,
+            "max_in_flight": self.max_in_flight,
             "by_route": self.by_route,
         })
     }
@@ -78,6 +82,8 @@ pub struct Control {
     pub stats: Stats,
     /// Instants of the requests admitted within the current rate-limit window, oldest first.
     window: VecDeque<Instant>,
+    /// Requests being served now (not reset with the counters).
+    in_flight: u64,
     /// Drives error injection; seeded separately from resource minting so that faults do not
     /// shift the IDs and tokens a seeded run produces.
     rng: StdRng,
@@ -90,6 +96,7 @@ impl Control {
             faults,
             stats: Stats::default(),
             window: VecDeque::new(),
+            in_flight: 0,
             rng,
         }
     }
@@ -195,6 +202,16 @@ fn describe_window(w: Duration) -> String {
     }
 }
 
+/// One request being served; counts itself out when dropped.
+struct InFlight(Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut control = self.0.control();
+        control.in_flight = control.in_flight.saturating_sub(1);
+    }
+}
+
 /// Axum middleware for the API routes: accounting, latency, rate limit, error injection.
 pub async fn api_faults(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let route = format!(
@@ -206,8 +223,12 @@ pub async fn api_faults(State(shared): State<Arc<Shared>>, req: Request, next: N
         let mut control = shared.control();
         control.stats.requests += 1;
         *control.stats.by_route.entry(route).or_default() += 1;
+        control.in_flight += 1;
+        control.stats.max_in_flight = control.stats.max_in_flight.max(control.in_flight);
         (control.faults.latency, control.faults.answer_latency)
     };
+    // Counted out when the answer is done, or the client went away.
+    let _served = InFlight(Arc::clone(&shared));
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
