@@ -470,13 +470,3 @@ fn never_panics_on_mangled_input() {
         }
     }
 }
-
-/// `cargo test --test config_corpus print_schema -- --ignored --nocapture` shows the schema.
-#[test]
-#[ignore]
-fn print_schema() {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&config::schema()).unwrap()
-    );
-}

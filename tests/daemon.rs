@@ -831,3 +831,80 @@ fn the_longest_durations_a_config_may_hold_run_without_a_panic() {
     assert_eq!(status.code(), Some(0), "{}", d.log());
     assert!(!d.log().contains("panicked"), "{}", d.log());
 }
+
+#[test]
+fn the_interval_resync_repairs_drift_without_an_edit_or_a_signal() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config("  interval: 2s\n", &users(&["drifter"]));
+    let d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(20), "converged", || {
+        sb.key_ids_of("drifter").len() == 1
+    });
+    // Someone deactivates the user and revokes its key at the provider; nothing else happens:
+    // no edit, no SIGHUP, nothing due.
+    let user = sb.user_by_name("drifter").unwrap();
+    let id = user["id"].as_str().unwrap();
+    let (status, body) = sb.api(
+        "PATCH",
+        &format!("/service_users/{id}"),
+        Some(json!({"active": false})),
+    );
+    assert!(status < 300, "{body}");
+    let old: Vec<String> = sb.key_ids_of("drifter").into_iter().collect();
+    let (status, body) = sb.api("DELETE", &format!("/api_keys/{}", old[0]), None);
+    assert!(status < 300, "{body}");
+    eventually(&d, Duration::from_secs(30), "drift repaired by the resync", || {
+        let user = sb.user_by_name("drifter").unwrap();
+        let keys = sb.key_ids_of("drifter");
+        user["active"] == true && keys.len() == 1 && !keys.contains(&old[0])
+    });
+    // The repaired key is the one delivered.
+    let doc = ws.sink("drifter", "main");
+    assert!(sb.secret_works("api_key", doc["secret"].as_str().unwrap()));
+}
+
+#[test]
+fn the_daemon_never_revokes_every_key_of_a_user_either() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(
+        "  interval: 1s\n",
+        "users:\n  - provider: ng\n    name: holder\nprune:\n  unknown_keys: revoke\n",
+    );
+    let d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(20), "holder created", || {
+        sb.user_by_name("holder").is_some()
+    });
+    let holder = sb.user_by_name("holder").unwrap();
+    for _ in 0..2 {
+        let (status, body) =
+            sb.api("POST", "/api_keys", Some(json!({"owner_id": holder["id"]})));
+        assert!(status < 300, "{body}");
+    }
+    eventually(&d, Duration::from_secs(20), "one unknown key revoked", || {
+        sb.key_ids_of("holder").len() == 1
+    });
+    // Several more resyncs: the last key stays.
+    sb.reset_stats();
+    eventually(&d, Duration::from_secs(30), "three more resyncs", || {
+        sb.stats()["by_route"]["GET /service_users"].as_u64().unwrap_or(0) >= 3
+    });
+    assert_eq!(sb.key_ids_of("holder").len(), 1, "{}", d.log());
+}
+
+#[test]
+fn sigint_stops_the_daemon_with_exit_0() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(QUIET, &users(&["interrupted"]));
+    let mut d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(20), "converged", || {
+        ws.path("secrets/ng/interrupted/main.json").exists()
+    });
+    d.signal("INT");
+    let status = d
+        .wait_exit(Duration::from_secs(30))
+        .expect("daemon exits after SIGINT");
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+}

@@ -76,6 +76,9 @@ impl SandboxProcess {
             .env("ASA_TEAM", &self.asa_team)
             .env("ASA_KEY_ID", &self.asa_key_id)
             .env("ASA_KEY_SECRET", &self.asa_key_secret)
+            // Only what a test asks for: an inherited switch must not change a run.
+            .env_remove("KEYWARD_CONFORMANCE_SELF_TEST")
+            .env_remove("ASA_KEY_GRACE_SECONDS")
             .envs(env.iter().copied())
             .output()
             .expect("run python3")
@@ -83,18 +86,14 @@ impl SandboxProcess {
 
     /// Runs `python3 ARGS` (see [`Self::python`]) and fails the test, showing the script's
     /// output, unless it succeeds.
-    fn run_python_with(&self, args: &[&str], env: &[(&str, &str)]) {
-        let out = self.python(args, env);
+    fn run_python(&self, args: &[&str]) {
+        let out = self.python(args, &[]);
         assert!(
             out.status.success(),
             "python3 {args:?} failed ({})\n{}",
             out.status,
             show(&out)
         );
-    }
-
-    fn run_python(&self, args: &[&str]) {
-        self.run_python_with(args, &[]);
     }
 
     /// Sends SIGTERM and returns the exit status.
