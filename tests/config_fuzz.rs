@@ -82,7 +82,26 @@ fn mutate(rng: &mut StdRng, text: &[u8]) -> (&'static str, Vec<u8>) {
                 "9223372036854775807s",
                 "1e400",
             ];
-            let digit = t.iter().position(u8::is_ascii_digit).unwrap_or(0);
+            // A number in a value (a comment's digits would change nothing), else anywhere.
+            let starts: Vec<usize> = t
+                .split(|&b| b == b'\n')
+                .scan(0usize, |at, line| {
+                    let start = *at;
+                    *at += line.len() + 1;
+                    Some((start, line))
+                })
+                .filter(|(_, line)| !line.trim_ascii_start().starts_with(b"#"))
+                .filter_map(|(start, line)| {
+                    let colon = line.iter().position(|&b| b == b':')?;
+                    let d = line[colon..].iter().position(u8::is_ascii_digit)?;
+                    Some(start + colon + d)
+                })
+                .collect();
+            let digit = if starts.is_empty() {
+                t.iter().position(u8::is_ascii_digit).unwrap_or(0)
+            } else {
+                starts[rng.random_range(0..starts.len())]
+            };
             let end = t[digit..]
                 .iter()
                 .position(|b| !b.is_ascii_alphanumeric())

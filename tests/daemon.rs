@@ -854,11 +854,16 @@ fn the_interval_resync_repairs_drift_without_an_edit_or_a_signal() {
     let old: Vec<String> = sb.key_ids_of("drifter").into_iter().collect();
     let (status, body) = sb.api("DELETE", &format!("/api_keys/{}", old[0]), None);
     assert!(status < 300, "{body}");
-    eventually(&d, Duration::from_secs(30), "drift repaired by the resync", || {
-        let user = sb.user_by_name("drifter").unwrap();
-        let keys = sb.key_ids_of("drifter");
-        user["active"] == true && keys.len() == 1 && !keys.contains(&old[0])
-    });
+    eventually(
+        &d,
+        Duration::from_secs(30),
+        "drift repaired by the resync",
+        || {
+            let user = sb.user_by_name("drifter").unwrap();
+            let keys = sb.key_ids_of("drifter");
+            user["active"] == true && keys.len() == 1 && !keys.contains(&old[0])
+        },
+    );
     // The repaired key is the one delivered.
     let doc = ws.sink("drifter", "main");
     assert!(sb.secret_works("api_key", doc["secret"].as_str().unwrap()));
@@ -878,17 +883,22 @@ fn the_daemon_never_revokes_every_key_of_a_user_either() {
     });
     let holder = sb.user_by_name("holder").unwrap();
     for _ in 0..2 {
-        let (status, body) =
-            sb.api("POST", "/api_keys", Some(json!({"owner_id": holder["id"]})));
+        let (status, body) = sb.api("POST", "/api_keys", Some(json!({"owner_id": holder["id"]})));
         assert!(status < 300, "{body}");
     }
-    eventually(&d, Duration::from_secs(20), "one unknown key revoked", || {
-        sb.key_ids_of("holder").len() == 1
-    });
+    eventually(
+        &d,
+        Duration::from_secs(20),
+        "one unknown key revoked",
+        || sb.key_ids_of("holder").len() == 1,
+    );
     // Several more resyncs: the last key stays.
     sb.reset_stats();
     eventually(&d, Duration::from_secs(30), "three more resyncs", || {
-        sb.stats()["by_route"]["GET /service_users"].as_u64().unwrap_or(0) >= 3
+        sb.stats()["by_route"]["GET /service_users"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 3
     });
     assert_eq!(sb.key_ids_of("holder").len(), 1, "{}", d.log());
 }
