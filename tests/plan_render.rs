@@ -282,9 +282,16 @@ fn colour_only_when_asked() {
 
 #[test]
 fn unknown_key_is_revoked_only_with_prune_revoke() {
+    // The user also holds its slot's current key: the unknown key is not its last (that one
+    // is never revoked, see `the_last_key_of_a_user_is_never_revoked`).
     let mk = |unknown_keys| {
         let cfg = config(
-            vec![user("ngrok-prod", "ci", true, vec![])],
+            vec![user(
+                "ngrok-prod",
+                "ci",
+                true,
+                vec![slot("deploy", KeyKind::ApiKey, None)],
+            )],
             Prune {
                 users: PruneUsers::Keep,
                 unknown_keys,
@@ -294,16 +301,27 @@ fn unknown_key_is_revoked_only_with_prune_revoke() {
             "ngrok-prod".to_string(),
             AccountSnapshot {
                 users: vec![remote_user("bot_1", "ci", true)],
-                keys: vec![key("ak_x", "bot_1", None, 1)],
+                keys: vec![
+                    key("ak_x", "bot_1", None, 1),
+                    key("ak_cur", "bot_1", Some("deploy"), 2),
+                ],
             },
         )]);
-        plan(
-            &cfg,
-            &observed,
-            &State::default(),
-            now(),
-            &PlanOptions::default(),
-        )
+        let mut state = State::default();
+        let mut rec = UserRecord {
+            id: "bot_1".into(),
+            created_by_keyward: true,
+            created_at: None,
+            slots: BTreeMap::new(),
+        };
+        rec.slots.entry("deploy".into()).or_default().current = Some(record("ak_cur", 2, None));
+        state
+            .accounts
+            .entry("ngrok-prod".into())
+            .or_default()
+            .users
+            .insert("ci".into(), rec);
+        plan(&cfg, &observed, &state, now(), &PlanOptions::default())
     };
     let report = mk(PruneKeys::Report);
     assert!(report.changes.is_empty());
@@ -312,6 +330,47 @@ fn unknown_key_is_revoked_only_with_prune_revoke() {
     assert_eq!(revoke.changes.len(), 1);
     assert_eq!(revoke.changes[0].action, Action::RevokeKey);
     assert_eq!(revoke.warnings[0].key_id.as_deref(), Some("ak_x"));
+}
+
+#[test]
+fn the_last_key_of_a_user_is_never_revoked() {
+    let cfg = config(
+        vec![user("ngrok-prod", "ci", true, vec![])],
+        Prune {
+            users: PruneUsers::Keep,
+            unknown_keys: PruneKeys::Revoke,
+        },
+    );
+    let observed: Observed = BTreeMap::from([(
+        "ngrok-prod".to_string(),
+        AccountSnapshot {
+            users: vec![remote_user("bot_1", "ci", true)],
+            keys: vec![
+                key("ak_old", "bot_1", None, 5),
+                key("ak_new", "bot_1", None, 1),
+            ],
+        },
+    )]);
+    let p = plan(
+        &cfg,
+        &observed,
+        &State::default(),
+        now(),
+        &PlanOptions::default(),
+    );
+    let revoked: Vec<&str> = p
+        .changes
+        .iter()
+        .filter(|c| c.action == Action::RevokeKey)
+        .filter_map(|c| c.key_id.as_deref())
+        .collect();
+    assert_eq!(revoked, ["ak_old"], "{p:?}");
+    let kept = p
+        .warnings
+        .iter()
+        .find(|w| w.kind == "last_key_kept")
+        .expect("a warning says why");
+    assert_eq!(kept.key_id.as_deref(), Some("ak_new"));
 }
 
 #[test]
