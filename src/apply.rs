@@ -16,14 +16,14 @@ use secrecy::zeroize::Zeroizing;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, SlotSpec};
+use crate::config::{Config, SinkConfig};
 use crate::journal::{Event, Journal};
 use crate::model::{KeyTag, Observed, RemoteKey, RemoteUser};
-use crate::plan::diff::short_id;
-use crate::plan::{Action, Change, Plan};
+use crate::plan::{Action, Change, Op, Plan, SlotTarget};
 use crate::providers::{NewKey, Provider};
 use crate::sinks::{self, SinkDocument};
 use crate::state::{KeyRecord, State, StateDir};
+use crate::text::short_id;
 
 /// Changes with their position in the plan.
 type Numbered = Vec<(usize, Change)>;
@@ -77,7 +77,9 @@ impl Report {
     fn count_done(&self, actions: &[Action]) -> usize {
         self.results
             .iter()
-            .filter(|r| matches!(r.outcome, Outcome::Done(_)) && actions.contains(&r.change.action))
+            .filter(|r| {
+                matches!(r.outcome, Outcome::Done(_)) && actions.contains(&r.change.action())
+            })
             .count()
     }
 
@@ -124,14 +126,14 @@ impl Report {
 
 /// One line naming a change, for progress and reports.
 pub fn describe(c: &Change) -> String {
-    let slot = c.slot.as_deref().unwrap_or("");
-    let what = match c.action {
-        Action::CreateUser => "create service user".to_string(),
-        Action::UpdateUser => "update service user".to_string(),
-        Action::DeleteUser => "delete service user".to_string(),
-        Action::CreateKey => format!("create key {slot}"),
-        Action::RotateKey => format!("rotate key {slot}"),
-        Action::RevokeKey => format!("revoke key {}", c.key_id.as_deref().unwrap_or("")),
+    let slot = c.slot().unwrap_or("");
+    let what = match &c.op {
+        Op::CreateUser { .. } => "create service user".to_string(),
+        Op::UpdateUser { .. } => "update service user".to_string(),
+        Op::DeleteUser { .. } => "delete service user".to_string(),
+        Op::CreateKey { .. } => format!("create key {slot}"),
+        Op::RotateKey { .. } => format!("rotate key {slot}"),
+        Op::RevokeKey { key, .. } => format!("revoke key {}", key.id),
     };
     crate::text::escape(&format!("{} / {}: {what}", c.provider, c.user)).into_owned()
 }
@@ -195,28 +197,36 @@ impl Executor {
         tokio::task::spawn_blocking(move || journal.append(seq, event, durable)).await?
     }
 
-    /// Records, durably, that a remote write is about to happen.
+    /// Records, durably, that the remote write of `change` is about to happen.
     async fn begin(
+        &self,
+        change: &Change,
+        user_id: Option<&str>,
+        key_id: Option<&str>,
+        forced: bool,
+    ) -> anyhow::Result<u64> {
+        self.begin_as(change.action(), change, user_id, key_id, forced)
+            .await
+    }
+
+    /// [`Self::begin`] for a write of another kind than the change's own (the revocation of
+    /// the key a rotation with `overlap: 0s` replaced).
+    async fn begin_as(
         &self,
         action: Action,
         change: &Change,
         user_id: Option<&str>,
         key_id: Option<&str>,
+        forced: bool,
     ) -> anyhow::Result<u64> {
         let seq = self.journal.next_seq();
         self.open_ops.fetch_add(1, Ordering::SeqCst);
-        let forced = change
-            .after
-            .as_ref()
-            .and_then(|a| a.get("forced"))
-            .and_then(|f| f.as_bool())
-            .unwrap_or(false);
         let intent = Event::Intent {
             action,
             provider: change.provider.clone(),
             user: change.user.clone(),
             user_id: user_id.map(str::to_string),
-            slot: change.slot.clone(),
+            slot: change.slot().map(str::to_string),
             key_id: key_id.map(str::to_string),
             forced,
         };
@@ -406,90 +416,68 @@ impl Executor {
         Ok(())
     }
 
-    fn slot_spec(&self, change: &Change) -> anyhow::Result<&SlotSpec> {
-        let slot = change.slot.as_deref().unwrap_or("");
-        self.config
-            .users
-            .iter()
-            .find(|u| u.provider == change.provider && u.name == change.user)
-            .and_then(|u| u.slots.get(slot))
-            .ok_or_else(|| {
-                anyhow::anyhow!("slot {slot} is not declared for this user in the config")
-            })
-    }
-
     async fn execute(&self, run: &mut UserRun, change: &Change) -> anyhow::Result<String> {
-        let want_active = change
-            .after
-            .as_ref()
-            .and_then(|a| a.get("active"))
-            .and_then(|v| v.as_bool());
-        match change.action {
-            Action::CreateKey | Action::RotateKey => return self.mint(run, change).await,
-            Action::RevokeKey => {}
-            action => {
-                let user_id = run.remote.as_ref().map(|u| u.id.clone());
-                let seq = self.begin(action, change, user_id.as_deref(), None).await?;
-                let result = self.user_change(run, change, want_active).await;
-                self.finish(seq).await;
-                return result;
-            }
-        }
-        let id = change.key_id.as_deref().unwrap_or("");
-        let key = run
-            .keys
-            .iter()
-            .find(|k| k.id == id)
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("key {id} is not on this user any more"))?;
-        self.revoke(run, &key, change).await?;
-        Ok(String::new())
-    }
-
-    async fn user_change(
-        &self,
-        run: &mut UserRun,
-        change: &Change,
-        want_active: Option<bool>,
-    ) -> anyhow::Result<String> {
         let provider = change.provider.as_str();
         let name = change.user.as_str();
-        match change.action {
-            Action::CreateUser => {
-                let user = run
-                    .provider
-                    .create_user(name, want_active.unwrap_or(true))
-                    .await?;
-                let id = user.id.clone();
-                self.save(|s| s.record_user(provider, name, &user.id, true, user.created_at))
-                    .await?;
-                run.remote = Some(user);
-                run.keys.clear();
-                Ok(id)
-            }
-            Action::UpdateUser => {
-                let user = run
-                    .remote
-                    .as_ref()
-                    .ok_or_else(|| anyhow::anyhow!("the user no longer exists"))?;
-                let updated = run
-                    .provider
-                    .update_user(user, want_active.unwrap_or(true))
-                    .await?;
-                run.remote = Some(updated);
+        match &change.op {
+            Op::CreateKey { slot, .. } => self.mint(run, change, slot, None, false).await,
+            Op::RotateKey {
+                slot, from, forced, ..
+            } => self.mint(run, change, slot, Some(&from.id), *forced).await,
+            Op::RevokeKey { key, .. } => {
+                let key = run
+                    .keys
+                    .iter()
+                    .find(|k| k.id == key.id)
+                    .cloned()
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("key {} is not on this user any more", key.id)
+                    })?;
+                self.revoke(run, &key, change).await?;
                 Ok(String::new())
             }
-            Action::DeleteUser => {
+            Op::CreateUser { active, .. } => {
+                let seq = self.begin(change, None, None, false).await?;
+                let result = async {
+                    let user = run.provider.create_user(name, *active).await?;
+                    let id = user.id.clone();
+                    self.save(|s| s.record_user(provider, name, &user.id, true, user.created_at))
+                        .await?;
+                    run.remote = Some(user);
+                    run.keys.clear();
+                    Ok(id)
+                }
+                .await;
+                self.finish(seq).await;
+                result
+            }
+            Op::UpdateUser { active, .. } => {
                 let user = run
                     .remote
-                    .as_ref()
+                    .clone()
                     .ok_or_else(|| anyhow::anyhow!("the user no longer exists"))?;
-                run.provider.delete_user(user).await?;
-                self.save(|s| s.forget_user(provider, name)).await?;
-                run.remote = None;
+                let seq = self.begin(change, Some(&user.id), None, false).await?;
+                let result = run.provider.update_user(&user, *active).await;
+                self.finish(seq).await;
+                run.remote = Some(result?);
                 Ok(String::new())
             }
-            _ => unreachable!("key changes are handled by execute"),
+            Op::DeleteUser { .. } => {
+                let user = run
+                    .remote
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("the user no longer exists"))?;
+                let seq = self.begin(change, Some(&user.id), None, false).await?;
+                let result = async {
+                    run.provider.delete_user(&user).await?;
+                    self.save(|s| s.forget_user(provider, name)).await?;
+                    run.remote = None;
+                    Ok(String::new())
+                }
+                .await;
+                self.finish(seq).await;
+                result
+            }
         }
     }
 
@@ -502,7 +490,13 @@ impl Executor {
     ) -> anyhow::Result<()> {
         let user_id = run.remote.as_ref().map(|u| u.id.clone());
         let seq = self
-            .begin(Action::RevokeKey, change, user_id.as_deref(), Some(&key.id))
+            .begin_as(
+                Action::RevokeKey,
+                change,
+                user_id.as_deref(),
+                Some(&key.id),
+                false,
+            )
             .await?;
         let result = self.revoke_unjournaled(run, key).await;
         self.finish(seq).await;
@@ -537,8 +531,15 @@ impl Executor {
     /// rotation) moves the previous key to retiring — revoking it at once when `overlap` is 0.
     /// Each step is journaled: intent (durable) → created → delivered (durable) → recorded in
     /// the state (durable) → done, so a crash anywhere leaves enough to recover.
-    async fn mint(&self, run: &mut UserRun, change: &Change) -> anyhow::Result<String> {
-        let slot = self.slot_spec(change)?.clone();
+    async fn mint(
+        &self,
+        run: &mut UserRun,
+        change: &Change,
+        target: &SlotTarget,
+        replaces: Option<&str>,
+        forced: bool,
+    ) -> anyhow::Result<String> {
+        let slot = &target.spec;
         let user = run.remote.clone().ok_or_else(|| {
             anyhow::anyhow!("the user does not exist (its creation failed or was not planned)")
         })?;
@@ -555,23 +556,11 @@ impl Executor {
         };
         // Every sink must be able to take this key before one is minted: a name its path cannot
         // hold would otherwise mint, fail delivery and revoke on every run.
-        for name in &slot.sinks {
-            let sink = self
-                .config
-                .sinks
-                .get(name)
-                .ok_or_else(|| anyhow::anyhow!("sink {name} is not defined"))?;
+        for sink in &target.sinks {
             sinks::precheck(sink, &provider, &user.name, &slot.name)
                 .map_err(|e| anyhow::anyhow!("{e}; no key was created"))?;
         }
-        let seq = self
-            .begin(
-                change.action,
-                change,
-                Some(&user.id),
-                change.key_id.as_deref(),
-            )
-            .await?;
+        let seq = self.begin(change, Some(&user.id), replaces, forced).await?;
         let created = match run.provider.create_key(&user, &new_key).await {
             Ok(c) => c,
             Err(e) => {
@@ -614,7 +603,7 @@ impl Executor {
                 .rotate_every
                 .and_then(|d| key.created_at.checked_add(d).ok()),
         };
-        if let Err(e) = self.deliver_all(&slot, &doc).await {
+        if let Err(e) = self.deliver_all(&target.sinks, &doc).await {
             // The secret exists nowhere else: without delivery the key is useless, so it goes,
             // and the key it would have replaced stays.
             let revoked = run.provider.revoke_key(&user.name, &key).await;
@@ -708,9 +697,9 @@ impl Executor {
     /// file sinks already written are put back as they were (the previous document, or no file),
     /// so that no sink is left holding the new key the caller is about to revoke: the key left
     /// in place must still be what every sink holds.
-    async fn deliver_all(&self, slot: &SlotSpec, doc: &SinkDocument) -> anyhow::Result<()> {
+    async fn deliver_all(&self, sinks: &[SinkConfig], doc: &SinkDocument) -> anyhow::Result<()> {
         let mut written: Vec<(std::path::PathBuf, Option<Zeroizing<Vec<u8>>>)> = Vec::new();
-        let result = self.deliver_each(slot, doc, &mut written).await;
+        let result = self.deliver_each(sinks, doc, &mut written).await;
         if result.is_err() {
             for (path, previous) in written.into_iter().rev() {
                 let shown = path.display().to_string();
@@ -733,24 +722,17 @@ impl Executor {
     /// before.
     async fn deliver_each(
         &self,
-        slot: &SlotSpec,
+        sinks: &[SinkConfig],
         doc: &SinkDocument,
         written: &mut Vec<(std::path::PathBuf, Option<Zeroizing<Vec<u8>>>)>,
     ) -> anyhow::Result<()> {
-        for name in &slot.sinks {
-            let sink = self
-                .config
-                .sinks
-                .get(name)
-                .ok_or_else(|| anyhow::anyhow!("sink {name} is not defined"))?;
-            let before = match &sink.kind {
-                crate::config::SinkKind::File { path, .. } => doc.fill(path).ok().map(|p| {
-                    let p = std::path::PathBuf::from(p);
-                    let previous = crate::files::read_own_file(&p);
-                    (p, previous)
-                }),
-                crate::config::SinkKind::Exec { .. } => None,
-            };
+        for sink in sinks {
+            let name = &sink.name;
+            // What a file sink holds now, to put back should a later sink fail.
+            let before = sinks::file_path(sink, doc).map(|p| {
+                let previous = crate::files::read_own_file(&p);
+                (p, previous)
+            });
             (|| async { sinks::deliver(sink, doc).await })
                 .retry(
                     ExponentialBuilder::default()

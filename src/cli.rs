@@ -287,7 +287,10 @@ async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         } => {
             let ctx = Context_::load(cli)?;
             let force = resolve_targets(ctx.config(), targets)?;
-            let only = force.iter().map(|(p, u, _)| format!("{p}:{u}")).collect();
+            let only = force
+                .iter()
+                .map(|f| format!("{}:{}", f.provider, f.user))
+                .collect();
             ctx.apply(PlanOptions { only, force }, *auto_approve).await
         }
         Command::Status { json } => {
@@ -383,7 +386,7 @@ fn check_only(config: &Config, only: &[String]) -> anyhow::Result<()> {
 pub fn resolve_targets(
     config: &Config,
     targets: &[String],
-) -> anyhow::Result<Vec<(String, String, Option<String>)>> {
+) -> anyhow::Result<Vec<plan::ForceTarget>> {
     let mut out = Vec::new();
     for t in targets {
         let (provider, rest) = match t.split_once(':') {
@@ -423,7 +426,11 @@ pub fn resolve_targets(
         if spec.slots.is_empty() {
             anyhow::bail!("rotate {t}: user {user} declares no key slots; nothing was rotated");
         }
-        out.push((spec.provider.clone(), spec.name.clone(), slot));
+        out.push(plan::ForceTarget {
+            provider: spec.provider.clone(),
+            user: spec.name.clone(),
+            slot,
+        });
     }
     Ok(out)
 }
@@ -512,7 +519,7 @@ impl Context_ {
     async fn apply_saved(&self, path: &Path) -> anyhow::Result<ExitCode> {
         let bytes = crate::files::read_bounded(path, crate::files::MAX_STATE_BYTES, true)
             .map_err(|e| anyhow::anyhow!("cannot read the plan file {}: {e}", path.display()))?;
-        let saved: Plan = serde_json::from_slice(&bytes)
+        let saved = plan::view::parse(&bytes)
             .with_context(|| format!("{} is not a keyward plan file", path.display()))?;
         if saved.format_version != plan::FORMAT_VERSION {
             anyhow::bail!(
@@ -539,7 +546,7 @@ impl Context_ {
             let lines: Vec<String> = checked
                 .refused
                 .iter()
-                .map(|c| format!("  {}", crate::apply::describe(c)))
+                .map(|c| format!("  {}", c.describe()))
                 .collect();
             anyhow::bail!(
                 "refusing the saved plan {}: {} of its changes are not what keyward would do now (edited, or made under another config or state); nothing was changed:\n{}",
@@ -582,14 +589,14 @@ struct CheckedPlan {
     /// The computed changes the saved plan also holds: what runs.
     plan: Plan,
     /// Saved changes keyward would not make now.
-    refused: Vec<plan::Change>,
+    refused: Vec<plan::view::ChangeView>,
     /// Computed changes the saved plan does not hold (work that came due since): not run.
     left: Vec<plan::Change>,
 }
 
 /// Matches each saved change with a computed one (same action, provider, user, slot, key and
 /// target attributes; the reason may differ, it holds ages). One pass over each list.
-fn check_saved(saved: &Plan, current: Plan) -> CheckedPlan {
+fn check_saved(saved: &plan::view::PlanDocument, current: Plan) -> CheckedPlan {
     type Identity = (
         plan::Action,
         String,
@@ -598,7 +605,7 @@ fn check_saved(saved: &Plan, current: Plan) -> CheckedPlan {
         Option<String>,
         String,
     );
-    let identity = |c: &plan::Change| -> Identity {
+    let identity = |c: &plan::view::ChangeView| -> Identity {
         (
             c.action,
             c.provider.clone(),
@@ -610,16 +617,21 @@ fn check_saved(saved: &Plan, current: Plan) -> CheckedPlan {
     };
     let mut wanted: std::collections::HashMap<Identity, usize> = std::collections::HashMap::new();
     let mut refused = Vec::new();
-    let mut computed: std::collections::HashMap<Identity, Vec<usize>> =
+    let views: Vec<plan::view::ChangeView> = current
+        .changes
+        .iter()
+        .map(|c| plan::view::ChangeView::of(c, current.planned_at))
+        .collect();
+    let mut available: std::collections::HashMap<Identity, usize> =
         std::collections::HashMap::new();
-    for (i, c) in current.changes.iter().enumerate() {
-        computed.entry(identity(c)).or_default().push(i);
+    for v in &views {
+        *available.entry(identity(v)).or_default() += 1;
     }
     for c in &saved.changes {
         let id = identity(c);
-        let available = computed.get(&id).map_or(0, Vec::len);
+        let there = available.get(&id).copied().unwrap_or(0);
         let taken = wanted.entry(id).or_default();
-        if *taken < available {
+        if *taken < there {
             *taken += 1;
         } else {
             refused.push(c.clone());
@@ -627,8 +639,8 @@ fn check_saved(saved: &Plan, current: Plan) -> CheckedPlan {
     }
     let mut run = Vec::new();
     let mut left = Vec::new();
-    for c in current.changes {
-        match wanted.get_mut(&identity(&c)) {
+    for (c, v) in current.changes.into_iter().zip(&views) {
+        match wanted.get_mut(&identity(v)) {
             Some(n) if *n > 0 => {
                 *n -= 1;
                 run.push(c);
@@ -636,11 +648,14 @@ fn check_saved(saved: &Plan, current: Plan) -> CheckedPlan {
             _ => left.push(c),
         }
     }
-    let mut plan = Plan::new(run, current.warnings, current.observed);
-    plan.planned_at = current.planned_at;
-    plan.upcoming = current.upcoming;
     CheckedPlan {
-        plan,
+        plan: Plan {
+            changes: run,
+            warnings: current.warnings,
+            observed: current.observed,
+            planned_at: current.planned_at,
+            upcoming: current.upcoming,
+        },
         refused,
         left,
     }

@@ -143,14 +143,14 @@ impl Engine {
         let mut plan = plan::plan(&self.config, &obs.observed, &obs.state, now, opts);
         for w in &self.warnings {
             plan.warnings.push(Warning {
-                kind: "config".to_string(),
+                kind: crate::plan::WarningKind::Config,
+                detail: w.to_string(),
                 provider: None,
                 user: None,
                 key_id: None,
                 message: w.to_string(),
             });
         }
-        plan.summary.warnings = plan.warnings.len();
         plan
     }
 

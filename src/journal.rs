@@ -318,7 +318,7 @@ pub struct Recovery {
     /// Human-readable lines, for the log.
     pub notes: Vec<String>,
     /// Forced rotations that were cut short and must run again: (provider, user, slot).
-    pub force: Vec<(String, String, Option<String>)>,
+    pub force: Vec<crate::plan::ForceTarget>,
     /// Whether the state changed.
     pub changed: bool,
 }
@@ -529,8 +529,11 @@ fn held_by_every_sink(
 /// A forced rotation cut short runs again on the next apply.
 fn redo_if_forced(r: &mut Recovery, op: &Unfinished) {
     if op.forced {
-        r.force
-            .push((op.provider.clone(), op.user.clone(), op.slot.clone()));
+        r.force.push(crate::plan::ForceTarget {
+            provider: op.provider.clone(),
+            user: op.user.clone(),
+            slot: op.slot.clone(),
+        });
     }
 }
 

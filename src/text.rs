@@ -40,6 +40,18 @@ fn needs_escape(c: char) -> bool {
         )
 }
 
+/// Abbreviates a key id for people: `ak_2abc…ghij`. The tail is kept because ids are
+/// time-ordered, so keys minted close together share their first characters.
+pub fn short_id(id: &str) -> String {
+    let chars: Vec<char> = id.chars().collect();
+    if chars.len() <= 14 {
+        return id.to_string();
+    }
+    let head: String = chars[..7].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}…{tail}")
+}
+
 /// Whether `text` holds a character [`escape`] would change (config names are checked with it).
 pub fn has_control(text: &str) -> bool {
     text.chars().any(needs_escape)

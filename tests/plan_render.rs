@@ -328,7 +328,7 @@ fn unknown_key_is_revoked_only_with_prune_revoke() {
     assert_eq!(report.warnings.len(), 1);
     let revoke = mk(PruneKeys::Revoke);
     assert_eq!(revoke.changes.len(), 1);
-    assert_eq!(revoke.changes[0].action, Action::RevokeKey);
+    assert_eq!(revoke.changes[0].action(), Action::RevokeKey);
     assert_eq!(revoke.warnings[0].key_id.as_deref(), Some("ak_x"));
 }
 
@@ -361,8 +361,8 @@ fn the_last_key_of_a_user_is_never_revoked() {
     let revoked: Vec<&str> = p
         .changes
         .iter()
-        .filter(|c| c.action == Action::RevokeKey)
-        .filter_map(|c| c.key_id.as_deref())
+        .filter(|c| c.action() == Action::RevokeKey)
+        .filter_map(|c| c.key_id())
         .collect();
     assert_eq!(revoked, ["ak_old"], "{p:?}");
     let kept = p
@@ -401,14 +401,14 @@ fn only_limits_to_named_users_and_skips_prune() {
     let p = plan(&cfg, &observed, &state, now(), &opts);
     assert_eq!(p.changes.len(), 1);
     assert_eq!(
-        (p.changes[0].action, p.changes[0].user.as_str()),
+        (p.changes[0].action(), p.changes[0].user.as_str()),
         (Action::CreateUser, "b")
     );
     let all = plan(&cfg, &observed, &state, now(), &PlanOptions::default());
     assert!(
         all.changes
             .iter()
-            .any(|c| c.action == Action::DeleteUser && c.user == "left")
+            .any(|c| c.action() == Action::DeleteUser && c.user == "left")
     );
 }
 
@@ -559,6 +559,6 @@ fn the_asa_user_keyward_logs_in_as_is_left_alone() {
     assert!(
         p.changes
             .iter()
-            .any(|c| c.user == "other-admin" && c.action == Action::DeleteUser)
+            .any(|c| c.user == "other-admin" && c.action() == Action::DeleteUser)
     );
 }

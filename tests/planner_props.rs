@@ -381,7 +381,7 @@ proptest! {
             let ours = state.user("ng", &c.user).is_some_and(|r| r.created_by_keyward
                 && snap.user_by_name(&c.user).is_some_and(|ru| ru.id == r.id));
             prop_assert!(declared || ours, "change on unmanaged user: {c:?}");
-            if c.action == Action::DeleteUser {
+            if c.action() == Action::DeleteUser {
                 prop_assert!(!declared && ours, "deleting a user that is declared or not ours: {c:?}");
             }
         }
@@ -391,7 +391,7 @@ proptest! {
             for slot in u.slots.keys() {
                 if let Some(cur) = state.slot("ng", &u.name, slot).and_then(|s| s.current.as_ref()) {
                     prop_assert!(
-                        !p1.changes.iter().any(|c| c.action == Action::RevokeKey && c.key_id.as_deref() == Some(cur.id.as_str())),
+                        !p1.changes.iter().any(|c| c.action() == Action::RevokeKey && c.key_id() == Some(cur.id.as_str())),
                         "plan revokes the current key {} of {}/{}", cur.id, u.name, slot
                     );
                 }

@@ -126,13 +126,13 @@ pub enum ProviderAuth {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SinkConfig {
     pub name: String,
     pub kind: SinkKind,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SinkKind {
     /// `path` may hold the placeholders `{provider} {user} {slot} {key_id}`.
     File { path: String, format: SinkFormat },

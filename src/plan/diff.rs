@@ -5,21 +5,35 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::Timestamp;
-use serde_json::json;
 
-use super::{Action, Change, Plan, Upcoming, Warning, observed_digest};
+use super::{
+    Action, Change, CreateKeyReason, CreateUserReason, KeyRef, Op, Plan, RevokeReason,
+    RotateReason, SlotTarget, Upcoming, UpdateUserReason, Warning, WarningKind, observed_digest,
+};
 use crate::config::{Config, PruneKeys, PruneUsers, SlotSpec, UserSpec};
-use crate::model::{AccountSnapshot, KeyTag, Observed, ProviderType, RemoteKey, RemoteUser};
+use crate::model::{AccountSnapshot, KeyTag, Observed, RemoteKey, RemoteUser};
 use crate::rotation::{self, Due, KeyFacts};
 use crate::state::State;
+
+pub use crate::text::short_id;
+
+/// A slot (or every slot of a user) to rotate now, whatever its age: `keyward rotate`, or a
+/// forced rotation an interrupted run left for the next one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForceTarget {
+    pub provider: String,
+    pub user: String,
+    /// `None`: every slot of the user.
+    pub slot: Option<String>,
+}
 
 /// What to limit or force in a plan.
 #[derive(Debug, Clone, Default)]
 pub struct PlanOptions {
     /// Restrict the plan to these users (`NAME` or `PROVIDER:NAME`); empty = everything.
     pub only: Vec<String>,
-    /// Slots to rotate now whatever their age: (provider, user, slot or every slot).
-    pub force: Vec<(String, String, Option<String>)>,
+    /// Slots to rotate now whatever their age.
+    pub force: Vec<ForceTarget>,
 }
 
 impl PlanOptions {
@@ -32,22 +46,10 @@ impl PlanOptions {
     }
 
     fn forced(&self, provider: &str, user: &str, slot: &str) -> bool {
-        self.force
-            .iter()
-            .any(|(p, u, s)| p == provider && u == user && s.as_deref().is_none_or(|s| s == slot))
+        self.force.iter().any(|f| {
+            f.provider == provider && f.user == user && f.slot.as_deref().is_none_or(|s| s == slot)
+        })
     }
-}
-
-/// Abbreviates a key id for people: `ak_2abc…ghij`. The tail is kept because ids are
-/// time-ordered, so keys minted close together share their first characters.
-pub fn short_id(id: &str) -> String {
-    let chars: Vec<char> = id.chars().collect();
-    if chars.len() <= 14 {
-        return id.to_string();
-    }
-    let head: String = chars[..7].iter().collect();
-    let tail: String = chars[chars.len() - 4..].iter().collect();
-    format!("{head}…{tail}")
 }
 
 /// Where each remote key on a managed user belongs.
@@ -123,7 +125,7 @@ pub fn plan(
             continue;
         };
         match snapshot.user_by_name(&spec.name) {
-            None => plan_new_user(spec, state, &mut changes),
+            None => plan_new_user(config, spec, state, &mut changes),
             Some(remote) => plan_existing_user(
                 config,
                 spec,
@@ -155,17 +157,17 @@ pub fn plan(
             rank(&a.provider, &a.user),
             &a.provider,
             &a.user,
-            a.action,
-            &a.slot,
-            &a.key_id,
+            a.action(),
+            a.slot(),
+            a.key_id(),
         )
             .cmp(&(
                 rank(&b.provider, &b.user),
                 &b.provider,
                 &b.user,
-                b.action,
-                &b.slot,
-                &b.key_id,
+                b.action(),
+                b.slot(),
+                b.key_id(),
             ))
     });
     let wrank = |w: &Warning| {
@@ -186,47 +188,66 @@ pub fn plan(
     upcoming.sort_by(|a, b| {
         (a.at, &a.provider, &a.user, &a.slot).cmp(&(b.at, &b.provider, &b.user, &b.slot))
     });
-    let mut plan = Plan::new(changes, warnings, observed_digest(config, observed, state));
-    plan.planned_at = now;
-    plan.upcoming = upcoming;
-    plan
-}
-
-fn change(action: Action, spec_provider: &str, user: &str) -> Change {
-    Change {
-        action,
-        provider: spec_provider.to_string(),
-        user: user.to_string(),
-        slot: None,
-        key_id: None,
-        reason: String::new(),
-        before: None,
-        after: None,
+    Plan {
+        changes,
+        warnings,
+        observed: observed_digest(config, observed, state),
+        planned_at: now,
+        upcoming,
     }
 }
 
-fn key_after(slot: &SlotSpec) -> serde_json::Value {
-    json!({"kind": slot.kind, "sinks": slot.sinks})
+fn change(provider: &str, user: &str, op: Op) -> Change {
+    Change {
+        provider: provider.to_string(),
+        user: user.to_string(),
+        op,
+    }
 }
 
-fn plan_new_user(spec: &UserSpec, state: &State, changes: &mut Vec<Change>) {
+/// The slot with its sinks resolved (validation made sure every name is defined).
+fn target(config: &Config, slot: &SlotSpec) -> SlotTarget {
+    SlotTarget {
+        spec: slot.clone(),
+        sinks: slot
+            .sinks
+            .iter()
+            .filter_map(|name| config.sinks.get(name).cloned())
+            .collect(),
+    }
+}
+
+fn key_ref(key: &RemoteKey) -> KeyRef {
+    KeyRef {
+        id: key.id.clone(),
+        kind: key.kind,
+        created_at: key.created_at,
+    }
+}
+
+fn plan_new_user(config: &Config, spec: &UserSpec, state: &State, changes: &mut Vec<Change>) {
     let gone = state.user(&spec.provider, &spec.name).is_some();
-    changes.push(Change {
-        reason: if gone {
-            "recorded by keyward but no longer exists at the provider".to_string()
-        } else {
-            String::new()
+    changes.push(change(
+        &spec.provider,
+        &spec.name,
+        Op::CreateUser {
+            active: spec.active,
+            why: if gone {
+                CreateUserReason::Vanished
+            } else {
+                CreateUserReason::New
+            },
         },
-        after: Some(json!({"name": spec.name, "active": spec.active})),
-        ..change(Action::CreateUser, &spec.provider, &spec.name)
-    });
+    ));
     for slot in spec.slots.values() {
-        changes.push(Change {
-            slot: Some(slot.name.clone()),
-            reason: "new slot".to_string(),
-            after: Some(key_after(slot)),
-            ..change(Action::CreateKey, &spec.provider, &spec.name)
-        });
+        changes.push(change(
+            &spec.provider,
+            &spec.name,
+            Op::CreateKey {
+                slot: target(config, slot),
+                why: CreateKeyReason::NewSlot,
+            },
+        ));
     }
 }
 
@@ -246,24 +267,29 @@ fn plan_existing_user(
     let provider = spec.provider.as_str();
     let first_change = changes.len();
     if let Some(key_id) = own_key(config, provider, remote, snapshot) {
+        let message = format!(
+            "keyward authenticates as this service user (key {key_id}); changing it or rotating its keys would lock keyward out, so it is left alone"
+        );
         warnings.push(Warning {
-            kind: "own_credential".to_string(),
+            kind: WarningKind::OwnCredential,
             provider: Some(provider.to_string()),
             user: Some(spec.name.clone()),
             key_id: Some(key_id.to_string()),
-            message: format!(
-                "keyward authenticates as this service user (key {key_id}); changing it or rotating its keys would lock keyward out, so it is left alone"
-            ),
+            detail: message.clone(),
+            message,
         });
         return;
     }
     if remote.active != spec.active {
-        changes.push(Change {
-            reason: format!("active: {} -> {}", remote.active, spec.active),
-            before: Some(json!({"active": remote.active})),
-            after: Some(json!({"active": spec.active})),
-            ..change(Action::UpdateUser, provider, &spec.name)
-        });
+        changes.push(change(
+            provider,
+            &spec.name,
+            Op::UpdateUser {
+                was_active: remote.active,
+                active: spec.active,
+                why: UpdateUserReason::Declared,
+            },
+        ));
     }
     let sorted = sort_keys(provider, remote, snapshot, state);
     let recorded = state
@@ -277,35 +303,41 @@ fn plan_existing_user(
                 let lost = recorded
                     .and_then(|r| r.slots.get(&slot.name))
                     .and_then(|s| s.current.as_ref());
-                changes.push(Change {
-                    slot: Some(slot.name.clone()),
-                    reason: match lost {
-                        Some(k) => format!(
-                            "current key {} no longer exists at the provider",
-                            short_id(&k.id)
-                        ),
-                        None => "no current key".to_string(),
+                changes.push(change(
+                    provider,
+                    &spec.name,
+                    Op::CreateKey {
+                        slot: target(config, slot),
+                        why: match lost {
+                            Some(k) => CreateKeyReason::CurrentVanished {
+                                key_id: k.id.clone(),
+                            },
+                            None => CreateKeyReason::NoCurrentKey,
+                        },
                     },
-                    after: Some(key_after(slot)),
-                    ..change(Action::CreateKey, provider, &spec.name)
-                });
+                ));
             }
-            Some(key) => match rotation_due(provider, &spec.name, slot, key, now, opts) {
-                Ok(reason) => changes.push(Change {
-                    slot: Some(slot.name.clone()),
-                    key_id: Some(key.id.clone()),
-                    reason,
-                    before: Some(json!({"key_id": key.id, "created_at": key.created_at})),
-                    after: Some({
-                        // Recorded in the journal: a forced rotation cut short runs again.
-                        let mut after = key_after(slot);
-                        if opts.forced(provider, &spec.name, &slot.name) {
-                            after["forced"] = json!(true);
-                        }
-                        after
-                    }),
-                    ..change(Action::RotateKey, provider, &spec.name)
-                }),
+            Some(key) => match rotation_due(provider, &spec.name, slot, key, opts) {
+                Ok(why) => changes.push(change(
+                    provider,
+                    &spec.name,
+                    Op::RotateKey {
+                        slot: target(config, slot),
+                        from: key_ref(key),
+                        forced: matches!(why, RotateReason::Forced),
+                        why,
+                    },
+                )),
+                Err(Some(due)) if due.at <= now => changes.push(change(
+                    provider,
+                    &spec.name,
+                    Op::RotateKey {
+                        slot: target(config, slot),
+                        from: key_ref(key),
+                        forced: false,
+                        why: RotateReason::Due(due),
+                    },
+                )),
                 Err(Some(due)) => upcoming.push(Upcoming {
                     action: Action::RotateKey,
                     provider: provider.to_string(),
@@ -330,16 +362,17 @@ fn plan_existing_user(
                     reason: "overlap ends".to_string(),
                 });
             } else {
-                changes.push(Change {
-                    slot: Some(slot.name.clone()),
-                    key_id: Some(key.id.clone()),
-                    reason: match retire_after {
-                        Some(t) => format!("retired {}, overlap ended", t.strftime("%Y-%m-%d")),
-                        None => "retired, overlap ended".to_string(),
+                changes.push(change(
+                    provider,
+                    &spec.name,
+                    Op::RevokeKey {
+                        key: key_ref(key),
+                        slot: Some(slot.name.clone()),
+                        why: RevokeReason::OverlapEnded {
+                            retired_until: *retire_after,
+                        },
                     },
-                    before: Some(json!({"key_id": key.id, "created_at": key.created_at})),
-                    ..change(Action::RevokeKey, provider, &spec.name)
-                });
+                ));
             }
         }
     }
@@ -353,47 +386,52 @@ fn plan_existing_user(
         .flat_map(|(slot, keys)| keys.iter().map(move |(key, _)| (slot, *key)));
     for (slot, key) in current.chain(retiring) {
         if !declared.contains(slot.as_str()) {
-            changes.push(revoke(
+            changes.push(change(
                 provider,
                 &spec.name,
-                slot,
-                key,
-                format!("slot {slot} is no longer declared"),
+                Op::RevokeKey {
+                    key: key_ref(key),
+                    slot: Some(slot.clone()),
+                    why: RevokeReason::SlotUndeclared,
+                },
             ));
         }
     }
     for (slot, key) in &sorted.orphans {
-        changes.push(revoke(
+        changes.push(change(
             provider,
             &spec.name,
-            slot,
-            key,
-            "created by keyward but never recorded as delivered (interrupted run)".to_string(),
+            Op::RevokeKey {
+                key: key_ref(key),
+                slot: Some(slot.clone()),
+                why: RevokeReason::Orphan,
+            },
         ));
     }
     for key in &sorted.unknown {
         let revoke_it = config.prune.unknown_keys == PruneKeys::Revoke;
+        let mode = if revoke_it { "revoke" } else { "report" };
         warnings.push(Warning {
-            kind: "unknown_key".to_string(),
+            kind: WarningKind::UnknownKey,
             provider: Some(provider.to_string()),
             user: Some(spec.name.clone()),
             key_id: Some(key.id.clone()),
             message: format!(
-                "{} {} was not created by keyward (prune.unknown_keys: {})",
-                key.kind,
-                key.id,
-                if revoke_it { "revoke" } else { "report" }
+                "{} {} was not created by keyward (prune.unknown_keys: {mode})",
+                key.kind, key.id
             ),
+            detail: format!("not created by keyward (prune.unknown_keys: {mode})"),
         });
         if revoke_it {
-            changes.push(Change {
-                key_id: Some(key.id.clone()),
-                reason: "not created by keyward (prune.unknown_keys: revoke)".to_string(),
-                before: Some(
-                    json!({"key_id": key.id, "kind": key.kind, "created_at": key.created_at}),
-                ),
-                ..change(Action::RevokeKey, provider, &spec.name)
-            });
+            changes.push(change(
+                provider,
+                &spec.name,
+                Op::RevokeKey {
+                    key: key_ref(key),
+                    slot: None,
+                    why: RevokeReason::Unknown,
+                },
+            ));
         }
     }
     keep_one_key(
@@ -423,15 +461,15 @@ fn keep_one_key(
     let changes = &all[first..];
     let adds_a_key = changes
         .iter()
-        .any(|c| matches!(c.action, Action::CreateKey | Action::RotateKey));
+        .any(|c| matches!(c.action(), Action::CreateKey | Action::RotateKey));
     if adds_a_key {
         return;
     }
     let orphan_ids: BTreeSet<&str> = orphans.iter().map(|(_, k)| k.id.as_str()).collect();
     let revoked: BTreeSet<&str> = changes
         .iter()
-        .filter(|c| c.action == Action::RevokeKey)
-        .filter_map(|c| c.key_id.as_deref())
+        .filter(|c| c.action() == Action::RevokeKey)
+        .filter_map(|c| c.key_id())
         .collect();
     let held: Vec<&RemoteKey> = snapshot
         .keys_of(&remote.id)
@@ -447,19 +485,20 @@ fn keep_one_key(
     // This user's changes are the tail of the list: dropping one shifts only those.
     if let Some(i) = changes
         .iter()
-        .position(|c| c.action == Action::RevokeKey && c.key_id.as_deref() == Some(kept.as_str()))
+        .position(|c| c.action() == Action::RevokeKey && c.key_id() == Some(kept.as_str()))
     {
         all.remove(first + i);
     }
+    let message = format!(
+        "{kept} is the last key of this user: keyward never revokes every key of a user at once, so it stays until the user has another"
+    );
     warnings.push(Warning {
-        kind: "last_key_kept".to_string(),
+        kind: WarningKind::LastKeyKept,
         provider: Some(provider.to_string()),
         user: Some(user.to_string()),
-        key_id: Some(keep.id.clone()),
-        message: format!(
-            "{} is the last key of this user: keyward never revokes every key of a user at once, so it stays until the user has another",
-            keep.id
-        ),
+        key_id: Some(kept),
+        detail: message.clone(),
+        message,
     });
 }
 
@@ -481,42 +520,24 @@ fn own_key<'a>(
         .then_some(key_id.as_str())
 }
 
-fn revoke(provider: &str, user: &str, slot: &str, key: &RemoteKey, reason: String) -> Change {
-    Change {
-        slot: Some(slot.to_string()),
-        key_id: Some(key.id.clone()),
-        reason,
-        before: Some(json!({"key_id": key.id, "created_at": key.created_at})),
-        ..change(Action::RevokeKey, provider, user)
-    }
-}
-
-/// Whether the current key of a slot must be rotated now (`Ok(reason)`), or when it will be
-/// (`Err(Some(due))`), or never (`Err(None)`).
+/// Whether the current key of a slot is forced (`Ok(Forced)`), or when it will be due
+/// (`Err(Some(due))`, possibly already), or never (`Err(None)`).
 fn rotation_due(
     provider: &str,
     user: &str,
     slot: &SlotSpec,
     key: &RemoteKey,
-    now: Timestamp,
     opts: &PlanOptions,
-) -> Result<String, Option<Due>> {
+) -> Result<RotateReason, Option<Due>> {
     if opts.forced(provider, user, &slot.name) {
-        return Ok(format!("{} rotation forced", short_id(&key.id)));
+        return Ok(RotateReason::Forced);
     }
     let facts = KeyFacts {
         kind: key.kind,
         created_at: key.created_at,
         expires_at: key.expires_at,
     };
-    match rotation::next_due(slot, Some(facts)) {
-        Some(due) if due.at <= now => Ok(format!(
-            "{} {}",
-            short_id(&key.id),
-            due.describe(Some(key.created_at), now)
-        )),
-        other => Err(other),
-    }
+    Err(rotation::next_due(slot, Some(facts)))
 }
 
 fn plan_undeclared_users(
@@ -550,46 +571,48 @@ fn plan_undeclared_users(
             let created_by_us = state
                 .user(provider, &remote.name)
                 .is_some_and(|r| r.id == remote.id && r.created_by_keyward);
+            let warn = |kind, message: &str| Warning {
+                kind,
+                provider: Some(provider.clone()),
+                user: Some(remote.name.clone()),
+                key_id: None,
+                message: message.to_string(),
+                detail: message.to_string(),
+            };
             if !created_by_us {
-                warnings.push(Warning {
-                    kind: "unmanaged_user".to_string(),
-                    provider: Some(provider.clone()),
-                    user: Some(remote.name.clone()),
-                    key_id: None,
-                    message: "service user not in the file; keyward never changes it".to_string(),
-                });
+                warnings.push(warn(
+                    WarningKind::UnmanagedUser,
+                    "service user not in the file; keyward never changes it",
+                ));
                 continue;
             }
             match config.prune.users {
-                PruneUsers::Keep => warnings.push(Warning {
-                    kind: "pruned_user_kept".to_string(),
-                    provider: Some(provider.clone()),
-                    user: Some(remote.name.clone()),
-                    key_id: None,
-                    message: "created by keyward and no longer in the file; kept (prune.users: keep)".to_string(),
-                }),
+                PruneUsers::Keep => warnings.push(warn(
+                    WarningKind::PrunedUserKept,
+                    "created by keyward and no longer in the file; kept (prune.users: keep)",
+                )),
                 PruneUsers::Disable => {
                     if remote.active {
-                        changes.push(Change {
-                            reason: "no longer in the file (prune.users: disable)".to_string(),
-                            before: Some(json!({"active": true})),
-                            after: Some(json!({"active": false})),
-                            ..change(Action::UpdateUser, provider, &remote.name)
-                        });
+                        changes.push(change(
+                            provider,
+                            &remote.name,
+                            Op::UpdateUser {
+                                was_active: true,
+                                active: false,
+                                why: UpdateUserReason::PruneDisable,
+                            },
+                        ));
                     }
                 }
-                PruneUsers::Delete => changes.push(Change {
-                    reason: match account.kind {
-                        ProviderType::OktaAsa => {
-                            "no longer in the file (prune.users: delete); irreversible: ASA keeps the name reserved".to_string()
-                        }
-                        ProviderType::Ngrok => {
-                            "no longer in the file (prune.users: delete); revokes every key it owns".to_string()
-                        }
+                PruneUsers::Delete => changes.push(change(
+                    provider,
+                    &remote.name,
+                    Op::DeleteUser {
+                        user_id: remote.id.clone(),
+                        was_active: remote.active,
+                        provider_type: account.kind,
                     },
-                    before: Some(json!({"id": remote.id, "active": remote.active})),
-                    ..change(Action::DeleteUser, provider, &remote.name)
-                }),
+                )),
             }
         }
     }

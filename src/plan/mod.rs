@@ -1,35 +1,42 @@
-//! A plan is data: the changes keyward would make, the warnings it has, and a digest of the
-//! remote objects it read. The pure planner ([`diff::plan`]) builds it; [`render`] shows it as
-//! text or JSON; the executor runs it; a saved plan file is this document serialized.
+//! A plan is data: the changes keyward would make, each a typed operation carrying what the
+//! executor needs (the slot's resolved policy and sinks, the user's `active`, the key to revoke,
+//! whether a rotation is forced), the warnings it has, and a digest of the remote objects it
+//! read. The pure planner ([`diff::plan`]) builds it; [`render`] shows it as text; [`view`] is
+//! the contract's JSON document (format_version 1), written and read in one place; the
+//! executor runs the operations.
 
 pub mod diff;
 pub mod render;
+pub mod view;
+
+use std::fmt;
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::Config;
-use crate::model::Observed;
+use crate::config::{Config, SinkConfig, SlotSpec};
+use crate::model::{KeyKind, Observed, ProviderType};
+use crate::rotation::Due;
 use crate::state::State;
 
-pub use diff::{PlanOptions, plan};
+pub use diff::{ForceTarget, PlanOptions, plan};
 
 /// The plan document's format version.
 pub const FORMAT_VERSION: &str = "1";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What keyward would do, and what it noticed, for one observation of the accounts.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    pub format_version: String,
+    /// In the order they run: users in the file's order, then undeclared users; within a user
+    /// create < update < keys < revoke < delete.
     pub changes: Vec<Change>,
     pub warnings: Vec<Warning>,
-    pub summary: Summary,
-    /// Digest of every remote object the plan's decisions read.
+    /// Digest of every remote object the plan's decisions read (see [`observed_digest`]).
     pub observed: String,
     /// The `now` the plan was computed for.
     pub planned_at: Timestamp,
     /// Work that is not due yet: the next rotation of each slot, the end of each overlap.
-    #[serde(default)]
     pub upcoming: Vec<Upcoming>,
 }
 
@@ -46,6 +53,7 @@ pub struct Upcoming {
     pub reason: String,
 }
 
+/// The kind of a change, as the plan document names it (`action`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
@@ -58,6 +66,7 @@ pub enum Action {
 }
 
 impl Action {
+    /// The document's name for it: `create_user`, `rotate_key`, …
     pub fn as_str(self) -> &'static str {
         match self {
             Action::CreateUser => "create_user",
@@ -75,27 +84,288 @@ impl Action {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One change to one service user (or one of its keys).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Change {
-    pub action: Action,
+    /// The provider account's name in the config.
     pub provider: String,
+    /// The service user's name.
     pub user: String,
-    pub slot: Option<String>,
-    pub key_id: Option<String>,
-    pub reason: String,
-    pub before: Option<serde_json::Value>,
-    pub after: Option<serde_json::Value>,
+    pub op: Op,
 }
 
+/// A key as a change refers to it: enough to revoke it and to say which one it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRef {
+    pub id: String,
+    pub kind: KeyKind,
+    pub created_at: Timestamp,
+}
+
+/// A slot as a create or a rotation needs it: its resolved policy and the sinks (resolved, in
+/// the slot's order) its secret goes to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotTarget {
+    pub spec: SlotSpec,
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// What a change does, with what its step needs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Create the service user (then its keys).
+    CreateUser { active: bool, why: CreateUserReason },
+    /// Set the user's `active`.
+    UpdateUser {
+        was_active: bool,
+        active: bool,
+        why: UpdateUserReason,
+    },
+    /// Delete the user (ngrok: revokes every key it owns; ASA: soft delete, irreversible).
+    DeleteUser {
+        user_id: String,
+        was_active: bool,
+        provider_type: ProviderType,
+    },
+    /// Mint the first key of a slot and deliver it.
+    CreateKey {
+        slot: SlotTarget,
+        why: CreateKeyReason,
+    },
+    /// Mint a new key for a slot, deliver it, retire `from` for the slot's overlap.
+    RotateKey {
+        slot: SlotTarget,
+        from: KeyRef,
+        /// Forced by `keyward rotate` (journaled: a forced rotation cut short runs again).
+        forced: bool,
+        why: RotateReason,
+    },
+    /// Revoke a key.
+    RevokeKey {
+        key: KeyRef,
+        /// The slot it belonged to, when it belonged to one.
+        slot: Option<String>,
+        why: RevokeReason,
+    },
+}
+
+/// Why a user is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateUserReason {
+    /// Declared and not there.
+    New,
+    /// keyward recorded it, but the provider no longer has it.
+    Vanished,
+}
+
+/// Why a user's `active` changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateUserReason {
+    /// The file says otherwise.
+    Declared,
+    /// keyward created it and it left the file (`prune.users: disable`).
+    PruneDisable,
+}
+
+/// Why a slot gets its first key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateKeyReason {
+    /// The user is new.
+    NewSlot,
+    /// The slot has no current key.
+    NoCurrentKey,
+    /// The key keyward recorded as current is gone at the provider.
+    CurrentVanished { key_id: String },
+}
+
+/// Why a slot is rotated now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotateReason {
+    /// `keyward rotate`.
+    Forced,
+    /// Its policy says so.
+    Due(Due),
+}
+
+/// Why a key is revoked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevokeReason {
+    /// Replaced, and its overlap has ended.
+    OverlapEnded { retired_until: Option<Timestamp> },
+    /// Its slot left the file.
+    SlotUndeclared,
+    /// keyward created it but never delivered it (an interrupted run): nobody holds it.
+    Orphan,
+    /// keyward did not create it (`prune.unknown_keys: revoke`).
+    Unknown,
+}
+
+impl Op {
+    /// The document's action for this operation.
+    pub fn action(&self) -> Action {
+        match self {
+            Op::CreateUser { .. } => Action::CreateUser,
+            Op::UpdateUser { .. } => Action::UpdateUser,
+            Op::DeleteUser { .. } => Action::DeleteUser,
+            Op::CreateKey { .. } => Action::CreateKey,
+            Op::RotateKey { .. } => Action::RotateKey,
+            Op::RevokeKey { .. } => Action::RevokeKey,
+        }
+    }
+}
+
+impl Change {
+    /// The document's action for this change.
+    pub fn action(&self) -> Action {
+        self.op.action()
+    }
+
+    /// The slot the change is about, if any.
+    pub fn slot(&self) -> Option<&str> {
+        match &self.op {
+            Op::CreateKey { slot, .. } | Op::RotateKey { slot, .. } => Some(&slot.spec.name),
+            Op::RevokeKey { slot, .. } => slot.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The key the change is about, if any (the key a rotation replaces).
+    pub fn key_id(&self) -> Option<&str> {
+        match &self.op {
+            Op::RotateKey { from, .. } => Some(&from.id),
+            Op::RevokeKey { key, .. } => Some(&key.id),
+            _ => None,
+        }
+    }
+
+    /// Whether a rotation was forced.
+    pub fn forced(&self) -> bool {
+        matches!(self.op, Op::RotateKey { forced: true, .. })
+    }
+
+    /// The reason in words, for people and for the document's `reason`; `now` is the plan's.
+    pub fn reason(&self, now: Timestamp) -> String {
+        use crate::text::short_id;
+        match &self.op {
+            Op::CreateUser { why, .. } => match why {
+                CreateUserReason::New => String::new(),
+                CreateUserReason::Vanished => {
+                    "recorded by keyward but no longer exists at the provider".to_string()
+                }
+            },
+            Op::UpdateUser {
+                was_active,
+                active,
+                why,
+            } => match why {
+                UpdateUserReason::Declared => format!("active: {was_active} -> {active}"),
+                UpdateUserReason::PruneDisable => {
+                    "no longer in the file (prune.users: disable)".to_string()
+                }
+            },
+            Op::DeleteUser { provider_type, .. } => match provider_type {
+                ProviderType::OktaAsa => "no longer in the file (prune.users: delete); irreversible: ASA keeps the name reserved".to_string(),
+                ProviderType::Ngrok => "no longer in the file (prune.users: delete); revokes every key it owns".to_string(),
+            },
+            Op::CreateKey { why, .. } => match why {
+                CreateKeyReason::NewSlot => "new slot".to_string(),
+                CreateKeyReason::NoCurrentKey => "no current key".to_string(),
+                CreateKeyReason::CurrentVanished { key_id } => format!(
+                    "current key {} no longer exists at the provider",
+                    short_id(key_id)
+                ),
+            },
+            Op::RotateKey { from, why, .. } => match why {
+                RotateReason::Forced => format!("{} rotation forced", short_id(&from.id)),
+                RotateReason::Due(due) => format!(
+                    "{} {}",
+                    short_id(&from.id),
+                    due.describe(Some(from.created_at), now)
+                ),
+            },
+            Op::RevokeKey { why, slot, .. } => match why {
+                RevokeReason::OverlapEnded {
+                    retired_until: Some(t),
+                } => format!("retired {}, overlap ended", t.strftime("%Y-%m-%d")),
+                RevokeReason::OverlapEnded {
+                    retired_until: None,
+                } => "retired, overlap ended".to_string(),
+                RevokeReason::SlotUndeclared => format!(
+                    "slot {} is no longer declared",
+                    slot.as_deref().unwrap_or_default()
+                ),
+                RevokeReason::Orphan => {
+                    "created by keyward but never recorded as delivered (interrupted run)"
+                        .to_string()
+                }
+                RevokeReason::Unknown => {
+                    "not created by keyward (prune.unknown_keys: revoke)".to_string()
+                }
+            },
+        }
+    }
+}
+
+/// What a warning is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarningKind {
+    // In the order of their names: warnings on the same key sort by kind, as they always have.
+    /// A warning about the config file (an inline secret, say).
+    Config,
+    /// The last key of a user, kept although the plan would revoke it.
+    LastKeyKept,
+    /// The service user keyward authenticates as (left alone).
+    OwnCredential,
+    /// A user keyward created that left the file, kept (`prune.users: keep`).
+    PrunedUserKept,
+    /// A key on a managed user that keyward did not create.
+    UnknownKey,
+    /// A remote user the file does not declare.
+    UnmanagedUser,
+}
+
+impl WarningKind {
+    /// The document's name for it: `unknown_key`, …
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WarningKind::UnknownKey => "unknown_key",
+            WarningKind::UnmanagedUser => "unmanaged_user",
+            WarningKind::PrunedUserKept => "pruned_user_kept",
+            WarningKind::OwnCredential => "own_credential",
+            WarningKind::LastKeyKept => "last_key_kept",
+            WarningKind::Config => "config",
+        }
+    }
+}
+
+impl fmt::Display for WarningKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for WarningKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// Something keyward noticed and will not act on (or acts on with care).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Warning {
-    pub kind: String,
+    pub kind: WarningKind,
     pub provider: Option<String>,
     pub user: Option<String>,
     pub key_id: Option<String>,
+    /// The whole sentence (the document's `message`).
     pub message: String,
+    /// The short form the human plan prints after the warning's title.
+    #[serde(skip)]
+    pub detail: String,
 }
 
+/// How many changes of each kind, and how many warnings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Summary {
     pub create: usize,
@@ -114,7 +384,7 @@ impl Summary {
             ..Summary::default()
         };
         for c in changes {
-            match c.action {
+            match c.action() {
                 Action::CreateUser | Action::CreateKey => summary.create += 1,
                 Action::UpdateUser => summary.update += 1,
                 Action::RotateKey => summary.rotate += 1,
@@ -127,28 +397,22 @@ impl Summary {
 }
 
 impl Plan {
-    pub fn new(changes: Vec<Change>, warnings: Vec<Warning>, observed: String) -> Self {
-        let summary = Summary::of(&changes, warnings.len());
-        Plan {
-            format_version: FORMAT_VERSION.to_string(),
-            changes,
-            warnings,
-            summary,
-            observed,
-            planned_at: Timestamp::UNIX_EPOCH,
-            upcoming: Vec::new(),
-        }
-    }
-
+    /// Whether applying it would change anything.
     pub fn has_changes(&self) -> bool {
         !self.changes.is_empty()
     }
 
+    /// How many objects it deletes or revokes (`settings.max_deletions`).
     pub fn deletions(&self) -> usize {
         self.changes
             .iter()
-            .filter(|c| c.action.is_deletion())
+            .filter(|c| c.action().is_deletion())
             .count()
+    }
+
+    /// The counts, always computed from the changes themselves.
+    pub fn summary(&self) -> Summary {
+        Summary::of(&self.changes, self.warnings.len())
     }
 }
 
@@ -156,14 +420,15 @@ impl Plan {
 /// keyward recorded, and every key on those users, across the config's providers. Any change
 /// there (a flag, a key added or removed) changes the digest.
 pub fn observed_digest(config: &Config, observed: &Observed, state: &State) -> String {
+    let declared: std::collections::HashSet<(&str, &str)> = config
+        .users
+        .iter()
+        .map(|u| (u.provider.as_str(), u.name.as_str()))
+        .collect();
     let mut hasher = Sha256::new();
     for (provider, snapshot) in observed {
         let relevant = |name: &str| {
-            config
-                .users
-                .iter()
-                .any(|u| u.provider == *provider && u.name == name)
-                || state.user(provider, name).is_some()
+            declared.contains(&(provider.as_str(), name)) || state.user(provider, name).is_some()
         };
         let mut users: Vec<_> = snapshot
             .users
@@ -171,12 +436,19 @@ pub fn observed_digest(config: &Config, observed: &Observed, state: &State) -> S
             .filter(|u| relevant(&u.name))
             .collect();
         users.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut keys_by_owner: std::collections::HashMap<&str, Vec<&crate::model::RemoteKey>> =
+            std::collections::HashMap::new();
+        for k in &snapshot.keys {
+            if let Some(owner) = k.owner_id.as_deref() {
+                keys_by_owner.entry(owner).or_default().push(k);
+            }
+        }
         for u in users {
             hasher.update(format!(
                 "{provider}\0user\0{}\0{}\0{}\0{}\n",
                 u.id, u.name, u.active, u.deleted
             ));
-            let mut keys: Vec<_> = snapshot.keys_of(&u.id).collect();
+            let mut keys = keys_by_owner.remove(u.id.as_str()).unwrap_or_default();
             keys.sort_by(|a, b| a.id.cmp(&b.id));
             for k in keys {
                 hasher.update(format!(

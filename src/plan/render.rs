@@ -6,9 +6,8 @@ use std::collections::HashMap;
 
 use anstyle::{AnsiColor, Style};
 
-use super::diff::short_id;
-use super::{Action, Change, Plan, Upcoming, Warning};
-use crate::text::escape;
+use super::{Action, Change, CreateKeyReason, Op, Plan, Upcoming, Warning, WarningKind};
+use crate::text::{escape, short_id};
 
 const WIDTH: usize = 26;
 /// The human plan lists this many upcoming events, soonest first.
@@ -55,25 +54,18 @@ fn bold(text: &str, enabled: bool) -> String {
     }
 }
 
-fn change_line(c: &Change) -> (&'static str, Option<AnsiColor>, String, String) {
-    let slot = c.slot.as_deref().unwrap_or("");
-    let key = c.key_id.as_deref().map(short_id).unwrap_or_default();
-    match c.action {
-        Action::CreateUser => {
-            let inactive = c
-                .after
-                .as_ref()
-                .and_then(|a| a.get("active"))
-                .and_then(|v| v.as_bool())
-                == Some(false);
-            let mut detail = c.reason.clone();
-            if inactive {
-                detail = if detail.is_empty() {
-                    "active: false".into()
-                } else {
-                    format!("active: false; {detail}")
-                };
-            }
+fn change_line(
+    c: &Change,
+    now: jiff::Timestamp,
+) -> (&'static str, Option<AnsiColor>, String, String) {
+    let reason = c.reason(now);
+    match &c.op {
+        Op::CreateUser { active, .. } => {
+            let detail = match (active, reason.is_empty()) {
+                (true, _) => reason,
+                (false, true) => "active: false".into(),
+                (false, false) => format!("active: false; {reason}"),
+            };
             (
                 "+",
                 Some(AnsiColor::Green),
@@ -81,77 +73,60 @@ fn change_line(c: &Change) -> (&'static str, Option<AnsiColor>, String, String) 
                 detail,
             )
         }
-        Action::UpdateUser => (
+        Op::UpdateUser { .. } => (
             "~",
             Some(AnsiColor::Yellow),
             "update service user".into(),
-            c.reason.clone(),
+            reason,
         ),
-        Action::DeleteUser => (
+        Op::DeleteUser { .. } => (
             "-",
             Some(AnsiColor::Red),
             "delete service user".into(),
-            c.reason.clone(),
+            reason,
         ),
-        Action::CreateKey => {
-            let sinks: Vec<String> = c
-                .after
-                .as_ref()
-                .and_then(|a| a.get("sinks"))
-                .and_then(|s| s.as_array())
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default();
+        Op::CreateKey { slot, why } => {
+            let sinks = &slot.spec.sinks;
             let detail = match sinks.len() {
                 0 => String::new(),
                 1 => format!("-> sink {}", sinks[0]),
                 _ => format!("-> sinks {}", sinks.join(", ")),
             };
-            let detail =
-                if c.reason.is_empty() || c.reason == "new slot" || c.reason == "no current key" {
-                    detail
-                } else {
-                    format!("{detail} ({})", c.reason)
-                };
+            let detail = match why {
+                CreateKeyReason::NewSlot | CreateKeyReason::NoCurrentKey => detail,
+                CreateKeyReason::CurrentVanished { .. } => format!("{detail} ({reason})"),
+            };
             (
                 "+",
                 Some(AnsiColor::Green),
-                format!("create key {slot}"),
+                format!("create key {}", slot.spec.name),
                 detail,
             )
         }
-        Action::RotateKey => (
+        Op::RotateKey { slot, .. } => (
             "↻",
             Some(AnsiColor::Cyan),
-            format!("rotate key {slot}"),
-            c.reason.clone(),
+            format!("rotate key {}", slot.spec.name),
+            reason,
         ),
-        Action::RevokeKey => (
+        Op::RevokeKey { key, .. } => (
             "-",
             Some(AnsiColor::Red),
-            format!("revoke key {key}"),
-            c.reason.clone(),
+            format!("revoke key {}", short_id(&key.id)),
+            reason,
         ),
     }
 }
 
 fn warning_line(w: &Warning) -> (String, String) {
-    match w.kind.as_str() {
-        "unknown_key" => {
+    match w.kind {
+        WarningKind::UnknownKey => {
             let key = w.key_id.as_deref().map(short_id).unwrap_or_default();
-            let detail = w
-                .message
-                .split_once("was ")
-                .map(|(_, rest)| rest.to_string())
-                .unwrap_or_else(|| w.message.clone());
-            (format!("unknown key {key}"), detail)
+            (format!("unknown key {key}"), w.detail.clone())
         }
-        "unmanaged_user" => ("unmanaged service user".into(), w.message.clone()),
-        "pruned_user_kept" => ("kept service user".into(), w.message.clone()),
-        _ => (w.kind.replace('_', " "), w.message.clone()),
+        WarningKind::UnmanagedUser => ("unmanaged service user".into(), w.detail.clone()),
+        WarningKind::PrunedUserKept => ("kept service user".into(), w.detail.clone()),
+        other => (other.as_str().replace('_', " "), w.detail.clone()),
     }
 }
 
@@ -239,7 +214,7 @@ pub fn text(plan: &Plan, colored: bool) -> String {
             continue;
         };
         for c in changes {
-            let (sym, color, what, detail) = change_line(c);
+            let (sym, color, what, detail) = change_line(c, plan.planned_at);
             line(&mut out, sym, color, &what, &detail, colored);
         }
         for w in warnings {
@@ -283,7 +258,7 @@ pub fn text(plan: &Plan, colored: bool) -> String {
     }
     out.push('\n');
     // Counted from the changes themselves, never taken from a plan file's own summary.
-    let s = &super::Summary::of(&plan.changes, plan.warnings.len());
+    let s = &plan.summary();
     let warnings = match s.warnings {
         0 => String::new(),
         1 => " 1 warning.".to_string(),
@@ -307,9 +282,7 @@ pub fn text(plan: &Plan, colored: bool) -> String {
     out
 }
 
-/// The JSON form: exactly one document.
+/// The JSON form: exactly one document (see [`super::view`]).
 pub fn json(plan: &Plan) -> String {
-    let mut s = serde_json::to_string_pretty(plan).unwrap_or_else(|_| "{}".to_string());
-    s.push('\n');
-    s
+    super::view::json(plan)
 }

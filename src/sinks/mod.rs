@@ -229,6 +229,15 @@ pub fn precheck(sink: &SinkConfig, provider: &str, user: &str, slot: &str) -> Re
     checked.map_err(|e| format!("sink {}: {e}", sink.name))
 }
 
+/// The file a file sink writes for `doc` (`None` for an exec sink, or a path that cannot be
+/// filled).
+pub fn file_path(sink: &SinkConfig, doc: &SinkDocument) -> Option<std::path::PathBuf> {
+    match &sink.kind {
+        SinkKind::File { path, .. } => doc.fill(path).ok().map(std::path::PathBuf::from),
+        SinkKind::Exec { .. } => None,
+    }
+}
+
 /// Delivers `doc` to one sink.
 pub async fn deliver(sink: &SinkConfig, doc: &SinkDocument) -> Result<(), SinkError> {
     match &sink.kind {

@@ -1,0 +1,165 @@
+//! The plan document (product contract §5, `format_version` 1): the JSON `plan --json` prints
+//! and `plan --out` saves. It is a view of the typed [`Plan`], written and read here only: a
+//! saved plan is read back as this document and held against a recomputed plan's document,
+//! never executed from its own words.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{Action, Change, FORMAT_VERSION, Op, Plan, Summary, Upcoming, Warning};
+
+/// The whole document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanDocument {
+    pub format_version: String,
+    pub changes: Vec<ChangeView>,
+    pub warnings: Vec<Warning>,
+    pub summary: Summary,
+    /// Digest of the remote objects the plan read.
+    pub observed: String,
+    pub planned_at: Timestamp,
+    #[serde(default)]
+    pub upcoming: Vec<Upcoming>,
+}
+
+/// One change as the document shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeView {
+    pub action: Action,
+    pub provider: String,
+    pub user: String,
+    pub slot: Option<String>,
+    pub key_id: Option<String>,
+    pub reason: String,
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+}
+
+impl ChangeView {
+    /// Whether two views describe the same decision: same action, target and attributes (the
+    /// reason may differ: it holds ages).
+    pub fn same_decision(&self, other: &ChangeView) -> bool {
+        (
+            self.action,
+            &self.provider,
+            &self.user,
+            &self.slot,
+            &self.key_id,
+            &self.after,
+        ) == (
+            other.action,
+            &other.provider,
+            &other.user,
+            &other.slot,
+            &other.key_id,
+            &other.after,
+        )
+    }
+}
+
+impl ChangeView {
+    /// One line naming the change, as reports name changes.
+    pub fn describe(&self) -> String {
+        let slot = self.slot.as_deref().unwrap_or("");
+        let what = match self.action {
+            Action::CreateUser => "create service user".to_string(),
+            Action::UpdateUser => "update service user".to_string(),
+            Action::DeleteUser => "delete service user".to_string(),
+            Action::CreateKey => format!("create key {slot}"),
+            Action::RotateKey => format!("rotate key {slot}"),
+            Action::RevokeKey => {
+                format!("revoke key {}", self.key_id.as_deref().unwrap_or_default())
+            }
+        };
+        crate::text::escape(&format!("{} / {}: {what}", self.provider, self.user)).into_owned()
+    }
+}
+
+fn key_after(slot: &super::SlotTarget) -> Value {
+    json!({"kind": slot.spec.kind, "sinks": slot.spec.sinks})
+}
+
+impl ChangeView {
+    /// The document's view of `c` in a plan made at `now`.
+    pub fn of(c: &Change, now: Timestamp) -> ChangeView {
+        let (before, after) = match &c.op {
+            Op::CreateUser { active, .. } => {
+                (None, Some(json!({"name": c.user, "active": active})))
+            }
+            Op::UpdateUser {
+                was_active, active, ..
+            } => (
+                Some(json!({"active": was_active})),
+                Some(json!({"active": active})),
+            ),
+            Op::DeleteUser {
+                user_id,
+                was_active,
+                ..
+            } => (Some(json!({"id": user_id, "active": was_active})), None),
+            Op::CreateKey { slot, .. } => (None, Some(key_after(slot))),
+            Op::RotateKey {
+                slot, from, forced, ..
+            } => {
+                let mut after = key_after(slot);
+                if *forced {
+                    after["forced"] = json!(true);
+                }
+                (
+                    Some(json!({"key_id": from.id, "created_at": from.created_at})),
+                    Some(after),
+                )
+            }
+            Op::RevokeKey { key, slot, .. } => (
+                Some(if slot.is_some() {
+                    json!({"key_id": key.id, "created_at": key.created_at})
+                } else {
+                    json!({"key_id": key.id, "kind": key.kind, "created_at": key.created_at})
+                }),
+                None,
+            ),
+        };
+        ChangeView {
+            action: c.action(),
+            provider: c.provider.clone(),
+            user: c.user.clone(),
+            slot: c.slot().map(str::to_string),
+            key_id: c.key_id().map(str::to_string),
+            reason: c.reason(now),
+            before,
+            after,
+        }
+    }
+}
+
+impl From<&Plan> for PlanDocument {
+    fn from(plan: &Plan) -> Self {
+        PlanDocument {
+            format_version: FORMAT_VERSION.to_string(),
+            changes: plan
+                .changes
+                .iter()
+                .map(|c| ChangeView::of(c, plan.planned_at))
+                .collect(),
+            warnings: plan.warnings.clone(),
+            summary: plan.summary(),
+            observed: plan.observed.clone(),
+            planned_at: plan.planned_at,
+            upcoming: plan.upcoming.clone(),
+        }
+    }
+}
+
+/// The JSON form: exactly one document, pretty-printed, with a final newline.
+pub fn json(plan: &Plan) -> String {
+    let mut s = serde_json::to_string_pretty(&PlanDocument::from(plan))
+        .unwrap_or_else(|_| "{}".to_string());
+    s.push('\n');
+    s
+}
+
+/// Reads a saved plan document.
+pub fn parse(bytes: &[u8]) -> serde_json::Result<PlanDocument> {
+    serde_json::from_slice(bytes)
+}
