@@ -513,18 +513,7 @@ impl Executor {
         );
         run.provider.revoke_key(&name, key).await?;
         run.keys.retain(|k| k.id != key.id);
-        self.save(|s| {
-            if let Some(u) = s.user_mut(&provider, &name) {
-                for slot in u.slots.values_mut() {
-                    slot.retiring.retain(|r| r.id != key.id);
-                    slot.orphans.retain(|o| *o != key.id);
-                    if slot.current.as_ref().is_some_and(|c| c.id == key.id) {
-                        slot.current = None;
-                    }
-                }
-            }
-        })
-        .await
+        self.save(|s| s.forget_key(&provider, &name, &key.id)).await
     }
 
     /// Creates a key for a slot, delivers it to every sink, records it as current, and (for a
@@ -614,20 +603,18 @@ impl Executor {
                 )),
                 Err(r) => {
                     // Remember it, so the next run revokes it even where keys carry no tag.
-                    let (p, u, sl, id) = (
-                        provider.clone(),
-                        user.clone(),
-                        slot.name.clone(),
-                        key.id.clone(),
-                    );
-                    let _ = self
+                    if let Err(w) = self
                         .save(|s| {
-                            s.record_user(&p, &u.name, &u.id, false, u.created_at);
-                            if let Some(rec) = s.user_mut(&p, &u.name) {
-                                rec.slots.entry(sl).or_default().orphans.push(id);
-                            }
+                            s.slot_entry(&provider, &user, &slot.name)
+                                .add_orphan(&key.id)
                         })
-                        .await;
+                        .await
+                    {
+                        tracing::error!(
+                            "recording the undelivered key {} as an orphan: {w:#}; the journal still names it",
+                            key.id
+                        );
+                    }
                     e.context(format!(
                         "delivery failed; revoking the undelivered key {} also failed ({r}); the next run revokes it",
                         key.id
@@ -660,17 +647,10 @@ impl Executor {
             run.keys.iter().map(|k| k.id.clone()).collect();
         // If this write fails the journal still says "delivered": the next run adopts the key.
         self.save(|s| {
-            s.record_user(&provider, &user.name, &user.id, false, user.created_at);
-            if let Some(u) = s.user_mut(&provider, &user.name) {
-                let srec = u.slots.entry(slot.name.clone()).or_default();
-                // A previous key that vanished remotely has nothing left to retire.
-                if let Some(mut old) = srec.current.take().filter(|o| remote_ids.contains(&o.id)) {
-                    old.retire_after = Some(retire_after);
-                    replaced = Some(old.id.clone());
-                    srec.retiring.push(old);
-                }
-                srec.current = Some(record);
-            }
+            // A previous key that vanished remotely has nothing left to retire.
+            replaced =
+                s.slot_entry(&provider, &user, &slot.name)
+                    .promote(record, retire_after, |id| remote_ids.contains(id));
         })
         .await?;
         self.finish(seq).await;

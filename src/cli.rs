@@ -14,9 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, Diagnostic};
 use crate::engine::{Engine, Observation};
+use crate::files::write_private_file;
 use crate::model::Observed;
 use crate::plan::{self, Plan, PlanOptions};
-use crate::state::{State, write_private_file};
+use crate::state::State;
 
 #[derive(Debug, Parser)]
 #[command(

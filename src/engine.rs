@@ -10,10 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Executor, Report};
 use crate::config::{Config, Diagnostic, Loaded};
-use crate::journal::{self, Recovery};
+use crate::journal;
 use crate::model::Observed;
 use crate::plan::{self, Plan, PlanOptions, Warning};
 use crate::providers::{self, Provider, ProviderError};
+use crate::recovery::{self, Recovery};
 use crate::state::{State, StateDir, StateLock};
 
 /// What one observation found.
@@ -118,7 +119,12 @@ impl Engine {
         }
         let entries = journal::read(&self.state_dir.dir)?;
         let unfinished = journal::unfinished(&entries);
-        let recovery = journal::recover(&unfinished, &self.config, &observed, &mut state);
+        // What the sinks hold is read here, off the async threads; recovery itself is pure.
+        let probes = {
+            let (ops, config) = (unfinished.clone(), Arc::clone(&self.config));
+            tokio::task::spawn_blocking(move || recovery::probe_sinks(&ops, &config)).await?
+        };
+        let recovery = recovery::recover(&unfinished, &self.config, &observed, &probes, &mut state);
         for note in &recovery.notes {
             tracing::warn!("recovery: {note}");
         }

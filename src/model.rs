@@ -32,6 +32,37 @@ impl fmt::Display for ProviderType {
     }
 }
 
+/// The kind of a change, as the plan document names it (`action`) and the journal records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    CreateUser,
+    UpdateUser,
+    CreateKey,
+    RotateKey,
+    RevokeKey,
+    DeleteUser,
+}
+
+impl Action {
+    /// The document's name for it: `create_user`, `rotate_key`, …
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::CreateUser => "create_user",
+            Action::UpdateUser => "update_user",
+            Action::DeleteUser => "delete_user",
+            Action::CreateKey => "create_key",
+            Action::RotateKey => "rotate_key",
+            Action::RevokeKey => "revoke_key",
+        }
+    }
+
+    /// Whether this action removes something at the provider.
+    pub fn is_deletion(self) -> bool {
+        matches!(self, Action::DeleteUser | Action::RevokeKey)
+    }
+}
+
 /// What a key slot holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use jiff::Timestamp;
@@ -46,17 +46,104 @@ pub struct UserRecord {
     pub slots: BTreeMap<String, SlotRecord>,
 }
 
+/// One key slot's lifecycle: the key whose secret the sinks hold now, the keys it replaced
+/// (valid until their overlap ends) and the keys keyward minted for it that nobody holds. Its
+/// fields change only through its verbs, used alike by the executor and by crash recovery.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SlotRecord {
     /// The key whose secret the sinks hold now.
-    pub current: Option<KeyRecord>,
+    current: Option<KeyRecord>,
     /// Replaced keys, valid until their `retire_after`.
     #[serde(default)]
-    pub retiring: Vec<KeyRecord>,
+    retiring: Vec<KeyRecord>,
     /// Keys keyward created for this slot whose secret never reached the sinks (an interrupted
     /// run): nobody holds them, so they are revoked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub orphans: Vec<String>,
+    orphans: Vec<String>,
+}
+
+impl SlotRecord {
+    /// The key whose secret the sinks hold now.
+    pub fn current(&self) -> Option<&KeyRecord> {
+        self.current.as_ref()
+    }
+
+    /// The keys a rotation replaced, each valid until its `retire_after`.
+    pub fn retiring(&self) -> &[KeyRecord] {
+        &self.retiring
+    }
+
+    /// Keys minted for this slot that were never delivered.
+    pub fn orphans(&self) -> &[String] {
+        &self.orphans
+    }
+
+    /// Whether `key_id` is recorded here in any role.
+    pub fn holds(&self, key_id: &str) -> bool {
+        self.current.as_ref().is_some_and(|c| c.id == key_id)
+            || self.retiring.iter().any(|k| k.id == key_id)
+            || self.orphans.iter().any(|o| o == key_id)
+    }
+
+    /// Makes `new` (delivered to every sink) the current key. The key it replaces retires until
+    /// `retire_after`, unless `still_there` says the provider no longer has it (then there is
+    /// nothing left to retire). Returns the id of the key that retires.
+    pub fn promote(
+        &mut self,
+        new: KeyRecord,
+        retire_after: Timestamp,
+        still_there: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        let mut replaced = None;
+        if let Some(mut old) = self.current.take().filter(|o| o.id != new.id)
+            && still_there(&old.id)
+        {
+            old.retire_after = Some(retire_after);
+            replaced = Some(old.id.clone());
+            self.retiring.push(old);
+        }
+        self.orphans.retain(|o| *o != new.id);
+        self.current = Some(new);
+        replaced
+    }
+
+    /// Forgets a key that was revoked (or is gone), whatever its role.
+    pub fn forget(&mut self, key_id: &str) {
+        self.retiring.retain(|k| k.id != key_id);
+        self.orphans.retain(|o| o != key_id);
+        if self.current.as_ref().is_some_and(|c| c.id == key_id) {
+            self.current = None;
+        }
+    }
+
+    /// Records a key minted for this slot that nobody holds, so the planner revokes it.
+    pub fn add_orphan(&mut self, key_id: &str) {
+        if !self.orphans.iter().any(|o| o == key_id) {
+            self.orphans.push(key_id.to_string());
+        }
+    }
+
+    /// Keeps only the retiring and orphaned keys `exists` says the provider still has; returns
+    /// how many were dropped (revoked by a run whose completion was never recorded).
+    pub fn drop_gone(&mut self, exists: impl Fn(&str) -> bool) -> usize {
+        let before = self.retiring.len() + self.orphans.len();
+        self.retiring.retain(|k| exists(&k.id));
+        self.orphans.retain(|k| exists(k));
+        before - self.retiring.len() - self.orphans.len()
+    }
+
+    /// A slot holding `current` (tests and imports build records this way).
+    pub fn with_current(current: KeyRecord) -> SlotRecord {
+        SlotRecord {
+            current: Some(current),
+            ..SlotRecord::default()
+        }
+    }
+
+    /// Adds a retiring key as it is (tests and imports).
+    pub fn push_retiring(&mut self, key: KeyRecord) {
+        self.retiring.push(key);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,6 +204,37 @@ impl State {
     pub fn forget_user(&mut self, provider: &str, name: &str) {
         if let Some(acc) = self.accounts.get_mut(provider) {
             acc.users.remove(name);
+        }
+    }
+
+    /// The slot record of `slot` on `user` (recorded with `user_id` if it is not yet), created
+    /// empty if needed.
+    pub fn slot_entry(
+        &mut self,
+        provider: &str,
+        user: &crate::model::RemoteUser,
+        slot: &str,
+    ) -> &mut SlotRecord {
+        self.record_user(provider, &user.name, &user.id, false, user.created_at);
+        let users = &mut self.accounts.entry(provider.to_string()).or_default().users;
+        // record_user just made sure it is there with this id.
+        let rec = users
+            .entry(user.name.clone())
+            .or_insert_with(|| UserRecord {
+                id: user.id.clone(),
+                created_by_keyward: false,
+                created_at: user.created_at,
+                slots: BTreeMap::new(),
+            });
+        rec.slots.entry(slot.to_string()).or_default()
+    }
+
+    /// Forgets a revoked key of `user`, in whichever slot and role it was recorded.
+    pub fn forget_key(&mut self, provider: &str, user: &str, key_id: &str) {
+        if let Some(u) = self.user_mut(provider, user) {
+            for slot in u.slots.values_mut() {
+                slot.forget(key_id);
+            }
         }
     }
 
@@ -243,16 +361,8 @@ impl StateDir {
             ..state.clone()
         })?;
         bytes.push(b'\n');
-        write_private_file(&self.state_path(), &bytes)
+        crate::files::write_private_file(&self.state_path(), &bytes)
     }
-}
-
-pub use crate::files::write_private_file;
-
-/// Creates the state directory (or a sink's) with mode 0700 and checks that nobody else can
-/// write in it; see [`crate::files::create_private_dir`].
-pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    crate::files::create_private_dir(dir, "directory")
 }
 
 #[cfg(test)]

@@ -6,9 +6,9 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::duration;
-use crate::model::{KeyTag, Observed};
-use crate::plan::diff::short_id;
+use crate::model::Observed;
 use crate::state::State;
+use crate::text::short_id;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Entry {
@@ -16,7 +16,8 @@ pub struct Entry {
     pub user: String,
     pub slot: Option<String>,
     pub key_id: Option<String>,
-    /// `current`, `retiring`, `unknown`, `overdue` or `missing` (declared slot without a key).
+    /// `current`, `retiring`, `orphan` (minted, never delivered: the next run revokes it),
+    /// `unknown`, `overdue` or `missing` (declared slot without a key).
     pub state: String,
     pub created_at: Option<Timestamp>,
     pub age_seconds: Option<i64>,
@@ -26,31 +27,37 @@ pub struct Entry {
     pub revoke_after: Option<Timestamp>,
 }
 
-/// Every key on every declared user, plus declared slots that have no key yet.
+/// Every key on every declared user, plus declared slots that have no key yet. Keys are
+/// classed by [`crate::keys::classify`], as the planner classes them.
 pub fn entries(config: &Config, observed: &Observed, state: &State, now: Timestamp) -> Vec<Entry> {
     let mut out = Vec::new();
     for spec in &config.users {
         let Some(snapshot) = observed.get(&spec.provider) else {
             continue;
         };
-        let remote = snapshot.user_by_name(&spec.name);
-        let record = remote.and_then(|r| {
-            state
-                .user(&spec.provider, &spec.name)
-                .filter(|rec| rec.id == r.id)
-        });
-        let keys: Vec<_> = remote
-            .map(|r| snapshot.keys_of(&r.id).collect())
-            .unwrap_or_default();
-        let mut seen = std::collections::HashSet::new();
+        let entry = |slot: Option<&str>, k: Option<&crate::model::RemoteKey>, state: &str| Entry {
+            provider: spec.provider.clone(),
+            user: spec.name.clone(),
+            slot: slot.map(str::to_string),
+            key_id: k.map(|k| k.id.clone()),
+            state: state.to_string(),
+            created_at: k.map(|k| k.created_at),
+            age_seconds: k.map(|k| now.duration_since(k.created_at).as_secs()),
+            expires_at: k.and_then(|k| k.expires_at),
+            next_rotation: None,
+            revoke_after: None,
+        };
+        let Some(remote) = snapshot.user_by_name(&spec.name) else {
+            for slot_name in spec.slots.keys() {
+                out.push(entry(Some(slot_name), None, "missing"));
+            }
+            continue;
+        };
+        let book =
+            crate::keys::classify(&spec.provider, remote, snapshot.keys_of(&remote.id), state);
         for (slot_name, slot) in &spec.slots {
-            let srec = record.and_then(|r| r.slots.get(slot_name));
-            let current = srec
-                .and_then(|s| s.current.as_ref())
-                .and_then(|c| keys.iter().find(|k| k.id == c.id));
-            match current {
+            match book.current.get(slot_name) {
                 Some(k) => {
-                    seen.insert(k.id.clone());
                     let next = crate::rotation::next_due(
                         slot,
                         Some(crate::rotation::KeyFacts {
@@ -62,62 +69,48 @@ pub fn entries(config: &Config, observed: &Observed, state: &State, now: Timesta
                     .map(|d| d.at);
                     let overdue = next.is_some_and(|n| n <= now);
                     out.push(Entry {
-                        provider: spec.provider.clone(),
-                        user: spec.name.clone(),
-                        slot: Some(slot_name.clone()),
-                        key_id: Some(k.id.clone()),
-                        state: if overdue { "overdue" } else { "current" }.to_string(),
-                        created_at: Some(k.created_at),
-                        age_seconds: Some(now.duration_since(k.created_at).as_secs()),
-                        expires_at: k.expires_at,
                         next_rotation: next,
-                        revoke_after: None,
+                        ..entry(
+                            Some(slot_name),
+                            Some(k),
+                            if overdue { "overdue" } else { "current" },
+                        )
                     });
                 }
-                None => out.push(Entry {
-                    provider: spec.provider.clone(),
-                    user: spec.name.clone(),
-                    slot: Some(slot_name.clone()),
-                    key_id: None,
-                    state: "missing".to_string(),
-                    created_at: None,
-                    age_seconds: None,
-                    expires_at: None,
-                    next_rotation: None,
-                    revoke_after: None,
-                }),
+                None => out.push(entry(Some(slot_name), None, "missing")),
             }
-            for r in srec.map(|s| s.retiring.as_slice()).unwrap_or_default() {
-                if let Some(k) = keys.iter().find(|k| k.id == r.id) {
-                    seen.insert(k.id.clone());
-                    out.push(Entry {
-                        provider: spec.provider.clone(),
-                        user: spec.name.clone(),
-                        slot: Some(slot_name.clone()),
-                        key_id: Some(k.id.clone()),
-                        state: "retiring".to_string(),
-                        created_at: Some(k.created_at),
-                        age_seconds: Some(now.duration_since(k.created_at).as_secs()),
-                        expires_at: k.expires_at,
-                        next_rotation: None,
-                        revoke_after: r.retire_after,
-                    });
-                }
+            for (k, until) in book.retiring.get(slot_name).into_iter().flatten() {
+                out.push(Entry {
+                    revoke_after: *until,
+                    ..entry(Some(slot_name), Some(k), "retiring")
+                });
             }
         }
-        for k in keys.iter().filter(|k| !seen.contains(&k.id)) {
-            out.push(Entry {
-                provider: spec.provider.clone(),
-                user: spec.name.clone(),
-                slot: KeyTag::parse(&k.metadata).map(|t| t.slot),
-                key_id: Some(k.id.clone()),
-                state: "unknown".to_string(),
-                created_at: Some(k.created_at),
-                age_seconds: Some(now.duration_since(k.created_at).as_secs()),
-                expires_at: k.expires_at,
-                next_rotation: None,
-                revoke_after: None,
-            });
+        // Keys of slots that left the file: still keyward's until the plan revokes them.
+        for (slot_name, k) in book
+            .current
+            .iter()
+            .filter(|(s, _)| !spec.slots.contains_key(*s))
+        {
+            out.push(entry(Some(slot_name), Some(k), "current"));
+        }
+        for (slot_name, keys) in book
+            .retiring
+            .iter()
+            .filter(|(s, _)| !spec.slots.contains_key(*s))
+        {
+            for (k, until) in keys {
+                out.push(Entry {
+                    revoke_after: *until,
+                    ..entry(Some(slot_name), Some(k), "retiring")
+                });
+            }
+        }
+        for (slot_name, k) in &book.orphans {
+            out.push(entry(Some(slot_name), Some(k), "orphan"));
+        }
+        for k in &book.unknown {
+            out.push(entry(None, Some(k), "unknown"));
         }
     }
     out

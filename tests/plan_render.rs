@@ -7,7 +7,7 @@ use jiff::{SignedDuration, Timestamp};
 use keyward::config::*;
 use keyward::model::*;
 use keyward::plan::{Action, PlanOptions, plan, render};
-use keyward::state::{KeyRecord, State, UserRecord};
+use keyward::state::{KeyRecord, SlotRecord, State, UserRecord};
 use secrecy::SecretString;
 
 fn now() -> Timestamp {
@@ -189,8 +189,8 @@ fn contract_example() -> keyward::plan::Plan {
         slots: BTreeMap::new(),
     };
     let s = rec.slots.entry("deploy".into()).or_default();
-    s.current = Some(record("ak_2abcK1vQ9fX3mZpL0aB7cD4eFwxyz", 31, None));
-    s.retiring.push(record(
+    *s = SlotRecord::with_current(record("ak_2abcK1vQ9fX3mZpL0aB7cD4eFwxyz", 31, None));
+    s.push_retiring(record(
         "ak_2xyzR8tY2uI6oP0aS5dF9gH3jklm",
         62,
         Some("2026-11-20T09:00:00Z".parse().unwrap()),
@@ -314,7 +314,10 @@ fn unknown_key_is_revoked_only_with_prune_revoke() {
             created_at: None,
             slots: BTreeMap::new(),
         };
-        rec.slots.entry("deploy".into()).or_default().current = Some(record("ak_cur", 2, None));
+        rec.slots.insert(
+            "deploy".into(),
+            SlotRecord::with_current(record("ak_cur", 2, None)),
+        );
         state
             .accounts
             .entry("ngrok-prod".into())
@@ -493,8 +496,8 @@ fn upcoming_work_is_shown_when_nothing_is_due() {
         slots: BTreeMap::new(),
     };
     let s = rec.slots.entry("deploy".into()).or_default();
-    s.current = Some(record("ak_2curK1vQ9fX3mZpL0aB7cD4eFaaaa", 18, None));
-    s.retiring.push(record(
+    *s = SlotRecord::with_current(record("ak_2curK1vQ9fX3mZpL0aB7cD4eFaaaa", 18, None));
+    s.push_retiring(record(
         "ak_2oldK1vQ9fX3mZpL0aB7cD4eFbbbb",
         49,
         Some(now() + SignedDuration::from_hours(20)),

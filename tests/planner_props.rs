@@ -282,12 +282,18 @@ fn build(
                     };
                     let srec: &mut SlotRecord = rec.slots.entry(s.to_string()).or_default();
                     match k.recorded {
-                        1 if srec.current.is_none() => srec.current = Some(kr),
-                        2 => srec.retiring.push(KeyRecord {
+                        1 if srec.current().is_none() => {
+                            let retiring = srec.retiring().to_vec();
+                            *srec = SlotRecord::with_current(kr);
+                            for r in retiring {
+                                srec.push_retiring(r);
+                            }
+                        }
+                        2 => srec.push_retiring(KeyRecord {
                             retire_after: Some(now - SignedDuration::from_hours(1)),
                             ..kr
                         }),
-                        3 => srec.retiring.push(KeyRecord {
+                        3 => srec.push_retiring(KeyRecord {
                             retire_after: Some(now + SignedDuration::from_hours(1)),
                             ..kr
                         }),
@@ -389,7 +395,7 @@ proptest! {
         // replaces it first (rotation) — and then only after its overlap, i.e. not in this plan.
         for u in &config.users {
             for slot in u.slots.keys() {
-                if let Some(cur) = state.slot("ng", &u.name, slot).and_then(|s| s.current.as_ref()) {
+                if let Some(cur) = state.slot("ng", &u.name, slot).and_then(|s| s.current()) {
                     prop_assert!(
                         !p1.changes.iter().any(|c| c.action() == Action::RevokeKey && c.key_id() == Some(cur.id.as_str())),
                         "plan revokes the current key {} of {}/{}", cur.id, u.name, slot
@@ -420,7 +426,7 @@ proptest! {
         // Every declared slot now has a current key whose secret reached the sink.
         for u in &config.users {
             for slot in u.slots.keys() {
-                let rec = state2.slot("ng", &u.name, slot).and_then(|s| s.current.as_ref());
+                let rec = state2.slot("ng", &u.name, slot).and_then(|s| s.current());
                 prop_assert!(rec.is_some(), "{}/{} has no current key after apply", u.name, slot);
             }
         }

@@ -2,7 +2,7 @@
 //! state and `now`. It reads no clock and does no I/O, so it is where the product's decisions
 //! are pinned by unit and property tests.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use jiff::Timestamp;
 
@@ -11,7 +11,7 @@ use super::{
     RotateReason, SlotTarget, Upcoming, UpdateUserReason, Warning, WarningKind, observed_digest,
 };
 use crate::config::{Config, PruneKeys, PruneUsers, SlotSpec, UserSpec};
-use crate::model::{AccountSnapshot, KeyTag, Observed, RemoteKey, RemoteUser};
+use crate::model::{AccountSnapshot, Observed, RemoteKey, RemoteUser};
 use crate::rotation::{self, Due, KeyFacts};
 use crate::state::State;
 
@@ -50,58 +50,6 @@ impl PlanOptions {
             f.provider == provider && f.user == user && f.slot.as_deref().is_none_or(|s| s == slot)
         })
     }
-}
-
-/// Where each remote key on a managed user belongs.
-#[derive(Debug, Default)]
-struct KeySort<'a> {
-    /// Slot → recorded current key present remotely.
-    current: BTreeMap<String, &'a RemoteKey>,
-    /// Slot → recorded retiring keys present remotely, with their revoke time.
-    retiring: BTreeMap<String, Vec<(&'a RemoteKey, Option<Timestamp>)>>,
-    /// Keys keyward tagged but never recorded as delivered, by the slot in their tag.
-    orphans: Vec<(String, &'a RemoteKey)>,
-    /// Keys keyward did not create.
-    unknown: Vec<&'a RemoteKey>,
-}
-
-fn sort_keys<'a>(
-    provider: &str,
-    user: &'a RemoteUser,
-    snapshot: &'a AccountSnapshot,
-    state: &State,
-) -> KeySort<'a> {
-    let record = state.user(provider, &user.name).filter(|r| r.id == user.id);
-    let mut sorted = KeySort::default();
-    for key in snapshot.keys_of(&user.id) {
-        let mut placed = false;
-        if let Some(rec) = record {
-            for (slot, srec) in &rec.slots {
-                if srec.current.as_ref().is_some_and(|c| c.id == key.id) {
-                    sorted.current.insert(slot.clone(), key);
-                    placed = true;
-                } else if let Some(r) = srec.retiring.iter().find(|r| r.id == key.id) {
-                    sorted
-                        .retiring
-                        .entry(slot.clone())
-                        .or_default()
-                        .push((key, r.retire_after));
-                    placed = true;
-                } else if srec.orphans.contains(&key.id) {
-                    sorted.orphans.push((slot.clone(), key));
-                    placed = true;
-                }
-            }
-        }
-        if placed {
-            continue;
-        }
-        match KeyTag::parse(&key.metadata) {
-            Some(tag) => sorted.orphans.push((tag.slot, key)),
-            None => sorted.unknown.push(key),
-        }
-    }
-    sorted
 }
 
 /// Builds the plan. Pure: same inputs, same plan.
@@ -291,7 +239,7 @@ fn plan_existing_user(
             },
         ));
     }
-    let sorted = sort_keys(provider, remote, snapshot, state);
+    let sorted = crate::keys::classify(provider, remote, snapshot.keys_of(&remote.id), state);
     let recorded = state
         .user(provider, &spec.name)
         .filter(|r| r.id == remote.id);
@@ -302,7 +250,7 @@ fn plan_existing_user(
             None => {
                 let lost = recorded
                     .and_then(|r| r.slots.get(&slot.name))
-                    .and_then(|s| s.current.as_ref());
+                    .and_then(|s| s.current());
                 changes.push(change(
                     provider,
                     &spec.name,

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, SinkConfig, SlotSpec};
+pub use crate::model::Action;
 use crate::model::{KeyKind, Observed, ProviderType};
 use crate::rotation::Due;
 use crate::state::State;
@@ -51,37 +52,6 @@ pub struct Upcoming {
     pub key_id: Option<String>,
     pub at: Timestamp,
     pub reason: String,
-}
-
-/// The kind of a change, as the plan document names it (`action`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    CreateUser,
-    UpdateUser,
-    CreateKey,
-    RotateKey,
-    RevokeKey,
-    DeleteUser,
-}
-
-impl Action {
-    /// The document's name for it: `create_user`, `rotate_key`, …
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::CreateUser => "create_user",
-            Action::UpdateUser => "update_user",
-            Action::DeleteUser => "delete_user",
-            Action::CreateKey => "create_key",
-            Action::RotateKey => "rotate_key",
-            Action::RevokeKey => "revoke_key",
-        }
-    }
-
-    /// Whether this action removes something at the provider.
-    pub fn is_deletion(self) -> bool {
-        matches!(self, Action::DeleteUser | Action::RevokeKey)
-    }
 }
 
 /// One change to one service user (or one of its keys).
