@@ -544,16 +544,13 @@ impl Context_ {
         let current = self.engine.plan(&obs, &PlanOptions::default(), now);
         let checked = check_saved(&saved, current);
         if !checked.refused.is_empty() {
-            let lines: Vec<String> = checked
-                .refused
-                .iter()
-                .map(|c| format!("  {}", c.describe()))
-                .collect();
+            for c in &checked.refused {
+                eprintln!("refused: {}", c.describe());
+            }
             anyhow::bail!(
-                "refusing the saved plan {}: {} of its changes are not what keyward would do now (edited, or made under another config or state); nothing was changed:\n{}",
+                "refusing the saved plan {}: {} of its changes (listed above) are not what keyward would do now (edited, or made under another config or state); nothing was changed",
                 path.display(),
-                checked.refused.len(),
-                lines.join("\n")
+                checked.refused.len()
             );
         }
         for c in &checked.left {

@@ -126,9 +126,11 @@ pub fn create_private_dir(dir: &Path, what: &str) -> anyhow::Result<()> {
 }
 
 /// Refuses a directory that another user could plant files or links in: it must be owned by
-/// keyward's user and writable by nobody else (no group or other write bit). The path itself
-/// may be a symbolic link (systemd's `StateDirectory=` with `DynamicUser=` makes one); the
-/// directory it leads to is what is checked.
+/// keyward's user and writable by nobody else (no group or other write bit), and every
+/// directory above it must be owned by root or keyward's user and writable by no one else
+/// unless it is sticky (`/tmp`): otherwise someone could swap the directory itself for a link.
+/// The path may be a symbolic link (systemd's `StateDirectory=` with `DynamicUser=` makes one);
+/// where it leads is what is checked.
 pub fn check_private_dir(dir: &Path, what: &str) -> anyhow::Result<()> {
     let meta = std::fs::metadata(dir).with_context(|| format!("the {what} {}", dir.display()))?;
     if !meta.is_dir() {
@@ -147,6 +149,7 @@ pub fn check_private_dir(dir: &Path, what: &str) -> anyhow::Result<()> {
         );
     }
     let mode = meta.permissions().mode();
+    check_ancestors(dir, what)?;
     if mode & 0o022 != 0 {
         anyhow::bail!(
             "refusing the {what} {}: it is writable by {} (mode {:04o}), who could plant links or files in it. Fix: chmod go-w {}",
@@ -159,6 +162,38 @@ pub fn check_private_dir(dir: &Path, what: &str) -> anyhow::Result<()> {
             mode & 0o7777,
             dir.display()
         );
+    }
+    Ok(())
+}
+
+/// The directories above `dir` (where it really lives): each owned by root or keyward's user,
+/// and group- or world-writable only when sticky.
+fn check_ancestors(dir: &Path, what: &str) -> anyhow::Result<()> {
+    let real =
+        std::fs::canonicalize(dir).with_context(|| format!("the {what} {}", dir.display()))?;
+    let me = euid();
+    for ancestor in real.ancestors().skip(1) {
+        let meta = std::fs::metadata(ancestor)
+            .with_context(|| format!("the directory {} above the {what}", ancestor.display()))?;
+        let mode = meta.permissions().mode();
+        let sticky = mode & 0o1000 != 0;
+        if meta.uid() != 0 && meta.uid() != me {
+            anyhow::bail!(
+                "refusing the {what} {}: the directory {} above it is owned by uid {}, who could replace it. Fix: use a directory under one owned by root or keyward's user",
+                dir.display(),
+                ancestor.display(),
+                meta.uid()
+            );
+        }
+        if mode & 0o022 != 0 && !sticky {
+            anyhow::bail!(
+                "refusing the {what} {}: the directory {} above it is writable by others (mode {:04o}), who could swap the {what} for a link. Fix: chmod go-w {}",
+                dir.display(),
+                ancestor.display(),
+                mode & 0o7777,
+                ancestor.display()
+            );
+        }
     }
     Ok(())
 }
@@ -287,6 +322,17 @@ mod tests {
         assert!(err.contains("writable by its group"), "{err}");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         check_private_dir(&dir, "state directory").unwrap();
+        // A parent others can write (not sticky) could swap the directory for a link.
+        let inner = dir.join("inner");
+        create_private_dir(&inner, "sink directory").unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = check_private_dir(&inner, "sink directory")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("above it is writable by others"), "{err}");
+        // Sticky, like /tmp: others cannot rename what is ours.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        check_private_dir(&inner, "sink directory").unwrap();
     }
 
     #[test]

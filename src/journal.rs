@@ -224,9 +224,10 @@ fn parse_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<Parsed> {
         }
         match serde_json::from_slice::<Entry>(line) {
             Ok(entry) => entries.push(entry),
-            // A crash mid-append leaves a partial last line (unterminated, or padded with
-            // zeros by the file system): that one alone may be dropped.
-            Err(_) if last => {
+            // A crash mid-append leaves a partial last line: unterminated (keyward writes a
+            // line and its newline in one write), or zeros the file system padded it with.
+            // That one alone may be dropped.
+            Err(_) if last && (!terminated || line.iter().all(|&b| b == 0)) => {
                 return Ok(Parsed {
                     entries,
                     torn_at: Some(offset as u64),
@@ -373,6 +374,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = Journal::path_in(dir.path());
         let text = format!("{}not json at all\n{}", done_line(1), done_line(2));
+        // A whole garbage last line (newline and all) is no torn append either.
+        std::fs::write(&path, format!("{}garbage\n", done_line(1))).unwrap();
+        let err = read(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("corrupt at line 2"), "{err}");
         std::fs::write(&path, text).unwrap();
         let err = read(dir.path()).unwrap_err().to_string();
         assert!(err.contains("corrupt at line 2"), "{err}");

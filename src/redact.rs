@@ -33,12 +33,27 @@ pub fn remember(name: &str, secret: &SecretString) {
 }
 
 /// `text` with every credential keyward holds, and `also` (a secret being delivered), replaced
-/// by [`MASK`].
+/// by [`MASK`]: as written, percent-encoded (a URL or form body) and JSON-escaped.
 pub fn mask<'a>(text: &'a str, also: Option<&SecretString>) -> Cow<'a, str> {
     let mut out = Cow::Borrowed(text);
     let mut hide = |value: &str| {
-        if value.len() >= MIN_LEN && out.contains(value) {
-            out = Cow::Owned(out.replace(value, MASK));
+        if value.len() < MIN_LEN {
+            return;
+        }
+        let encoded = Zeroizing::new(
+            url::form_urlencoded::byte_serialize(value.as_bytes()).collect::<String>(),
+        );
+        let escaped = Zeroizing::new(
+            serde_json::to_string(value)
+                .map(|q| q.trim_matches('"').to_string())
+                .unwrap_or_default(),
+        );
+        // Some encoders write `/` as `\/` in JSON.
+        let slashed = Zeroizing::new(escaped.replace('/', "\\/"));
+        for form in [value, encoded.as_str(), escaped.as_str(), slashed.as_str()] {
+            if !form.is_empty() && out.contains(form) {
+                out = Cow::Owned(out.replace(form, MASK));
+            }
         }
     };
     if let Some(s) = also {
@@ -74,5 +89,14 @@ mod tests {
         );
         assert_eq!(mask("held-credential-1", None), "held-credential-1");
         assert!(matches!(mask("nothing here", None), Cow::Borrowed(_)));
+        // Encoded as a program or a page might print it.
+        remember("test.b", &SecretString::from("a/b+c=d-secret".to_string()));
+        assert_eq!(mask("x a%2Fb%2Bc%3Dd-secret y", None), "x [REDACTED] y");
+        assert!(!mask(r"x a\/b+c=d-secret y", None).contains("secret"));
+        // Too short to mask without garbling every message.
+        assert_eq!(
+            mask("answered s", Some(&SecretString::from("s".to_string()))),
+            "answered s"
+        );
     }
 }

@@ -40,6 +40,25 @@ fn needs_escape(c: char) -> bool {
         )
 }
 
+/// A URL as it may be shown: a password in its user information (`https://u:PASS@host`) is
+/// replaced by `***`, even when the rest does not parse as a URL.
+pub fn hide_url_password(text: &str) -> Cow<'_, str> {
+    let Some(scheme_end) = text.find("://") else {
+        return Cow::Borrowed(text);
+    };
+    let rest = &text[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return Cow::Borrowed(text);
+    };
+    let Some(colon) = rest[..at].find(':') else {
+        return Cow::Borrowed(text);
+    };
+    let start = scheme_end + 3 + colon + 1;
+    let end = scheme_end + 3 + at;
+    Cow::Owned(format!("{}***{}", &text[..start], &text[end..]))
+}
+
 /// Abbreviates a key id for people: `ak_2abc…ghij`. The tail is kept because ids are
 /// time-ordered, so keys minted close together share their first characters.
 pub fn short_id(id: &str) -> String {
@@ -60,6 +79,16 @@ pub fn has_control(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_passwords_are_hidden() {
+        assert_eq!(
+            hide_url_password("https://u:PASSW0RD@exa mple.com/x"),
+            "https://u:***@exa mple.com/x"
+        );
+        assert_eq!(hide_url_password("https://host/a@b"), "https://host/a@b");
+        assert_eq!(hide_url_password("no url"), "no url");
+    }
 
     #[test]
     fn escapes_controls_and_keeps_the_rest() {

@@ -509,8 +509,10 @@ impl Ctx<'_> {
     }
 
     fn base_url(&mut self, u: &Sp<String>) -> Option<String> {
-        let text = self.string(u)?;
-        let url = match url::Url::parse(&text) {
+        let raw = self.string(u)?;
+        // Messages show the URL without a password it may carry.
+        let text = crate::text::hide_url_password(&raw).into_owned();
+        let url = match url::Url::parse(&raw) {
             Ok(url) => url,
             Err(e) => {
                 self.d
@@ -548,7 +550,7 @@ impl Ctx<'_> {
                 .error(u.pos(), format!("base_url `{text}` has no host"));
             return None;
         }
-        Some(text.trim_end_matches('/').to_string())
+        Some(raw.trim_end_matches('/').to_string())
     }
 
     fn rate_limit(&mut self, r: &Sp<String>) -> Option<RateLimit> {

@@ -200,7 +200,7 @@ impl Daemon {
                 tracing::error!("reconcile failed: {e:#}");
                 self.metrics.reconciled("failed");
                 self.last_outcome = format!("failed: {e}");
-                self.requeue = Some(now + backoff(1));
+                self.requeue = Some(Instant::now() + backoff(1));
                 return;
             }
         };
@@ -208,7 +208,10 @@ impl Daemon {
             let h = self.health.entry(e.provider.clone()).or_default();
             h.failures += 1;
             let wait = backoff(h.failures);
-            h.retry_at = Some(now + wait);
+            // From the end of the observation, not the start of the run: an observation that
+            // spent minutes retrying would otherwise be due again at once, and the loop would
+            // never get to a config edit or a SIGHUP.
+            h.retry_at = Some(Instant::now() + wait);
             tracing::error!("{e}; retrying this account in {}s", wait.as_secs());
         }
         for name in obs.observed.keys() {

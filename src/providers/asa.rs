@@ -232,14 +232,10 @@ impl AsaProvider {
         Ok((token, lifetime))
     }
 
-    /// Removes the key secret from a text, should an answer ever echo it.
+    /// Removes the key secret (and every other credential keyward holds) from a text, should an
+    /// answer ever echo it.
     fn scrub(&self, text: &str) -> String {
-        let secret = self.key_secret.expose_secret();
-        if secret.is_empty() {
-            text.to_string()
-        } else {
-            text.replace(secret, "[REDACTED]")
-        }
+        crate::redact::mask(text, Some(&self.key_secret)).into_owned()
     }
 
     /// One authenticated request; a 401 re-issues the token once and sends it again.

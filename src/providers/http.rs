@@ -146,7 +146,8 @@ impl HttpClient {
                 (None, b) => b,
             })
             .notify(|e: &Failure, wait| {
-                tracing::debug!(
+                // Said at once: a run that waits minutes on an unreachable host must not look hung.
+                tracing::warn!(
                     provider = %self.provider,
                     operation = %op.operation,
                     "retrying in {:.1}s after: {}",
