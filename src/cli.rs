@@ -13,7 +13,7 @@ use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, Diagnostic};
-use crate::engine::{Engine, Observation};
+use crate::engine::{Engine, Operator, RunMode, RunOutcome, RunReport, RunRequest};
 use crate::files::write_private_file;
 use crate::model::Observed;
 use crate::plan::{self, Plan, PlanOptions};
@@ -133,7 +133,16 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(run(&cli))
+    // One shutdown for the whole process: the signal handler cancels it; the providers, the
+    // executor, the daemon and the metrics server all watch it.
+    let shutdown = CancellationToken::new();
+    runtime.block_on(async {
+        if let Err(e) = watch_signals(shutdown.clone()) {
+            eprintln!("error: cannot watch signals: {e}");
+            return ExitCode::from(1);
+        }
+        run_until(&cli, &shutdown).await
+    })
 }
 
 fn init_logging(cli: &Cli) {
@@ -200,9 +209,17 @@ impl Write for OneLine {
     }
 }
 
-/// Runs a command and maps its result to the exit code.
+/// Runs a command and maps its result to the exit code, with no signal handling of its own
+/// (the demo, and callers that drive the library).
 pub async fn run(cli: &Cli) -> ExitCode {
-    match dispatch(cli).await {
+    run_until(cli, &CancellationToken::new()).await
+}
+
+/// Runs a command until it finishes or `shutdown` is cancelled: then the change in flight
+/// finishes (a minted secret is delivered and recorded), nothing new starts, and the command
+/// exits with its report.
+pub async fn run_until(cli: &Cli, shutdown: &CancellationToken) -> ExitCode {
+    match dispatch(cli, shutdown).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_line(&e));
@@ -211,7 +228,30 @@ pub async fn run(cli: &Cli) -> ExitCode {
     }
 }
 
-async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
+/// Cancels `shutdown` on the first SIGINT or SIGTERM; a second one ends the process at once
+/// (exit 130), as people expect of a second Ctrl-C.
+fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        for n in 0.. {
+            let which = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            if n > 0 {
+                eprintln!("{which} again: stopping now");
+                std::process::exit(130);
+            }
+            tracing::warn!("{which}: finishing the step in flight, starting nothing new");
+            shutdown.cancel();
+        }
+    });
+    Ok(())
+}
+
+async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Validate => Ok(validate(cli)),
         Command::Schema => {
@@ -233,14 +273,18 @@ async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             detailed_exitcode,
             only,
         } => {
-            let ctx = Context_::load(cli)?;
+            let ctx = Context_::load(cli, shutdown)?;
             check_only(ctx.config(), only)?;
-            let (observed, state) = ctx.observe().await?;
             let opts = PlanOptions {
                 only: only.clone(),
                 force: Vec::new(),
             };
-            let plan = ctx.plan(&observed, &state, &opts);
+            let mut operator = Terminal {
+                confirm: false,
+                saved: None,
+                json: *json,
+            };
+            let plan = ctx.run(RunMode::Plan, opts, &mut operator).await?.plan;
             if let Some(path) = out {
                 write_private_file(path, plan::render::json(&plan).as_bytes())
                     .with_context(|| format!("saving the plan to {}", path.display()))?;
@@ -250,7 +294,6 @@ async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
                     path.display()
                 );
             }
-            print_plan(&plan, *json);
             Ok(if *detailed_exitcode && plan.has_changes() {
                 ExitCode::from(2)
             } else {
@@ -262,7 +305,7 @@ async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             only,
             planfile,
         } => {
-            let ctx = Context_::load(cli)?;
+            let ctx = Context_::load(cli, shutdown)?;
             check_only(ctx.config(), only)?;
             match planfile {
                 Some(path) => {
@@ -286,7 +329,7 @@ async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             targets,
             auto_approve,
         } => {
-            let ctx = Context_::load(cli)?;
+            let ctx = Context_::load(cli, shutdown)?;
             let force = resolve_targets(ctx.config(), targets)?;
             let only = force
                 .iter()
@@ -295,7 +338,7 @@ async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             ctx.apply(PlanOptions { only, force }, *auto_approve).await
         }
         Command::Status { json } => {
-            let ctx = Context_::load(cli)?;
+            let ctx = Context_::load(cli, shutdown)?;
             let (observed, state) = ctx.observe().await?;
             let now = Timestamp::now();
             let entries = crate::status::entries(ctx.config(), &observed, &state, now);
@@ -308,7 +351,7 @@ async fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Daemon => {
-            crate::daemon::run(config_path(cli)).await?;
+            crate::daemon::run(config_path(cli), shutdown.clone()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => unreachable!("demo is dispatched before the runtime starts"),
@@ -453,8 +496,59 @@ struct Context_ {
     engine: Engine,
 }
 
+/// How the commands take part in a run: print the plan, ask for `yes`, hold a saved plan.
+struct Terminal<'a> {
+    /// Ask for confirmation (apply without `--auto-approve`).
+    confirm: bool,
+    /// A saved plan the computed one is held against.
+    saved: Option<(&'a Path, &'a plan::view::PlanDocument)>,
+    /// Print the plan as JSON instead of text (`plan --json`).
+    json: bool,
+}
+
+impl Operator for Terminal<'_> {
+    fn review(&mut self, plan: Plan) -> anyhow::Result<Plan> {
+        let plan = match self.saved {
+            None => plan,
+            Some((path, saved)) => {
+                if plan.observed != saved.observed {
+                    anyhow::bail!(
+                        "plan is stale: the remote objects it was made from have changed since; nothing was changed. Run `keyward plan` again"
+                    );
+                }
+                // The file says what was approved; what runs is recomputed from the config, the
+                // state and the remote, and only where the two agree.
+                let checked = check_saved(saved, plan);
+                if !checked.refused.is_empty() {
+                    for c in &checked.refused {
+                        eprintln!("refused: {}", c.describe());
+                    }
+                    anyhow::bail!(
+                        "refusing the saved plan {}: {} of its changes (listed above) are not what keyward would do now (edited, or made under another config or state); nothing was changed",
+                        path.display(),
+                        checked.refused.len()
+                    );
+                }
+                for c in &checked.left {
+                    tracing::info!(
+                        "not in the saved plan, left for the next run: {}",
+                        crate::apply::describe(c)
+                    );
+                }
+                checked.plan
+            }
+        };
+        print_plan(&plan, self.json);
+        Ok(plan)
+    }
+
+    fn approve(&mut self, _plan: &Plan) -> anyhow::Result<()> {
+        if self.confirm { confirm() } else { Ok(()) }
+    }
+}
+
 impl Context_ {
-    fn load(cli: &Cli) -> anyhow::Result<Self> {
+    fn load(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Self> {
         let path = config_path(cli);
         let loaded = match config::load(&path) {
             Ok(l) => l,
@@ -465,7 +559,7 @@ impl Context_ {
         };
         print_diagnostics(&loaded.warnings);
         Ok(Context_ {
-            engine: Engine::new(loaded)?,
+            engine: Engine::new(loaded, shutdown.clone())?,
         })
     }
 
@@ -473,48 +567,46 @@ impl Context_ {
         &self.engine.config
     }
 
-    /// Observes; any account that does not answer fails the command.
-    async fn observe_all(&self, persist: bool) -> anyhow::Result<Observation> {
-        let obs = self.engine.observe(persist).await?;
+    /// Observes for `status`; any account that does not answer fails the command.
+    async fn observe(&self) -> anyhow::Result<(Observed, State)> {
+        let obs = self.engine.observe().await?;
         if let Some((last, rest)) = obs.failures.split_last() {
             for failure in rest {
-                eprintln!("error: {failure}");
+                eprintln!("error: {}", failure);
             }
             return Err(last.clone().into());
         }
-        Ok(obs)
-    }
-
-    async fn observe(&self) -> anyhow::Result<(Observed, State)> {
-        let obs = self.observe_all(false).await?;
         Ok((obs.observed, obs.state))
     }
 
-    fn plan(&self, observed: &Observed, state: &State, opts: &PlanOptions) -> Plan {
-        let obs = Observation {
-            observed: observed.clone(),
-            state: state.clone(),
-            recovery: Default::default(),
-            failures: Vec::new(),
-        };
-        self.engine.plan(&obs, opts, Timestamp::now())
+    /// One run of the engine for a command.
+    async fn run(
+        &self,
+        mode: RunMode,
+        opts: PlanOptions,
+        operator: &mut Terminal<'_>,
+    ) -> anyhow::Result<RunReport> {
+        self.engine
+            .run(
+                RunRequest {
+                    mode,
+                    opts,
+                    include: &|_| true,
+                    every_account: true,
+                },
+                operator,
+            )
+            .await
     }
 
-    async fn apply(&self, mut opts: PlanOptions, auto_approve: bool) -> anyhow::Result<ExitCode> {
-        let _lock = self.engine.lock()?;
-        let obs = self.observe_all(true).await?;
-        // A forced rotation cut short by a crash runs again.
-        opts.force.extend(obs.recovery.force.iter().cloned());
-        let plan = self.engine.plan(&obs, &opts, Timestamp::now());
-        print_plan(&plan, false);
-        if !plan.has_changes() {
-            return Ok(ExitCode::SUCCESS);
-        }
-        self.engine.check_deletions(&plan)?;
-        if !auto_approve {
-            confirm()?;
-        }
-        self.execute(&plan, obs).await
+    async fn apply(&self, opts: PlanOptions, auto_approve: bool) -> anyhow::Result<ExitCode> {
+        let mut operator = Terminal {
+            confirm: !auto_approve,
+            saved: None,
+            json: false,
+        };
+        let run = self.run(RunMode::Apply, opts, &mut operator).await?;
+        finish(run)
     }
 
     async fn apply_saved(&self, path: &Path) -> anyhow::Result<ExitCode> {
@@ -530,55 +622,33 @@ impl Context_ {
                 plan::FORMAT_VERSION
             );
         }
-        let _lock = self.engine.lock()?;
-        let obs = self.observe_all(true).await?;
-        let digest = plan::observed_digest(self.config(), &obs.observed, &obs.state);
-        if digest != saved.observed {
-            anyhow::bail!(
-                "plan is stale: the remote objects it was made from have changed since; nothing was changed. Run `keyward plan` again"
-            );
-        }
-        // The file says what was approved; what runs is recomputed from the config, the state
-        // and the remote, and only where the two agree.
-        let now = Timestamp::now();
-        let current = self.engine.plan(&obs, &PlanOptions::default(), now);
-        let checked = check_saved(&saved, current);
-        if !checked.refused.is_empty() {
-            for c in &checked.refused {
-                eprintln!("refused: {}", c.describe());
-            }
-            anyhow::bail!(
-                "refusing the saved plan {}: {} of its changes (listed above) are not what keyward would do now (edited, or made under another config or state); nothing was changed",
-                path.display(),
-                checked.refused.len()
-            );
-        }
-        for c in &checked.left {
-            tracing::info!(
-                "not in the saved plan, left for the next run: {}",
-                crate::apply::describe(c)
-            );
-        }
-        let plan = checked.plan;
-        print_plan(&plan, false);
-        if !plan.has_changes() {
-            return Ok(ExitCode::SUCCESS);
-        }
-        self.engine.check_deletions(&plan)?;
-        self.execute(&plan, obs).await
-    }
-
-    async fn execute(&self, plan: &Plan, obs: Observation) -> anyhow::Result<ExitCode> {
-        let report = self
-            .engine
-            .execute(plan, &obs.observed, obs.state, CancellationToken::new())
+        let mut operator = Terminal {
+            confirm: false,
+            saved: Some((path, &saved)),
+            json: false,
+        };
+        let run = self
+            .run(RunMode::Apply, PlanOptions::default(), &mut operator)
             .await?;
-        print!("\n{}", report.summary());
-        Ok(if report.ok() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        })
+        finish(run)
+    }
+}
+
+/// The exit of `apply`, `rotate` and a saved-plan apply: the report on stdout, 1 unless every
+/// change was done (a refusal, a failure, or changes not attempted because of a signal).
+fn finish(run: RunReport) -> anyhow::Result<ExitCode> {
+    match run.outcome {
+        RunOutcome::Refused(why) => anyhow::bail!("{why}"),
+        RunOutcome::Unchanged | RunOutcome::Planned => Ok(ExitCode::SUCCESS),
+        RunOutcome::Executed => {
+            let report = run.report.unwrap_or_default();
+            print!("\n{}", report.summary());
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
     }
 }
 

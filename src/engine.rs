@@ -1,6 +1,8 @@
 //! One reconcile pipeline shared by the commands and the daemon: a loaded config with its
-//! provider clients and state directory, and the steps observe (with journal recovery) →
-//! plan → check → execute. The CLI runs it once; the daemon runs it again on every trigger.
+//! provider clients and state directory, and one entry point, [`Engine::run`]: observe (with
+//! crash recovery) → plan → review → check → approve → execute, returning a [`RunReport`].
+//! `keyward plan`, `apply`, `rotate`, a saved-plan apply and every daemon reconcile are this
+//! one run with different options; the caller decides only what to show and what to approve.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -30,14 +32,90 @@ pub struct Observation {
 
 /// A loaded config, ready to reconcile.
 pub struct Engine {
+    /// The config, shared with the executor.
     pub config: Arc<Config>,
+    /// The config's warnings (an inline secret, say); every plan carries them.
     pub warnings: Vec<Diagnostic>,
+    /// One client per provider account, by account name.
     pub providers: BTreeMap<String, Arc<dyn Provider>>,
+    /// Where the state, the journal and the lock live.
     pub state_dir: StateDir,
+    /// The process's shutdown: the clients stop waiting and sending, the executor stops
+    /// starting changes (the one in flight finishes).
+    pub shutdown: CancellationToken,
+}
+
+/// What a run is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    /// Observe and plan; write nothing (no lock, no recovery written back).
+    Plan,
+    /// Take the lock, write recovery back, and execute what the plan holds.
+    Apply,
+}
+
+/// The caller's part in a run: what it shows, what it lets through.
+pub trait Operator {
+    /// Sees the plan before anything changes (to print it); may narrow it (a saved plan is
+    /// held against it) or refuse it (`Err`: nothing is changed).
+    fn review(&mut self, plan: Plan) -> anyhow::Result<Plan> {
+        Ok(plan)
+    }
+
+    /// Approves a plan that has changes and passed the deletion check (`Err`: nothing is
+    /// changed).
+    fn approve(&mut self, _plan: &Plan) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// An operator that shows nothing and approves everything (the daemon).
+pub struct Unattended;
+
+impl Operator for Unattended {}
+
+/// One run's request.
+pub struct RunRequest<'a> {
+    pub mode: RunMode,
+    /// `--only`, and slots to rotate now.
+    pub opts: PlanOptions,
+    /// The accounts to observe (the daemon leaves out those backing off).
+    pub include: &'a (dyn Fn(&str) -> bool + Sync),
+    /// Whether an account that does not answer fails the run (the commands) or only its own
+    /// part (the daemon).
+    pub every_account: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Nothing to do.
+    Unchanged,
+    /// Planned only (`RunMode::Plan`, or the daemon in observe mode).
+    Planned,
+    /// More deletions than `settings.max_deletions`; nothing was changed.
+    Refused(String),
+    /// Executed; the report says what was done.
+    Executed,
+}
+
+/// What one run observed, planned and did.
+pub struct RunReport {
+    pub plan: Plan,
+    pub outcome: RunOutcome,
+    /// The executor's report, when the plan was executed.
+    pub report: Option<Report>,
+    /// The accounts that did not answer.
+    pub failures: Vec<ProviderError>,
+    /// The accounts that did.
+    pub observed: Observed,
+    /// The state the plan was made from (recovery folded in).
+    pub state: State,
 }
 
 impl Engine {
-    pub fn new(loaded: Loaded) -> anyhow::Result<Engine> {
+    /// Loads the engine for `loaded`, its provider clients bound to `shutdown`.
+    pub fn new(loaded: Loaded, shutdown: CancellationToken) -> anyhow::Result<Engine> {
         let config = Arc::new(loaded.config);
         let mut clients = BTreeMap::new();
         for (name, account) in &config.providers {
@@ -53,7 +131,7 @@ impl Engine {
             }
             clients.insert(
                 name.clone(),
-                providers::connect(account, config.settings.concurrency)?,
+                providers::connect(account, config.settings.concurrency, shutdown.clone())?,
             );
         }
         Ok(Engine {
@@ -61,27 +139,84 @@ impl Engine {
             config,
             warnings: loaded.warnings,
             providers: clients,
+            shutdown,
         })
     }
 
+    /// Takes the state directory's exclusive lock.
     pub fn lock(&self) -> anyhow::Result<StateLock> {
         self.state_dir.lock()
     }
 
-    /// Lists every provider account concurrently and loads the state, with whatever an
-    /// interrupted earlier run left in the journal folded in. With `persist` (the caller holds
-    /// the state lock) the recovered state is written and the journal compacted: only
-    /// operations of accounts that did not answer stay in it, for a later run to finish.
-    pub async fn observe(&self, persist: bool) -> anyhow::Result<Observation> {
-        self.observe_where(persist, |_| true).await
+    /// Runs the pipeline once: observe (recovering what an interrupted run left) → plan (the
+    /// forced rotations recovery hands back included, so `plan` shows what `apply` will do) →
+    /// the operator's review → the deletion check → the operator's approval → execute.
+    pub async fn run(
+        &self,
+        req: RunRequest<'_>,
+        operator: &mut dyn Operator,
+    ) -> anyhow::Result<RunReport> {
+        let apply = req.mode == RunMode::Apply;
+        let _lock = if apply { Some(self.lock()?) } else { None };
+        let obs = self.observe_where(apply, req.include).await?;
+        if req.every_account
+            && let Some((last, rest)) = obs.failures.split_last()
+        {
+            for failure in rest {
+                tracing::error!("{failure}");
+            }
+            return Err(last.clone().into());
+        }
+        let mut opts = req.opts;
+        for f in &obs.recovery.force {
+            if !opts.force.contains(f) {
+                opts.force.push(f.clone());
+            }
+        }
+        let plan = operator.review(self.plan(&obs, &opts, Timestamp::now()))?;
+        let report = |plan, outcome, report| RunReport {
+            plan,
+            outcome,
+            report,
+            failures: obs.failures.clone(),
+            observed: obs.observed.clone(),
+            state: obs.state.clone(),
+        };
+        if !plan.has_changes() {
+            return Ok(report(plan, RunOutcome::Unchanged, None));
+        }
+        if !apply {
+            return Ok(report(plan, RunOutcome::Planned, None));
+        }
+        if let Err(e) = self.check_deletions(&plan) {
+            return Ok(report(plan, RunOutcome::Refused(format!("{e:#}")), None));
+        }
+        operator.approve(&plan)?;
+        let done = self
+            .execute(
+                &plan,
+                &obs.observed,
+                obs.state.clone(),
+                self.shutdown.clone(),
+            )
+            .await?;
+        Ok(report(plan, RunOutcome::Executed, Some(done)))
     }
 
-    /// [`Engine::observe`] limited to the accounts `include` names (the daemon skips accounts
-    /// that are backing off after failures).
-    pub async fn observe_where(
+    /// Lists every provider account concurrently and loads the state, with whatever an
+    /// interrupted earlier run left in the journal folded in (in memory only: see
+    /// [`Engine::run`] for the run that writes it back). For `keyward status`.
+    pub async fn observe(&self) -> anyhow::Result<Observation> {
+        self.observe_where(false, &|_| true).await
+    }
+
+    /// Observes the accounts `include` names. With `persist` (the caller holds the state lock)
+    /// the recovered state is written and the journal compacted: only operations of accounts
+    /// that did not answer stay in it, for a later run to finish.
+    async fn observe_where(
         &self,
         persist: bool,
-        include: impl Fn(&str) -> bool,
+        include: &(dyn Fn(&str) -> bool + Sync),
     ) -> anyhow::Result<Observation> {
         let mut state = self.state_dir.load()?;
         // The users whose keys matter: declared ones, and those keyward recorded (prune).
@@ -161,7 +296,7 @@ impl Engine {
     }
 
     /// Refuses a plan that deletes more than `settings.max_deletions` objects.
-    pub fn check_deletions(&self, plan: &Plan) -> anyhow::Result<()> {
+    fn check_deletions(&self, plan: &Plan) -> anyhow::Result<()> {
         let n = plan.deletions();
         let max = self.config.settings.max_deletions;
         if n > max {
@@ -174,7 +309,7 @@ impl Engine {
 
     /// Executes `plan`. Once `cancel` fires, the change in flight for each user finishes (a
     /// minted secret is still delivered and recorded) and nothing new starts.
-    pub async fn execute(
+    async fn execute(
         &self,
         plan: &Plan,
         observed: &Observed,

@@ -256,6 +256,11 @@ impl State {
     }
 }
 
+/// Another keyward process holds the state lock (the daemon tries again shortly).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Locked(pub String);
+
 /// The state directory: state file, journal and lock.
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -295,7 +300,7 @@ impl StateDir {
                 let holder = crate::files::read_bounded(&path, 4096, false)
                     .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_default();
-                anyhow::bail!(
+                return Err(anyhow::Error::new(Locked(format!(
                     "the state directory {} is locked by another keyward process{}; wait for it to finish",
                     self.dir.display(),
                     if holder.trim().is_empty() {
@@ -303,7 +308,7 @@ impl StateDir {
                     } else {
                         format!(" ({})", crate::text::escape(holder.trim()))
                     }
-                );
+                ))));
             }
             Err(std::fs::TryLockError::Error(e)) => {
                 return Err(e).with_context(|| format!("locking {}", path.display()));

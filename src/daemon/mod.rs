@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Mode};
-use crate::engine::Engine;
+use crate::engine::{Engine, Operator, RunMode, RunOutcome, RunRequest};
 use crate::plan::PlanOptions;
 use metrics::Metrics;
 
@@ -36,6 +36,69 @@ const BACKOFF_CAP: Duration = Duration::from_secs(300);
 const REQUEUE_AFTER_CHANGES: Duration = Duration::from_secs(1);
 /// When another keyward holds the state lock, try again this soon.
 const LOCKED_RETRY: Duration = Duration::from_secs(5);
+
+/// Why a reconcile runs (kube-rs's `ReconcileReason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// The daemon started.
+    Start,
+    /// The full resync `interval` came round.
+    Interval,
+    /// A key came due, or a retiring key's overlap ended.
+    Due,
+    /// Changes were made: look again (metrics, retiring keys).
+    Requeue,
+    /// A failing account's backoff ended, or the state lock was busy.
+    Retry,
+    /// The config file changed.
+    ConfigEdited,
+    /// SIGHUP.
+    Hangup,
+}
+
+/// The daemon's part in a run: nobody to ask; it says what it applies.
+struct DaemonOperator;
+
+impl Operator for DaemonOperator {
+    fn approve(&mut self, plan: &crate::plan::Plan) -> anyhow::Result<()> {
+        tracing::info!("applying {} change(s)", plan.changes.len());
+        Ok(())
+    }
+}
+
+/// When to run next, and why (kube-rs's `Action`).
+#[derive(Debug, Clone, Copy)]
+struct Next {
+    at: Instant,
+    because: Wake,
+}
+
+/// How one reconcile ended, as `keyward_reconcile_total{outcome}` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Nothing to do, or planned only, and every account answered.
+    Ok,
+    /// Changes were made and every account answered.
+    Changed,
+    /// Some account did not answer, or some change failed.
+    Partial,
+    /// More deletions than `max_deletions`: nothing was changed.
+    Refused,
+    /// The run itself failed (state or journal unreadable, say).
+    Failed,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Changed => "changed",
+            Outcome::Partial => "partial",
+            Outcome::Refused => "refused",
+            Outcome::Failed => "failed",
+        }
+    }
+}
 
 #[derive(Debug, Default, Clone)]
 struct Health {
@@ -52,8 +115,9 @@ struct Daemon {
     health: BTreeMap<String, Health>,
     next_interval: Instant,
     next_due: Option<Instant>,
-    requeue: Option<Instant>,
+    requeue: Option<Next>,
     last_outcome: String,
+    shutdown: CancellationToken,
 }
 
 fn backoff(failures: u32) -> Duration {
@@ -89,18 +153,32 @@ impl Daemon {
             .clamp(Duration::from_secs(1), MAX_SLEEP)
     }
 
-    /// The earliest trigger time.
-    fn next_wake(&self) -> Instant {
-        let mut wake = self.next_interval;
-        for t in self
+    /// What comes first: the interval, a due key, a requeue, an account's retry.
+    fn next(&self) -> Next {
+        let mut next = Next {
+            at: self.next_interval,
+            because: Wake::Interval,
+        };
+        let candidates = self
             .next_due
-            .iter()
-            .chain(self.requeue.iter())
-            .chain(self.health.values().filter_map(|h| h.retry_at.as_ref()))
-        {
-            wake = wake.min(*t);
+            .map(|at| Next {
+                at,
+                because: Wake::Due,
+            })
+            .into_iter()
+            .chain(self.requeue)
+            .chain(self.health.values().filter_map(|h| {
+                h.retry_at.map(|at| Next {
+                    at,
+                    because: Wake::Retry,
+                })
+            }));
+        for c in candidates {
+            if c.at < next.at {
+                next = c;
+            }
         }
-        wake
+        next
     }
 
     /// Re-reads the config. Without `force`, does nothing unless the bytes changed. An invalid
@@ -127,7 +205,7 @@ impl Daemon {
             Ok(loaded) => {
                 let text = read_config_text(&self.path);
                 let old_metrics = self.engine.config.settings.metrics;
-                match Engine::new(loaded) {
+                match Engine::new(loaded, self.shutdown.clone()) {
                     Ok(engine) => {
                         for w in &engine.warnings {
                             tracing::warn!("{w}");
@@ -168,43 +246,56 @@ impl Daemon {
         }
     }
 
-    /// One run of the pipeline.
-    async fn reconcile(&mut self, shutdown: &CancellationToken) {
-        let now = Instant::now();
-        let now_ts = Timestamp::now();
-        self.next_interval = after(now, self.interval());
+    /// One run of the pipeline; returns when to run next, and why.
+    async fn reconcile(&mut self, why: Wake) -> Next {
+        let started = Instant::now();
+        tracing::debug!("reconciling ({why:?})");
+        self.next_interval = after(started, self.interval());
         self.requeue = None;
-        let lock = match self.engine.lock() {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!("{e:#}; trying again in {}s", LOCKED_RETRY.as_secs());
-                self.requeue = Some(now + LOCKED_RETRY);
-                return;
-            }
-        };
         let mode = self.engine.config.settings.mode;
         let health = self.health.clone();
-        let include = |name: &str| {
+        let include = move |name: &str| {
             health
                 .get(name)
                 .and_then(|h| h.retry_at)
-                .is_none_or(|t| t <= now)
+                .is_none_or(|t| t <= started)
         };
-        let obs = match self
+        let run = self
             .engine
-            .observe_where(mode == Mode::Apply, include)
-            .await
-        {
-            Ok(o) => o,
+            .run(
+                RunRequest {
+                    mode: match mode {
+                        Mode::Apply => RunMode::Apply,
+                        Mode::Observe => RunMode::Plan,
+                    },
+                    opts: PlanOptions::default(),
+                    include: &include,
+                    every_account: false,
+                },
+                &mut DaemonOperator,
+            )
+            .await;
+        let run = match run {
+            Ok(run) => run,
+            Err(e) if e.downcast_ref::<crate::state::Locked>().is_some() => {
+                tracing::warn!("{e:#}; trying again in {}s", LOCKED_RETRY.as_secs());
+                self.requeue = Some(Next {
+                    at: Instant::now() + LOCKED_RETRY,
+                    because: Wake::Retry,
+                });
+                return self.next();
+            }
             Err(e) => {
                 tracing::error!("reconcile failed: {e:#}");
-                self.metrics.reconciled("failed");
-                self.last_outcome = format!("failed: {e}");
-                self.requeue = Some(Instant::now() + backoff(1));
-                return;
+                self.finish(Outcome::Failed, e.to_string());
+                self.requeue = Some(Next {
+                    at: Instant::now() + backoff(1),
+                    because: Wake::Retry,
+                });
+                return self.next();
             }
         };
-        for e in &obs.failures {
+        for e in &run.failures {
             let h = self.health.entry(e.provider.clone()).or_default();
             h.failures += 1;
             let wait = backoff(h.failures);
@@ -214,105 +305,93 @@ impl Daemon {
             h.retry_at = Some(Instant::now() + wait);
             tracing::error!("{e}; retrying this account in {}s", wait.as_secs());
         }
-        for name in obs.observed.keys() {
+        for name in run.observed.keys() {
             self.health.remove(name);
         }
-        let opts = PlanOptions {
-            only: Vec::new(),
-            force: obs.recovery.force.clone(),
-        };
-        let plan = self.engine.plan(&obs, &opts, now_ts);
+        let plan = &run.plan;
         self.metrics.set_pending(plan.changes.len());
+        let now_ts = Timestamp::now();
         self.next_due = plan
             .upcoming
             .iter()
             .map(|u| u.at)
             .min()
-            .map(|at| after(now, until(at, now_ts)));
+            .map(|at| after(Instant::now(), until(at, now_ts)));
 
-        let mut outcome = if obs.failures.is_empty() {
-            "ok"
-        } else {
-            "partial"
-        };
-        let mut summary = format!("{} change(s) planned", plan.changes.len());
-        if plan.has_changes() && mode == Mode::Apply {
-            match self.engine.check_deletions(&plan) {
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    outcome = "refused";
-                    summary = e.to_string();
-                }
-                Ok(()) => {
-                    tracing::info!("applying {} change(s)", plan.changes.len());
-                    match self
-                        .engine
-                        .execute(&plan, &obs.observed, obs.state.clone(), shutdown.clone())
-                        .await
-                    {
-                        Ok(report) => {
-                            summary = report
-                                .summary()
-                                .lines()
-                                .next()
-                                .unwrap_or_default()
-                                .to_string();
-                            if report.ok() {
-                                tracing::info!("{summary}");
-                                outcome = if obs.failures.is_empty() {
-                                    "changed"
-                                } else {
-                                    "partial"
-                                };
-                            } else {
-                                tracing::error!("{}", report.summary().trim_end());
-                                outcome = "partial";
-                                // Back off the accounts whose changes failed.
-                                for r in &report.results {
-                                    if matches!(r.outcome, crate::apply::Outcome::Failed(_)) {
-                                        let h = self
-                                            .health
-                                            .entry(r.change.provider.clone())
-                                            .or_default();
-                                        if h.retry_at.is_none() {
-                                            h.failures += 1;
-                                            h.retry_at = Some(Instant::now() + backoff(h.failures));
-                                        }
-                                    }
-                                }
+        let reached_all = run.failures.is_empty();
+        let (outcome, summary) = match &run.outcome {
+            RunOutcome::Unchanged => (Outcome::Ok, "0 change(s) planned".to_string()),
+            RunOutcome::Planned => {
+                tracing::info!(
+                    "observe mode: {} change(s) pending, none applied",
+                    plan.changes.len()
+                );
+                (
+                    Outcome::Ok,
+                    format!("{} change(s) planned", plan.changes.len()),
+                )
+            }
+            RunOutcome::Refused(why) => {
+                tracing::error!("{why}");
+                (Outcome::Refused, why.clone())
+            }
+            RunOutcome::Executed => {
+                let report = run.report.clone().unwrap_or_default();
+                let summary = report
+                    .summary()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                if report.ok() {
+                    tracing::info!("{summary}");
+                } else {
+                    for line in report.summary().lines() {
+                        tracing::error!("{line}");
+                    }
+                    // Back off the accounts whose changes failed.
+                    for r in &report.results {
+                        if matches!(r.outcome, crate::apply::Outcome::Failed(_)) {
+                            let h = self.health.entry(r.change.provider.clone()).or_default();
+                            if h.retry_at.is_none() {
+                                h.failures += 1;
+                                h.retry_at = Some(Instant::now() + backoff(h.failures));
                             }
-                            if report.done() > 0 {
-                                self.requeue = Some(Instant::now() + REQUEUE_AFTER_CHANGES);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!("apply failed: {e:#}");
-                            outcome = "failed";
-                            summary = e.to_string();
                         }
                     }
                 }
+                if report.done() > 0 {
+                    self.requeue = Some(Next {
+                        at: Instant::now() + REQUEUE_AFTER_CHANGES,
+                        because: Wake::Requeue,
+                    });
+                }
+                let outcome = if report.ok() && reached_all {
+                    Outcome::Changed
+                } else {
+                    Outcome::Partial
+                };
+                (outcome, summary)
             }
-        } else if plan.has_changes() {
-            tracing::info!(
-                "observe mode: {} change(s) pending, none applied",
-                plan.changes.len()
-            );
-        }
-        drop(lock);
+        };
+        let outcome = if outcome == Outcome::Ok && !reached_all {
+            Outcome::Partial
+        } else {
+            outcome
+        };
 
         // Metrics from what was observed and the state as it is now on disk.
-        let state = self.engine.state_dir.load().unwrap_or(obs.state);
+        let state = self.engine.state_dir.load().unwrap_or(run.state);
         self.metrics.set_keys(&crate::status::entries(
             &self.engine.config,
-            &obs.observed,
+            &run.observed,
             &state,
             Timestamp::now(),
         ));
         for (name, p) in &self.engine.providers {
-            let up = if obs.observed.contains_key(name) {
+            let up = if run.observed.contains_key(name) {
                 Some(true)
-            } else if obs.failures.iter().any(|f| &f.provider == name) {
+            } else if run.failures.iter().any(|f| &f.provider == name) {
                 Some(false)
             } else {
                 None
@@ -320,17 +399,23 @@ impl Daemon {
             self.metrics
                 .provider_totals(name, p.requests_sent(), p.rate_limited(), up);
         }
-        self.metrics.reconciled(outcome);
-        if matches!(outcome, "ok" | "changed") {
+        self.finish(outcome, summary);
+        self.next()
+    }
+
+    /// Counts the run and says how it went.
+    fn finish(&mut self, outcome: Outcome, summary: String) {
+        self.metrics.reconciled(outcome.label());
+        if matches!(outcome, Outcome::Ok | Outcome::Changed) {
             self.metrics.succeeded_at(Timestamp::now());
         }
-        self.last_outcome = format!("{outcome}: {summary}");
+        self.last_outcome = format!("{}: {summary}", outcome.label());
     }
 
     /// The `STATUS=` line: one line, whatever an error quoted (a line break there would add
     /// assignments such as `READY=1` to the notify message).
     fn status_line(&self) -> String {
-        let wake = self.next_wake();
+        let wake = self.next().at;
         let secs = wake.saturating_duration_since(Instant::now()).as_secs();
         crate::text::escape(&format!("{}; next run in {secs}s", self.last_outcome)).into_owned()
     }
@@ -345,8 +430,8 @@ fn read_config_text(path: &std::path::Path) -> Zeroizing<String> {
     Zeroizing::new(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(path: PathBuf) -> anyhow::Result<()> {
+/// Runs the daemon until `shutdown` is cancelled (the process's SIGTERM or SIGINT).
+pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let loaded = match config::load(&path) {
         Ok(l) => l,
@@ -358,7 +443,7 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
         }
     };
     let text = read_config_text(&path);
-    let engine = Engine::new(loaded)?;
+    let engine = Engine::new(loaded, shutdown.clone())?;
     for w in &engine.warnings {
         tracing::warn!("{w}");
     }
@@ -373,22 +458,16 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
         next_due: None,
         requeue: None,
         last_outcome: "starting".to_string(),
+        shutdown: shutdown.clone(),
         engine,
     };
 
-    let shutdown = CancellationToken::new();
     {
+        // The process's signal handler cancels `shutdown`; systemd hears about it at once.
         let shutdown = shutdown.clone();
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: finishing the change in flight, then exiting"),
-                _ = int.recv() => tracing::info!("SIGINT: finishing the change in flight, then exiting"),
-            }
+            shutdown.cancelled().await;
             systemd::stopping();
-            shutdown.cancel();
-            crate::providers::http::shut_down();
         });
     }
     let mut hup = signal(SignalKind::hangup())?;
@@ -410,39 +489,43 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
         crate::duration::format(daemon.engine.config.settings.interval)
     );
 
-    let mut run_now = true;
+    // The next run and why; `Some` = run now.
+    let mut run_now = Some(Wake::Start);
+    let mut next = daemon.next();
     let mut settle_until: Option<Instant> = None;
     loop {
         if shutdown.is_cancelled() {
             break;
         }
-        if run_now {
-            run_now = false;
+        if let Some(why) = run_now.take() {
             // The loop answers the watchdog while the run is under way: a run that waits on the
             // network is alive; a wedged one (or runtime) stops answering, and the pings stop.
             {
-                let run = daemon.reconcile(&shutdown);
+                let run = daemon.reconcile(why);
                 tokio::pin!(run);
                 loop {
                     tokio::select! {
-                        _ = &mut run => break,
+                        n = &mut run => {
+                            next = n;
+                            break;
+                        }
                         _ = heartbeat.asked() => heartbeat.answer(),
                     }
                 }
             }
             let status = daemon.status_line();
-            tracing::debug!("{status}");
+            tracing::debug!("{status}; next run because of {:?}", next.because);
             systemd::status(&status);
             metrics.set_next_wakeup(
                 Timestamp::now()
-                    .checked_add(daemon.next_wake().saturating_duration_since(Instant::now()))
+                    .checked_add(next.at.saturating_duration_since(Instant::now()))
                     .unwrap_or(Timestamp::MAX),
             );
             continue;
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep_until(daemon.next_wake()) => run_now = true,
+            _ = tokio::time::sleep_until(next.at) => run_now = Some(next.because),
             // An editor's save is a burst of events: let it settle before re-reading.
             Some(()) = watch.events.recv() => {
                 settle_until.get_or_insert(Instant::now() + watch::SETTLE);
@@ -452,8 +535,9 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
                 while watch.events.try_recv().is_ok() {}
                 // A symlink may point elsewhere now: watch where the file lives before reading it.
                 watch.refresh();
-                run_now = daemon.reload(false);
-                if !run_now {
+                if daemon.reload(false) {
+                    run_now = Some(Wake::ConfigEdited);
+                } else {
                     systemd::status(&daemon.status_line());
                 }
             }
@@ -462,7 +546,7 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
                 systemd::reloading();
                 watch.refresh();
                 daemon.reload(true);
-                run_now = true;
+                run_now = Some(Wake::Hangup);
                 systemd::ready(&daemon.status_line());
             }
             _ = heartbeat.asked() => heartbeat.answer(),

@@ -31,6 +31,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::http::{Answer, HttpClient, Op};
@@ -66,7 +67,17 @@ pub struct AsaProvider {
 }
 
 impl AsaProvider {
+    /// A client that is never shut down (tests, tools).
     pub fn new(account: &ProviderAccount, concurrency: usize) -> anyhow::Result<Self> {
+        Self::with_shutdown(account, concurrency, CancellationToken::new())
+    }
+
+    /// A client whose waits end, and which sends nothing more, once `shutdown` is cancelled.
+    pub fn with_shutdown(
+        account: &ProviderAccount,
+        concurrency: usize,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let ProviderAuth::OktaAsa {
             team,
             key_id,
@@ -103,6 +114,7 @@ impl AsaProvider {
                 account.rate_limit,
                 concurrency,
                 decode_error,
+                shutdown,
             )?,
             concurrency: concurrency.max(1),
             token: Mutex::new((None, 0)),

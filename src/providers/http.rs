@@ -15,6 +15,7 @@ use reqwest::{Method, Response, StatusCode};
 use secrecy::zeroize::Zeroizing;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::{ErrorClass, ProviderError};
 use crate::config::RateLimit;
@@ -23,16 +24,6 @@ use crate::config::RateLimit;
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// Attempts after the first for transient failures (429, 5xx, connection errors).
 const MAX_RETRIES: usize = 10;
-
-/// Fired once when the process shuts down: every wait for a rate budget, a `Retry-After` or a
-/// backoff ends, and nothing new is sent. A request already on the wire still completes.
-static SHUTDOWN: std::sync::LazyLock<tokio_util::sync::CancellationToken> =
-    std::sync::LazyLock::new(tokio_util::sync::CancellationToken::new);
-
-/// Stops every provider client from waiting or sending (SIGTERM).
-pub fn shut_down() {
-    SHUTDOWN.cancel();
-}
 
 /// What a request is for, so an error can name it.
 #[derive(Debug, Clone)]
@@ -72,6 +63,9 @@ pub struct HttpClient {
     requests: AtomicU64,
     rate_limited: AtomicU64,
     decode_error: ErrorDecoder,
+    /// The process's shutdown: once cancelled, every wait for a rate budget, a `Retry-After` or
+    /// a backoff ends and nothing new is sent (a request already on the wire completes).
+    shutdown: CancellationToken,
 }
 
 impl HttpClient {
@@ -85,6 +79,7 @@ impl HttpClient {
         rate: RateLimit,
         concurrency: usize,
         decode_error: ErrorDecoder,
+        shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("keyward/", env!("CARGO_PKG_VERSION")))
@@ -104,6 +99,7 @@ impl HttpClient {
             requests: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             decode_error,
+            shutdown,
         }))
     }
 
@@ -123,6 +119,7 @@ impl HttpClient {
         F: Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     {
         let attempt = || async { self.attempt(op, &build).await };
+        let sleep_shutdown = self.shutdown.clone();
         attempt
             .retry(
                 ExponentialBuilder::default()
@@ -132,13 +129,18 @@ impl HttpClient {
                     .with_jitter(),
             )
             // Waits end early on shutdown: a SIGTERM must not sit out a long Retry-After.
-            .sleep(|d: Duration| async move {
-                tokio::select! {
-                    _ = tokio::time::sleep(d) => {}
-                    _ = SHUTDOWN.cancelled() => {}
+            .sleep(move |d: Duration| {
+                let shutdown = sleep_shutdown.clone();
+                async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
                 }
             })
-            .when(|e: &Failure| e.error.class == ErrorClass::Transient && !SHUTDOWN.is_cancelled())
+            .when(|e: &Failure| {
+                e.error.class == ErrorClass::Transient && !self.shutdown.is_cancelled()
+            })
             .adjust(|e: &Failure, backoff| match (e.retry_after, backoff) {
                 // Out of attempts: stop, whatever the provider asked.
                 (_, None) => None,
@@ -178,7 +180,7 @@ impl HttpClient {
         };
         tokio::select! {
             _ = waits => {}
-            _ = SHUTDOWN.cancelled() => {
+            _ = self.shutdown.cancelled() => {
                 // Nothing was sent: abandoning is safe.
                 return Err(Failure {
                     error: self.local_error(op, "not sent: keyward is shutting down"),

@@ -78,15 +78,24 @@ pub trait Provider: Send + Sync {
     fn rate_limited(&self) -> u64;
 }
 
-/// Builds the client for one provider account.
-pub fn connect(account: &ProviderAccount, concurrency: usize) -> anyhow::Result<Arc<dyn Provider>> {
+/// Builds the client for one provider account; once `shutdown` is cancelled it waits for
+/// nothing and sends nothing new.
+pub fn connect(
+    account: &ProviderAccount,
+    concurrency: usize,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Arc<dyn Provider>> {
     match account.kind {
-        crate::model::ProviderType::Ngrok => {
-            Ok(Arc::new(ngrok::NgrokProvider::new(account, concurrency)?))
-        }
-        crate::model::ProviderType::OktaAsa => {
-            Ok(Arc::new(asa::AsaProvider::new(account, concurrency)?))
-        }
+        crate::model::ProviderType::Ngrok => Ok(Arc::new(ngrok::NgrokProvider::with_shutdown(
+            account,
+            concurrency,
+            shutdown,
+        )?)),
+        crate::model::ProviderType::OktaAsa => Ok(Arc::new(asa::AsaProvider::with_shutdown(
+            account,
+            concurrency,
+            shutdown,
+        )?)),
     }
 }
 

@@ -11,6 +11,7 @@ use reqwest::Method;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
 
 use super::http::{Answer, HttpClient, Op};
 use super::{CreatedKey, ErrorClass, NewKey, Provider, ProviderError, gone_is_done};
@@ -28,7 +29,17 @@ pub struct NgrokProvider {
 }
 
 impl NgrokProvider {
+    /// A client that is never shut down (tests, tools).
     pub fn new(account: &ProviderAccount, concurrency: usize) -> anyhow::Result<Self> {
+        Self::with_shutdown(account, concurrency, CancellationToken::new())
+    }
+
+    /// A client whose waits end, and which sends nothing more, once `shutdown` is cancelled.
+    pub fn with_shutdown(
+        account: &ProviderAccount,
+        concurrency: usize,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let ProviderAuth::Ngrok { api_key } = &account.auth else {
             anyhow::bail!("provider {}: not an ngrok account", account.name);
         };
@@ -42,6 +53,7 @@ impl NgrokProvider {
                 account.rate_limit,
                 concurrency,
                 decode_error,
+                shutdown,
             )?,
         })
     }

@@ -1,0 +1,198 @@
+//! One pipeline for every command: `keyward plan` shows the forced re-rotation that an
+//! interrupted `keyward rotate` left (what `apply` will do, a saved plan does too), and a
+//! signal during `keyward apply` lets the delivery in flight finish and exits with a report,
+//! leaving nothing for recovery to revoke.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Sandbox, Workspace, expect_code, text};
+use serde_json::Value;
+
+/// Waits for `check`, failing with `what` after a generous bound.
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !check() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{what}: not within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn spawn(ws: &Workspace, args: &[&str]) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
+    cmd.args(args)
+        .arg("-c")
+        .arg(ws.config_path())
+        .env_remove("KEYWARD_CONFIG")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .current_dir(ws.dir.path());
+    for (k, v) in &ws.env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("start keyward")
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+#[test]
+fn plan_shows_the_forced_rotation_an_interrupted_rotate_left() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    // A file sink, then a slow program: a kill between the two leaves a key the file holds
+    // but whose delivery was never completed.
+    let started = ws.path("hook-started");
+    ws.write_config_with_sinks(
+        "",
+        &format!(
+            "  slow:\n    type: exec\n    command: [\"/bin/sh\", \"-c\", \"cat > /dev/null; touch {}; sleep 30\"]\n    timeout: 60s\n",
+            started.display()
+        ),
+        "users:\n  - provider: ng\n    name: cut\n    keys:\n      main: {sink: [local, slow], overlap: 1h}\n",
+    );
+    // The first apply must get past the slow sink: let it finish once.
+    std::fs::write(
+        ws.config_path(),
+        std::fs::read_to_string(ws.config_path())
+            .unwrap()
+            .replace("sleep 30", "true"),
+    )
+    .unwrap();
+    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "first apply");
+    let first = ws.sink("cut", "main")["key_id"].clone();
+    std::fs::write(
+        ws.config_path(),
+        std::fs::read_to_string(ws.config_path())
+            .unwrap()
+            .replace("; true", "; sleep 30"),
+    )
+    .unwrap();
+    let _ = std::fs::remove_file(&started);
+
+    let mut rotate = spawn(&ws, &["rotate", "cut", "--auto-approve"]);
+    wait_for("the slow sink started", || started.exists());
+    // The file sink already holds the new key.
+    let held = ws.sink("cut", "main")["key_id"].clone();
+    assert_ne!(held, first);
+    let _ = rotate.kill();
+    let _ = rotate.wait();
+
+    // `plan` (which writes nothing) shows what `apply` will do: rotate again (forced) before the
+    // undelivered key goes.
+    let plan = ws.plan_json();
+    let changes = plan["changes"].as_array().expect("changes");
+    let rotate = changes
+        .iter()
+        .find(|c| c["action"] == "rotate_key")
+        .unwrap_or_else(|| panic!("no forced re-rotation in the plan: {plan}"));
+    assert_eq!(rotate["after"]["forced"], true, "{plan}");
+    assert!(
+        changes
+            .iter()
+            .any(|c| c["action"] == "revoke_key" && c["key_id"] == held),
+        "{plan}"
+    );
+
+    // A saved plan holds the same: applied, every sink ends with a working key.
+    std::fs::write(
+        ws.config_path(),
+        std::fs::read_to_string(ws.config_path())
+            .unwrap()
+            .replace("; sleep 30", "; true"),
+    )
+    .unwrap();
+    expect_code(
+        &ws.keyward(&["plan", "--out", "plan.json"]),
+        0,
+        "plan --out",
+    );
+    expect_code(
+        &ws.keyward(&["apply", "plan.json"]),
+        0,
+        "apply the saved plan",
+    );
+    let doc = ws.sink("cut", "main");
+    assert_ne!(doc["key_id"], held);
+    assert!(
+        sb.secret_works("api_key", doc["secret"].as_str().unwrap()),
+        "the file sink's key works"
+    );
+}
+
+#[test]
+fn sigterm_during_apply_finishes_the_delivery_in_flight_and_reports() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    let started = ws.path("hook-started");
+    ws.write_config_with_sinks(
+        "  concurrency: 1\n",
+        &format!(
+            "  slow:\n    type: exec\n    command: [\"/bin/sh\", \"-c\", \"cat > /dev/null; touch {}; sleep 2\"]\n    timeout: 60s\n",
+            started.display()
+        ),
+        "users:\n  - provider: ng\n    name: first\n    keys:\n      main: {sink: [local, slow]}\n  - provider: ng\n    name: second\n    keys:\n      main: {sink: [local, slow]}\n  - provider: ng\n    name: third\n    keys:\n      main: {sink: [local, slow]}\n",
+    );
+    let apply = spawn(&ws, &["apply", "--auto-approve"]);
+    wait_for("a delivery is in flight", || started.exists());
+    signal(&apply, "TERM");
+    let out = apply.wait_with_output().unwrap();
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("Apply failed:"), "{stdout}");
+    assert!(
+        stdout.contains("not attempted") && stdout.contains("shutting down"),
+        "{stdout}"
+    );
+    // The key whose delivery was in flight was delivered and recorded.
+    let delivered: Vec<Value> = ["first", "second", "third"]
+        .iter()
+        .filter(|u| ws.path(&format!("secrets/ng/{u}/main.json")).exists())
+        .map(|u| ws.sink(u, "main"))
+        .collect();
+    assert!(!delivered.is_empty(), "{stdout}");
+    for doc in &delivered {
+        assert!(sb.secret_works("api_key", doc["secret"].as_str().unwrap()));
+    }
+    let keys = ws.status_keys();
+    for doc in &delivered {
+        assert!(
+            keys.iter()
+                .any(|k| k["key_id"] == doc["key_id"] && k["state"] == "current"),
+            "{keys:?}"
+        );
+    }
+    // Nothing left for recovery: no unfinished journal entry, nothing to revoke.
+    let plan = ws.plan_json();
+    let changes = plan["changes"].as_array().expect("changes");
+    assert!(
+        !changes.iter().any(|c| c["action"] == "revoke_key"),
+        "{plan}"
+    );
+    let journal = std::fs::read_to_string(ws.path("state/journal.jsonl")).unwrap_or_default();
+    assert!(journal.trim().is_empty(), "unfinished journal: {journal}");
+    // And the next run finishes the job.
+    expect_code(
+        &ws.keyward(&["apply", "--auto-approve"]),
+        0,
+        "the next apply",
+    );
+}
