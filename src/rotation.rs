@@ -20,7 +20,6 @@ use croner::parser::{CronParser, Seconds, Year};
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 
-use crate::config::SlotSpec;
 use crate::duration;
 use crate::model::KeyKind;
 
@@ -33,6 +32,72 @@ pub fn parse_schedule(text: &str) -> Result<Cron, String> {
         .build()
         .parse(text)
         .map_err(|e| e.to_string())
+}
+
+/// A rotation schedule parsed once, at config load: the cron expression in its time zone.
+#[derive(Clone)]
+pub struct Schedule {
+    text: String,
+    zone: String,
+    cron: Cron,
+    tz: TimeZone,
+}
+
+impl Schedule {
+    /// Parses `text` (see [`parse_schedule`]) in the IANA time zone `zone`.
+    pub fn parse(text: &str, zone: &str) -> Result<Schedule, String> {
+        let cron = parse_schedule(text)?;
+        let tz = TimeZone::get(zone).map_err(|e| format!("unknown time zone `{zone}`: {e}"))?;
+        Ok(Schedule {
+            text: text.to_string(),
+            zone: zone.to_string(),
+            cron,
+            tz,
+        })
+    }
+
+    /// The IANA name of its time zone.
+    pub fn zone(&self) -> &str {
+        &self.zone
+    }
+
+    /// The first cron time at or after (`inclusive`) / strictly after `from`.
+    pub fn after(&self, from: Timestamp, inclusive: bool) -> Option<Timestamp> {
+        self.cron
+            .find_next_occurrence(&from.to_zoned(self.tz.clone()), inclusive)
+            .ok()
+            .map(|z| z.timestamp())
+    }
+}
+
+/// The expression as written.
+impl std::ops::Deref for Schedule {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
+impl PartialEq for Schedule {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.text, &self.zone) == (&other.text, &other.zone)
+    }
+}
+
+impl std::fmt::Debug for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} in {}", self.text, self.zone)
+    }
+}
+
+/// A slot's rotation policy, as the due-time engine needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy<'a> {
+    /// The kind of key the slot wants (a key of another kind is due at once).
+    pub kind: KeyKind,
+    pub rotate_every: Option<SignedDuration>,
+    pub schedule: Option<&'a Schedule>,
+    pub overlap: SignedDuration,
 }
 
 /// What the due-time engine knows about a slot's current key.
@@ -115,24 +180,9 @@ impl Due {
     }
 }
 
-/// The first cron time at or after (`inclusive`) / strictly after `from`, in the slot's zone.
-fn cron_after(
-    slot: &SlotSpec,
-    schedule: &str,
-    from: Timestamp,
-    inclusive: bool,
-) -> Option<Timestamp> {
-    let cron = parse_schedule(schedule).ok()?;
-    let tz = TimeZone::get(&slot.timezone).unwrap_or(TimeZone::UTC);
-    let zoned = from.to_zoned(tz);
-    cron.find_next_occurrence(&zoned, inclusive)
-        .ok()
-        .map(|z| z.timestamp())
-}
-
 /// When the slot holding `key` becomes due (possibly already in the past). `None`: never —
 /// the slot has no rotation policy and the key does not expire.
-pub fn next_due(slot: &SlotSpec, key: Option<KeyFacts>) -> Option<Due> {
+pub fn next_due(slot: &Policy<'_>, key: Option<KeyFacts>) -> Option<Due> {
     let Some(key) = key else {
         return Some(Due {
             at: Timestamp::MIN,
@@ -149,7 +199,7 @@ pub fn next_due(slot: &SlotSpec, key: Option<KeyFacts>) -> Option<Due> {
         });
     }
     let mut candidates: Vec<Due> = Vec::new();
-    match (&slot.schedule, slot.rotate_every) {
+    match (slot.schedule, slot.rotate_every) {
         (None, Some(every)) => {
             if let Ok(at) = key.created_at.checked_add(every) {
                 candidates.push(Due {
@@ -163,24 +213,24 @@ pub fn next_due(slot: &SlotSpec, key: Option<KeyFacts>) -> Option<Due> {
                 .created_at
                 .checked_add(every)
                 .ok()
-                .and_then(|base| cron_after(slot, schedule, base, true))
+                .and_then(|base| schedule.after(base, true))
             {
                 candidates.push(Due {
                     at,
                     reason: DueReason::Schedule {
                         every: Some(every),
-                        schedule: schedule.clone(),
+                        schedule: schedule.to_string(),
                     },
                 });
             }
         }
         (Some(schedule), None) => {
-            if let Some(at) = cron_after(slot, schedule, key.created_at, false) {
+            if let Some(at) = schedule.after(key.created_at, false) {
                 candidates.push(Due {
                     at,
                     reason: DueReason::Schedule {
                         every: None,
-                        schedule: schedule.clone(),
+                        schedule: schedule.to_string(),
                     },
                 });
             }
@@ -210,18 +260,36 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn slot(every: Option<&str>, schedule: Option<&str>, tz: &str, overlap: &str) -> SlotSpec {
-        SlotSpec {
-            name: "s".into(),
-            kind: KeyKind::ApiKey,
-            description: None,
-            acl: vec![],
-            rotate_every: every.map(|e| duration::parse(e).unwrap()),
-            schedule: schedule.map(str::to_string),
-            timezone: tz.into(),
-            overlap: duration::parse(overlap).unwrap(),
-            sinks: vec!["x".into()],
+    /// A slot's policy in the tests' terms; its schedule lives as long as the test.
+    struct Slot {
+        kind: KeyKind,
+        rotate_every: Option<SignedDuration>,
+        schedule: Option<Schedule>,
+        overlap: SignedDuration,
+    }
+
+    impl Slot {
+        fn policy(&self) -> Policy<'_> {
+            Policy {
+                kind: self.kind,
+                rotate_every: self.rotate_every,
+                schedule: self.schedule.as_ref(),
+                overlap: self.overlap,
+            }
         }
+    }
+
+    fn slot(every: Option<&str>, schedule: Option<&str>, tz: &str, overlap: &str) -> Slot {
+        Slot {
+            kind: KeyKind::ApiKey,
+            rotate_every: every.map(|e| duration::parse(e).unwrap()),
+            schedule: schedule.map(|s| Schedule::parse(s, tz).unwrap()),
+            overlap: duration::parse(overlap).unwrap(),
+        }
+    }
+
+    fn next_due(s: &Slot, key: Option<KeyFacts>) -> Option<Due> {
+        super::next_due(&s.policy(), key)
     }
 
     fn key(created: &str) -> Option<KeyFacts> {
@@ -353,7 +421,7 @@ mod tests {
         ) {
             let mut s = slot(None, None, ZONES[zone], "1h");
             s.rotate_every = every.map(SignedDuration::from_secs);
-            s.schedule = sched.map(|i| SCHEDULES[i].to_string());
+            s.schedule = sched.map(|i| Schedule::parse(SCHEDULES[i], ZONES[zone]).unwrap());
             let created = Timestamp::from_second(created).unwrap();
             let k = Some(KeyFacts { kind: KeyKind::ApiKey, created_at: created, expires_at: None });
             if let Some(d) = next_due(&s, k) {

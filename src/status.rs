@@ -59,7 +59,7 @@ pub fn entries(config: &Config, observed: &Observed, state: &State, now: Timesta
             match book.current.get(slot_name) {
                 Some(k) => {
                     let next = crate::rotation::next_due(
-                        slot,
+                        &slot.policy(),
                         Some(crate::rotation::KeyFacts {
                             kind: k.kind,
                             created_at: k.created_at,

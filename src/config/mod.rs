@@ -22,6 +22,7 @@ use raw::Pos;
 use resolve::{Ctx, Diags};
 
 pub use crate::model::{KeyKind, ProviderType};
+pub use crate::rotation::{Policy, Schedule};
 
 /// A problem found in a config file, located at a line and column (1-based).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,14 +173,26 @@ pub struct SlotSpec {
     /// ngrok credentials only.
     pub acl: Vec<String>,
     pub rotate_every: Option<SignedDuration>,
-    /// Validated cron text (5 or 6 fields).
-    pub schedule: Option<String>,
+    /// The cron schedule (5 or 6 fields), parsed once with its time zone.
+    pub schedule: Option<Schedule>,
     /// IANA zone name for `schedule`; default `UTC`.
     pub timezone: String,
     /// Default 24h.
     pub overlap: SignedDuration,
     /// Sink names, at least one, all defined.
     pub sinks: Vec<String>,
+}
+
+impl SlotSpec {
+    /// The slot's rotation policy, for the due-time engine.
+    pub fn policy(&self) -> Policy<'_> {
+        Policy {
+            kind: self.kind,
+            rotate_every: self.rotate_every,
+            schedule: self.schedule.as_ref(),
+            overlap: self.overlap,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

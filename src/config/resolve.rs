@@ -20,7 +20,7 @@ use super::yaml::Broken;
 use super::{
     Config, Diagnostic, KeyKind, Mode, ProviderAccount, ProviderAuth, ProviderType, Prune,
     PruneKeys, PruneUsers, RateLimit, Settings, Severity, SinkConfig, SinkFormat, SinkKind,
-    SlotSpec, UserSpec,
+    Schedule, SlotSpec, UserSpec,
 };
 use crate::duration;
 
@@ -1029,6 +1029,10 @@ impl Ctx<'_> {
                     format!("overlap {} is longer than 48h: ASA expires the replaced key 2 days after a rotation, so it stops working before the overlap ends", duration::format(o.value)),
                 );
             }
+            let zone = timezone
+                .as_ref()
+                .map(|t| t.value.clone())
+                .unwrap_or_else(|| "UTC".to_string());
             out.insert(
                 slot_name.clone(),
                 SlotSpec {
@@ -1037,10 +1041,17 @@ impl Ctx<'_> {
                     description,
                     acl,
                     rotate_every: rotate_every.map(|r| r.value),
-                    schedule: schedule.map(|s| s.value),
-                    timezone: timezone
-                        .map(|t| t.value)
-                        .unwrap_or_else(|| "UTC".to_string()),
+                    schedule: schedule.and_then(|s| {
+                        // Both halves were checked on their own; together they parse.
+                        match Schedule::parse(&s.value, &zone) {
+                            Ok(parsed) => Some(parsed),
+                            Err(e) => {
+                                self.d.error(s.pos, e);
+                                None
+                            }
+                        }
+                    }),
+                    timezone: zone,
                     overlap: overlap_value,
                     sinks: slot_sinks,
                 },

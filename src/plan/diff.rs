@@ -485,7 +485,7 @@ fn rotation_due(
         created_at: key.created_at,
         expires_at: key.expires_at,
     };
-    Err(rotation::next_due(slot, Some(facts)))
+    Err(rotation::next_due(&slot.policy(), Some(facts)))
 }
 
 fn plan_undeclared_users(
