@@ -14,9 +14,10 @@ use crate::apply::{Executor, Report};
 use crate::config::{Config, Diagnostic, Loaded};
 use crate::journal;
 use crate::model::Observed;
+use crate::oplog::Unfinished;
 use crate::plan::{self, Plan, PlanOptions, Warning};
 use crate::providers::{self, Provider, ProviderError};
-use crate::recovery::{self, Recovery};
+use crate::recovery::{self, Recovery, SinkProbes};
 use crate::state::{State, StateDir, StateLock};
 
 /// What one observation found.
@@ -257,7 +258,7 @@ impl Engine {
         // What the sinks hold is read here, off the async threads; recovery itself is pure.
         let probes = {
             let (ops, config) = (unfinished.clone(), Arc::clone(&self.config));
-            tokio::task::spawn_blocking(move || recovery::probe_sinks(&ops, &config)).await?
+            tokio::task::spawn_blocking(move || probe_sinks(&ops, &config)).await?
         };
         let recovery = recovery::recover(&unfinished, &self.config, &observed, &probes, &mut state);
         for note in &recovery.notes {
@@ -325,4 +326,39 @@ impl Engine {
         )?;
         Ok(executor.run(plan, observed).await)
     }
+}
+
+/// Reads the sinks of every unfinished create or rotation whose key was created but whose
+/// delivery was never journaled: file I/O, so the caller runs it off the async threads.
+pub fn probe_sinks(unfinished: &[Unfinished], config: &Config) -> SinkProbes {
+    let mut out = SinkProbes::new();
+    for op in unfinished {
+        let (Some(slot), Some((key_id, _, _)), None) = (&op.slot, &op.created, &op.delivered)
+        else {
+            continue;
+        };
+        let Some(spec) = config
+            .users
+            .iter()
+            .find(|s| s.provider == op.provider && s.name == op.user)
+            .and_then(|s| s.slots.get(slot))
+        else {
+            continue;
+        };
+        let all = !spec.sinks.is_empty()
+            && spec.sinks.iter().all(|name| {
+                config.sinks.get(name).is_some_and(|sink| {
+                    crate::sinks::holds(sink, &op.provider, &op.user, slot, key_id)
+                })
+            });
+        if all {
+            out.insert((
+                op.provider.clone(),
+                op.user.clone(),
+                slot.clone(),
+                key_id.clone(),
+            ));
+        }
+    }
+    out
 }

@@ -16,6 +16,7 @@ pub mod files;
 pub mod journal;
 pub mod keys;
 pub mod model;
+pub mod oplog;
 pub mod plan;
 pub mod providers;
 pub mod recovery;

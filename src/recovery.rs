@@ -10,50 +10,15 @@ use std::collections::BTreeSet;
 use jiff::Timestamp;
 
 use crate::config::Config;
-use crate::journal::Unfinished;
 use crate::model::{Action, KeyKind, Observed, RemoteUser};
+use crate::oplog::Unfinished;
 use crate::plan::ForceTarget;
 use crate::state::{KeyRecord, State};
 
 /// Which created keys every sink of their slot verifiably holds (json and env file sinks that
 /// name the key id): `(provider, user, slot, key_id)`. Gathered by the caller, which reads the
-/// sink files; see [`probe_sinks`].
+/// sink files (`engine::probe_sinks`).
 pub type SinkProbes = BTreeSet<(String, String, String, String)>;
-
-/// Reads the sinks of every unfinished create or rotation whose key was created but whose
-/// delivery was never journaled: file I/O, so the caller runs it off the async threads.
-pub fn probe_sinks(unfinished: &[Unfinished], config: &Config) -> SinkProbes {
-    let mut out = SinkProbes::new();
-    for op in unfinished {
-        let (Some(slot), Some((key_id, _, _)), None) = (&op.slot, &op.created, &op.delivered)
-        else {
-            continue;
-        };
-        let Some(spec) = config
-            .users
-            .iter()
-            .find(|s| s.provider == op.provider && s.name == op.user)
-            .and_then(|s| s.slots.get(slot))
-        else {
-            continue;
-        };
-        let all = !spec.sinks.is_empty()
-            && spec.sinks.iter().all(|name| {
-                config.sinks.get(name).is_some_and(|sink| {
-                    crate::sinks::holds(sink, &op.provider, &op.user, slot, key_id)
-                })
-            });
-        if all {
-            out.insert((
-                op.provider.clone(),
-                op.user.clone(),
-                slot.clone(),
-                key_id.clone(),
-            ));
-        }
-    }
-    out
-}
 
 /// What recovery decided.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -59,6 +59,16 @@ pub fn hide_url_password(text: &str) -> Cow<'_, str> {
     Cow::Owned(format!("{}***{}", &text[..start], &text[end..]))
 }
 
+/// Whether a name can stand in for a placeholder of a sink's path or command: not empty, not
+/// `.` or `..`, no `/` and no control character.
+pub fn fits_placeholder(value: &str) -> bool {
+    !(value.is_empty()
+        || value == "."
+        || value == ".."
+        || value.contains('/')
+        || has_control(value))
+}
+
 /// Abbreviates a key id for people: `ak_2abc…ghij`. The tail is kept because ids are
 /// time-ordered, so keys minted close together share their first characters.
 pub fn short_id(id: &str) -> String {

@@ -19,8 +19,8 @@ use super::raw::{
 use super::yaml::Broken;
 use super::{
     Config, Diagnostic, KeyKind, Mode, ProviderAccount, ProviderAuth, ProviderType, Prune,
-    PruneKeys, PruneUsers, RateLimit, Settings, Severity, SinkConfig, SinkFormat, SinkKind,
-    Schedule, SlotSpec, UserSpec,
+    PruneKeys, PruneUsers, RateLimit, Schedule, Settings, Severity, SinkConfig, SinkFormat,
+    SinkKind, SlotSpec, UserSpec,
 };
 use crate::duration;
 
@@ -699,7 +699,7 @@ impl Ctx<'_> {
         };
         for (placeholder, what, value, pos) in names {
             // Empty names have their own error.
-            if value.is_empty() || crate::sinks::fits_placeholder(value) {
+            if value.is_empty() || crate::text::fits_placeholder(value) {
                 continue;
             }
             if templates.iter().any(|t| t.contains(placeholder)) {

@@ -111,15 +111,7 @@ impl SinkDocument {
     }
 }
 
-/// Whether a name can stand in for a placeholder of a sink's path or command: not empty, not
-/// `.` or `..`, no `/` and no control character.
-pub fn fits_placeholder(value: &str) -> bool {
-    !(value.is_empty()
-        || value == "."
-        || value == ".."
-        || value.contains('/')
-        || crate::text::has_control(value))
-}
+pub use crate::text::fits_placeholder;
 
 /// Fills `{provider} {user} {slot} {key_id}` in a path or argument. A value that could escape
 /// a directory (`/`, `..`, NUL) or holds a control character is refused rather than written
