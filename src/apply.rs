@@ -17,12 +17,13 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SinkConfig};
-use crate::journal::{Event, Journal};
 use crate::model::{KeyTag, Observed, RemoteKey, RemoteUser};
+use crate::oplog::Event;
 use crate::plan::{Action, Change, Op, Plan, SlotTarget};
 use crate::providers::{NewKey, Provider};
 use crate::sinks::{self, SinkDocument};
-use crate::state::{KeyRecord, State, StateDir};
+use crate::state::{KeyRecord, State};
+use crate::store::{JournalLog, Store};
 use crate::text::short_id;
 
 /// Changes with their position in the plan.
@@ -142,11 +143,12 @@ pub fn describe(c: &Change) -> String {
 pub struct Executor {
     pub config: Arc<Config>,
     pub providers: BTreeMap<String, Arc<dyn Provider>>,
-    pub state_dir: StateDir,
+    /// Where the state and the journal are kept.
+    pub store: Arc<dyn Store>,
     pub state: Mutex<State>,
     /// The highest state serial known to be on disk (group commit).
     pub written: Mutex<u64>,
-    journal: Arc<Journal>,
+    journal: Arc<dyn JournalLog>,
     /// Journal operations begun and not yet finished.
     open_ops: AtomicUsize,
     /// Once cancelled, no new change starts (the one in flight finishes).
@@ -158,16 +160,10 @@ impl Executor {
     pub fn new(
         config: Arc<Config>,
         providers: BTreeMap<String, Arc<dyn Provider>>,
-        state_dir: StateDir,
+        store: Arc<dyn Store>,
         state: State,
     ) -> anyhow::Result<Arc<Self>> {
-        Self::with_cancel(
-            config,
-            providers,
-            state_dir,
-            state,
-            CancellationToken::new(),
-        )
+        Self::with_cancel(config, providers, store, state, CancellationToken::new())
     }
 
     /// Like [`Executor::new`]; once `cancel` fires no new change starts (the one in flight for
@@ -175,15 +171,15 @@ impl Executor {
     pub fn with_cancel(
         config: Arc<Config>,
         providers: BTreeMap<String, Arc<dyn Provider>>,
-        state_dir: StateDir,
+        store: Arc<dyn Store>,
         state: State,
         cancel: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        let journal = Arc::new(Journal::open(&state_dir.dir)?);
+        let journal = store.journal()?;
         Ok(Arc::new(Executor {
             config,
             providers,
-            state_dir,
+            store,
             written: Mutex::new(state.serial),
             state: Mutex::new(state),
             journal,
@@ -303,7 +299,7 @@ impl Executor {
             let journal = Arc::clone(&self.journal);
             let reached: std::collections::HashSet<String> = observed.keys().cloned().collect();
             match tokio::task::spawn_blocking(move || {
-                journal.compact(|op| !reached.contains(&op.provider))
+                journal.compact(&|op| !reached.contains(&op.provider))
             })
             .await
             {
@@ -410,8 +406,8 @@ impl Executor {
             let state = self.state.lock().await;
             (state.clone(), state.serial)
         };
-        let dir = self.state_dir.clone();
-        tokio::task::spawn_blocking(move || dir.write(&snapshot)).await??;
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.write(&snapshot)).await??;
         *written = generation;
         Ok(())
     }

@@ -12,13 +12,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Executor, Report};
 use crate::config::{Config, Diagnostic, Loaded};
-use crate::journal;
 use crate::model::Observed;
 use crate::oplog::Unfinished;
 use crate::plan::{self, Plan, PlanOptions, Warning};
 use crate::providers::{self, Provider, ProviderError};
 use crate::recovery::{self, Recovery, SinkProbes};
-use crate::state::{State, StateDir, StateLock};
+use crate::state::State;
+use crate::store::{StateDir, Store, StoreLock};
 
 /// What one observation found.
 pub struct Observation {
@@ -40,7 +40,7 @@ pub struct Engine {
     /// One client per provider account, by account name.
     pub providers: BTreeMap<String, Arc<dyn Provider>>,
     /// Where the state, the journal and the lock live.
-    pub state_dir: StateDir,
+    pub store: Arc<dyn Store>,
     /// The process's shutdown: the clients stop waiting and sending, the executor stops
     /// starting changes (the one in flight finishes).
     pub shutdown: CancellationToken,
@@ -136,7 +136,7 @@ impl Engine {
             );
         }
         Ok(Engine {
-            state_dir: StateDir::new(config.settings.state_dir.clone()),
+            store: Arc::new(StateDir::new(config.settings.state_dir.clone())),
             config,
             warnings: loaded.warnings,
             providers: clients,
@@ -145,8 +145,8 @@ impl Engine {
     }
 
     /// Takes the state directory's exclusive lock.
-    pub fn lock(&self) -> anyhow::Result<StateLock> {
-        self.state_dir.lock()
+    pub fn lock(&self) -> anyhow::Result<StoreLock> {
+        self.store.lock()
     }
 
     /// Runs the pipeline once: observe (recovering what an interrupted run left) → plan (the
@@ -219,7 +219,7 @@ impl Engine {
         persist: bool,
         include: &(dyn Fn(&str) -> bool + Sync),
     ) -> anyhow::Result<Observation> {
-        let mut state = self.state_dir.load()?;
+        let mut state = self.store.load()?;
         // The users whose keys matter: declared ones, and those keyward recorded (prune).
         let mut managed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         for u in &self.config.users {
@@ -253,8 +253,8 @@ impl Engine {
                 Err(e) => failures.push(e),
             }
         }
-        let entries = journal::read(&self.state_dir.dir)?;
-        let unfinished = journal::unfinished(&entries);
+        let entries = self.store.journal_entries()?;
+        let unfinished = crate::oplog::unfinished(&entries);
         // What the sinks hold is read here, off the async threads; recovery itself is pure.
         let probes = {
             let (ops, config) = (unfinished.clone(), Arc::clone(&self.config));
@@ -266,10 +266,12 @@ impl Engine {
         }
         if persist && !entries.is_empty() {
             if recovery.changed {
-                self.state_dir.save(&mut state)?;
+                state.serial += 1;
+                self.store.write(&state)?;
             }
-            journal::Journal::open(&self.state_dir.dir)?
-                .compact(|op| !observed.contains_key(&op.provider))?;
+            self.store
+                .journal()?
+                .compact(&|op| !observed.contains_key(&op.provider))?;
         }
         Ok(Observation {
             observed,
@@ -320,7 +322,7 @@ impl Engine {
         let executor = Executor::with_cancel(
             Arc::clone(&self.config),
             self.providers.clone(),
-            self.state_dir.clone(),
+            Arc::clone(&self.store),
             state,
             cancel,
         )?;

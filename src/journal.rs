@@ -82,12 +82,12 @@ impl Journal {
 
     /// Empties the journal once everything in it is finished and recorded in the state.
     pub fn clear(&self) -> anyhow::Result<()> {
-        self.compact(|_| false)
+        self.compact(&|_| false)
     }
 
     /// Rewrites the journal (atomically, durably) keeping only the unfinished operations for
     /// which `keep` is true — those of accounts this run could not reach, say.
-    pub fn compact(&self, keep: impl Fn(&Unfinished) -> bool) -> anyhow::Result<()> {
+    pub fn compact(&self, keep: &dyn Fn(&Unfinished) -> bool) -> anyhow::Result<()> {
         let mut file = self
             .file
             .lock()

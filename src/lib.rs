@@ -26,4 +26,5 @@ pub mod sandbox;
 pub mod sinks;
 pub mod state;
 pub mod status;
+pub mod store;
 pub mod text;

@@ -1,15 +1,10 @@
-//! keyward's own record of what it created: for each provider account, the users it created and,
-//! for each key slot, the current key and the keys retiring after a rotation — ids, slots,
-//! timestamps and which sinks received the secret. Never a secret. Written atomically and
-//! durably (temp file, fsync, rename, fsync of the directory), mode 0600, under an exclusive
-//! lock so two keyward processes never write at once.
+//! keyward's own record of what it created, as data: for each provider account, the users it
+//! created and, for each key slot, the current key and the keys retiring after a rotation —
+//! ids, slots, timestamps and which sinks received the secret. Never a secret. Where it is kept
+//! (files, a database) is [`crate::store`]'s business.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
-use std::path::PathBuf;
 
-use anyhow::Context;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -256,160 +251,37 @@ impl State {
     }
 }
 
-/// Another keyward process holds the state lock (the daemon tries again shortly).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Locked(pub String);
-
-/// The state directory: state file, journal and lock.
-#[derive(Debug, Clone)]
-pub struct StateDir {
-    pub dir: PathBuf,
-}
-
-/// Holds the exclusive lock on a state directory until dropped.
-#[derive(Debug)]
-pub struct StateLock {
-    _file: File,
-}
-
-impl StateDir {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        StateDir { dir: dir.into() }
-    }
-
-    pub fn state_path(&self) -> PathBuf {
-        self.dir.join("state.json")
-    }
-
-    /// Creates the directory (0700) if needed, and refuses one that another user owns or can
-    /// write in (they could plant links to files keyward would then overwrite).
-    pub fn ensure(&self) -> anyhow::Result<()> {
-        crate::files::create_private_dir(&self.dir, "state directory")
-    }
-
-    /// Takes the exclusive lock, failing at once (with who to blame) if another process holds it.
-    pub fn lock(&self) -> anyhow::Result<StateLock> {
-        self.ensure()?;
-        let path = self.dir.join("lock");
-        let mut file = crate::files::open_private(&path, false)
-            .with_context(|| format!("opening lock file {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = crate::files::read_bounded(&path, 4096, false)
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .unwrap_or_default();
-                return Err(anyhow::Error::new(Locked(format!(
-                    "the state directory {} is locked by another keyward process{}; wait for it to finish",
-                    self.dir.display(),
-                    if holder.trim().is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", crate::text::escape(holder.trim()))
-                    }
-                ))));
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("locking {}", path.display()));
-            }
-        }
-        file.set_len(0)?;
-        let _ = writeln!(file, "pid {}", std::process::id());
-        Ok(StateLock { _file: file })
-    }
-
-    /// Loads the state; a missing file is an empty state, a corrupt one an error (never
-    /// silently replaced: it is the only record of which keys keyward created).
-    pub fn load(&self) -> anyhow::Result<State> {
-        let path = self.state_path();
-        if self.dir.exists() {
-            self.ensure()?;
-        }
-        match crate::files::read_bounded(&path, crate::files::MAX_STATE_BYTES, false) {
-            Ok(bytes) => {
-                let state: State = serde_json::from_slice(&bytes).with_context(|| {
-                    format!("the state file {} is not valid; fix or move it aside (keyward will not overwrite it)", path.display())
-                })?;
-                if state.format_version > FORMAT_VERSION {
-                    anyhow::bail!(
-                        "the state file {} has format version {}, newer than this keyward understands ({})",
-                        path.display(),
-                        state.format_version,
-                        FORMAT_VERSION
-                    );
-                }
-                Ok(state)
-            }
-            Err(e) if e.is_not_found() => Ok(State {
-                format_version: FORMAT_VERSION,
-                ..State::default()
-            }),
-            Err(e) => Err(anyhow::anyhow!(
-                "cannot read the state file {}: {e}",
-                path.display()
-            )),
-        }
-    }
-
-    /// Writes the state durably; bumps its serial.
-    pub fn save(&self, state: &mut State) -> anyhow::Result<()> {
-        state.serial += 1;
-        self.write(state)
-    }
-
-    /// Writes the state durably as it is.
-    pub fn write(&self, state: &State) -> anyhow::Result<()> {
-        self.ensure()?;
-        let mut bytes = serde_json::to_vec_pretty(&State {
-            format_version: FORMAT_VERSION,
-            ..state.clone()
-        })?;
-        bytes.push(b'\n');
-        crate::files::write_private_file(&self.state_path(), &bytes)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn save_then_load_round_trips_with_private_mode() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = StateDir::new(tmp.path().join("nested/state"));
-        let mut st = dir.load().unwrap();
-        assert_eq!(st.serial, 0);
-        st.record_user("ngrok", "ci", "bot_1", true, None);
-        dir.save(&mut st).unwrap();
-        let back = dir.load().unwrap();
-        assert_eq!(back, st);
-        assert_eq!(back.serial, 1);
-        let mode = std::fs::metadata(dir.state_path())
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let dmode = std::fs::metadata(&dir.dir).unwrap().permissions().mode();
-        assert_eq!(dmode & 0o777, 0o700);
-    }
-
-    #[test]
-    fn corrupt_state_is_an_error_not_a_reset() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = StateDir::new(tmp.path());
-        std::fs::write(dir.state_path(), b"{not json").unwrap();
-        let err = dir.load().unwrap_err().to_string();
-        assert!(err.contains("not valid"), "{err}");
-    }
-
-    #[test]
-    fn second_lock_is_refused() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = StateDir::new(tmp.path());
-        let _held = dir.lock().unwrap();
-        let err = dir.lock().unwrap_err().to_string();
-        assert!(err.contains("locked by another keyward process"), "{err}");
+    fn promote_retires_the_previous_key_and_forget_drops_any_role() {
+        let key = |id: &str| KeyRecord {
+            id: id.into(),
+            kind: KeyKind::ApiKey,
+            created_at: Timestamp::UNIX_EPOCH,
+            delivered_at: Timestamp::UNIX_EPOCH,
+            sinks: vec!["local".into()],
+            retire_after: None,
+        };
+        let until = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
+        let mut slot = SlotRecord::default();
+        assert_eq!(slot.promote(key("a"), until, |_| true), None);
+        slot.add_orphan("b");
+        // Promoting the orphan itself (recovered as delivered) clears it from the orphans.
+        assert_eq!(
+            slot.promote(key("b"), until, |_| true).as_deref(),
+            Some("a")
+        );
+        assert!(slot.orphans().is_empty());
+        assert_eq!(slot.retiring()[0].retire_after, Some(until));
+        // A replaced key the provider no longer has does not retire.
+        assert_eq!(slot.promote(key("c"), until, |id| id != "b"), None);
+        assert_eq!(slot.retiring().len(), 1);
+        slot.forget("a");
+        slot.forget("c");
+        assert!(slot.current().is_none() && slot.retiring().is_empty());
+        assert!(!slot.holds("a"));
     }
 }

@@ -13,7 +13,8 @@ use keyward::config::*;
 use keyward::model::*;
 use keyward::plan::{Action, PlanOptions, plan};
 use keyward::providers::{CreatedKey, NewKey, Provider, ProviderError};
-use keyward::state::{KeyRecord, SlotRecord, State, StateDir, UserRecord};
+use keyward::state::{KeyRecord, SlotRecord, State, UserRecord};
+use keyward::store::StateDir;
 use proptest::prelude::*;
 use secrecy::SecretString;
 
@@ -412,7 +413,7 @@ proptest! {
         let executor = Executor::new(
             Arc::new(config.clone()),
             BTreeMap::from([("ng".to_string(), fake.clone() as Arc<dyn Provider>)]),
-            sd.clone(),
+            Arc::new(sd.clone()),
             st,
         )
         .unwrap();

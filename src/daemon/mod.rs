@@ -277,7 +277,7 @@ impl Daemon {
             .await;
         let run = match run {
             Ok(run) => run,
-            Err(e) if e.downcast_ref::<crate::state::Locked>().is_some() => {
+            Err(e) if e.downcast_ref::<crate::store::Locked>().is_some() => {
                 tracing::warn!("{e:#}; trying again in {}s", LOCKED_RETRY.as_secs());
                 self.requeue = Some(Next {
                     at: Instant::now() + LOCKED_RETRY,
@@ -381,7 +381,7 @@ impl Daemon {
         };
 
         // Metrics from what was observed and the state as it is now on disk.
-        let state = self.engine.state_dir.load().unwrap_or(run.state);
+        let state = self.engine.store.load().unwrap_or(run.state);
         self.metrics.set_keys(&crate::status::entries(
             &self.engine.config,
             &run.observed,
