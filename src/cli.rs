@@ -110,6 +110,7 @@ pub enum Command {
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Run plan, apply and status against a built-in sandbox: no account needed.
+    #[cfg_attr(not(feature = "demo"), command(hide = true))]
     Demo,
 }
 
@@ -121,7 +122,15 @@ pub fn main() -> ExitCode {
     }
     init_logging(&cli);
     if let Command::Demo = cli.command {
+        #[cfg(feature = "demo")]
         return crate::demo::main(&cli);
+        #[cfg(not(feature = "demo"))]
+        {
+            eprintln!(
+                "error: this keyward is built without the demo (the sandbox is not in the product); in the source directory run `cargo run --release --features demo -- demo`"
+            );
+            return ExitCode::from(1);
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

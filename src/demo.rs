@@ -1,14 +1,23 @@
-//! `keyward demo`: the quick start. Starts the bundled ngrok sandbox in-process on a loopback
-//! port, points `config/sandbox.yaml` at it, and runs plan → apply → status → rotate → status →
-//! plan, printing each step, so anyone can watch keyward work without a provider account.
+//! `keyward demo` (cargo feature `demo`): the quick start. Starts the provider emulators of the
+//! `keyward-sandbox` crate in-process on a loopback port, then runs this same binary's plan →
+//! apply → status → rotate → status → plan against them with `config/sandbox.yaml`, printing
+//! each step, so anyone can watch keyward work without a provider account.
+//!
+//! Each step is a child `keyward` process, exactly the command a user would type; the sandbox's
+//! address and admin key reach the steps through their environment (this process's own
+//! environment is never changed).
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command, run};
-use crate::sandbox::{Sandbox, SandboxOptions};
+use anyhow::Context as _;
+use keyward_sandbox::{Sandbox, SandboxOptions};
 
-/// Runs the demo. Called before any runtime or thread exists (the environment is set here).
+use crate::cli::{Cli, LogFormat};
+use crate::config::{self, Loaded, SinkKind};
+
+/// Runs the demo; the steps get the global flags `cli` was given.
 pub fn main(cli: &Cli) -> ExitCode {
     match demo(cli) {
         Ok(code) => code,
@@ -30,130 +39,111 @@ fn demo(cli: &Cli) -> anyhow::Result<ExitCode> {
             config.display()
         );
     }
-    // A port that was free a moment ago, and a fresh admin key for this sandbox only.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let admin_key = format!("demo_{}", random_token());
-    let url = format!("http://127.0.0.1:{port}");
-    // SAFETY: no other thread exists yet (the async runtime starts below), so nothing can read
-    // the environment concurrently.
-    unsafe {
-        std::env::set_var("KEYWARD_SANDBOX_URL", &url);
-        std::env::set_var("NGROK_API_KEY", &admin_key);
-    }
+    let exe = std::env::current_exe().context("cannot find the keyward binary to run the steps")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let sandbox = Sandbox::start(
-            ([127, 0, 0, 1], port).into(),
-            SandboxOptions {
-                admin_key: Some(admin_key),
-                ..SandboxOptions::default()
-            },
-        )
-        .await?;
+        let sandbox = Sandbox::start(([127, 0, 0, 1], 0).into(), SandboxOptions::default()).await?;
         eprintln!("keyward demo: sandbox running at {}", sandbox.url());
-
-        // The sandbox is new, so any state from an earlier demo describes keys that are gone.
-        if let Ok(loaded) = crate::config::load(&config) {
-            let stale = loaded.config.settings.state_dir.join("state.json");
-            if stale.exists() {
-                std::fs::remove_file(&stale)?;
-            }
-        }
-        let first_user = crate::config::load(&config)
-            .ok()
-            .and_then(|l| l.config.users.first().map(|u| u.name.clone()));
-
-        let mut steps: Vec<(&str, Command)> = vec![
-            (
-                "keyward plan",
-                Command::Plan {
-                    json: false,
-                    out: None,
-                    detailed_exitcode: false,
-                    only: vec![],
-                },
-            ),
-            (
-                "keyward apply --auto-approve",
-                Command::Apply {
-                    auto_approve: true,
-                    only: vec![],
-                    planfile: None,
-                },
-            ),
-            ("keyward status", Command::Status { json: false }),
+        let env = [
+            ("KEYWARD_SANDBOX_URL", sandbox.url()),
+            ("NGROK_API_KEY", sandbox.ngrok_admin_key()),
         ];
-        if let Some(user) = first_user {
-            steps.push((
-                "keyward rotate (first user) --auto-approve",
-                Command::Rotate {
-                    targets: vec![user],
-                    auto_approve: true,
-                },
-            ));
-            steps.push(("keyward status", Command::Status { json: false }));
-        }
-        steps.push((
-            "keyward plan --detailed-exitcode",
-            Command::Plan {
-                json: false,
-                out: None,
-                detailed_exitcode: true,
-                only: vec![],
-            },
-        ));
-        let mut code = ExitCode::SUCCESS;
-        for (title, command) in steps {
-            println!("\n$ {title}");
-            let step = Cli {
-                config: Some(config.clone()),
-                log_format: cli.log_format,
-                verbose: cli.verbose,
-                quiet: cli.quiet,
-                no_color: cli.no_color,
-                command,
-            };
-            let c = run(&step).await;
-            if c != ExitCode::SUCCESS {
-                code = c;
-                break;
-            }
-        }
-        if code == ExitCode::SUCCESS
-            && let Ok(loaded) = crate::config::load(&config)
-        {
-            println!(
-                "\nThe secrets were delivered under {} (mode 0600); keyward's state is in {}.",
-                loaded
-                    .config
-                    .sinks
-                    .values()
-                    .find_map(|s| match &s.kind {
-                        crate::config::SinkKind::File { path, .. } => Some(path.clone()),
-                        _ => None,
-                    })
-                    .unwrap_or_default(),
-                loaded.config.settings.state_dir.display()
-            );
-        }
+        let code = steps(cli, &exe, &config, &env).await;
         sandbox.shutdown().await;
-        Ok(code)
+        code
     })
 }
 
-fn random_token() -> String {
-    use rand::Rng;
-    let mut rng = rand::rng();
-    (0..32)
-        .map(|_| {
-            char::from(
-                b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-                    [rng.random_range(0..62)],
-            )
+/// Runs the steps against the sandbox `env` describes; stops at the first that fails.
+async fn steps(
+    cli: &Cli,
+    exe: &Path,
+    config: &Path,
+    env: &[(&str, String)],
+) -> anyhow::Result<ExitCode> {
+    let lookup = |name: &str| {
+        env.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var(name).ok())
+    };
+    let loaded = config::load_with_env(config, &lookup).ok();
+    // The sandbox is new, so any state from an earlier demo describes keys that are gone.
+    if let Some(loaded) = &loaded {
+        let stale = loaded.config.settings.state_dir.join("state.json");
+        if stale.exists() {
+            std::fs::remove_file(&stale)
+                .with_context(|| format!("cannot remove {}", stale.display()))?;
+        }
+    }
+    let first_user = loaded
+        .as_ref()
+        .and_then(|l| l.config.users.first().map(|u| u.name.clone()));
+
+    let mut steps: Vec<Vec<String>> = vec![
+        vec!["plan".into()],
+        vec!["apply".into(), "--auto-approve".into()],
+        vec!["status".into()],
+    ];
+    if let Some(user) = first_user {
+        steps.push(vec!["rotate".into(), user, "--auto-approve".into()]);
+        steps.push(vec!["status".into()]);
+    }
+    steps.push(vec!["plan".into(), "--detailed-exitcode".into()]);
+
+    for step in steps {
+        println!("\n$ keyward {}", step.join(" "));
+        let status = tokio::process::Command::new(exe)
+            .arg("--config")
+            .arg(config)
+            .args(global_flags(cli))
+            .args(&step)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .status()
+            .await
+            .with_context(|| format!("cannot run {}", exe.display()))?;
+        if !status.success() {
+            let code = status.code().and_then(|c| u8::try_from(c).ok());
+            return Ok(ExitCode::from(code.filter(|&c| c != 0).unwrap_or(1)));
+        }
+    }
+    if let Some(loaded) = &loaded {
+        print_where(loaded);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The demo's own global flags, for each step.
+fn global_flags(cli: &Cli) -> Vec<OsString> {
+    let mut flags: Vec<OsString> = Vec::new();
+    if cli.log_format == LogFormat::Json {
+        flags.extend(["--log-format".into(), "json".into()]);
+    }
+    flags.extend((0..cli.verbose).map(|_| OsString::from("--verbose")));
+    if cli.quiet {
+        flags.push("--quiet".into());
+    }
+    if cli.no_color {
+        flags.push("--no-color".into());
+    }
+    flags
+}
+
+fn print_where(loaded: &Loaded) {
+    let secrets = loaded
+        .config
+        .sinks
+        .values()
+        .find_map(|s| match &s.kind {
+            SinkKind::File { path, .. } => Some(path.clone()),
+            _ => None,
         })
-        .collect()
+        .unwrap_or_default();
+    println!(
+        "\nThe secrets were delivered under {secrets} (mode 0600); keyward's state is in {}.",
+        loaded.config.settings.state_dir.display()
+    );
 }

@@ -4,11 +4,15 @@
 //!
 //! The flow is one direction: config → desired, providers → observed, state dir → state; the pure
 //! planner turns those into a [`plan::Plan`], which is rendered or executed by [`apply`].
+//!
+//! The provider emulators live in the `keyward-sandbox` crate; only the `demo` module (cargo
+//! feature `demo`) links them into this library.
 
 pub mod apply;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod duration;
 pub mod engine;
@@ -22,7 +26,6 @@ pub mod providers;
 pub mod recovery;
 pub mod redact;
 pub mod rotation;
-pub mod sandbox;
 pub mod sinks;
 pub mod state;
 pub mod status;

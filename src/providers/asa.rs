@@ -848,12 +848,13 @@ mod tests {
     }
 }
 
-/// The client against the in-process sandbox: tokens, renewal, 401 re-issue, paging, mapping.
+/// The client against the in-process sandbox (the `keyward-sandbox` dev-dependency): tokens,
+/// renewal, 401 re-issue, paging, mapping.
 #[cfg(test)]
 mod sandbox_tests {
     use super::*;
     use crate::config::RateLimit;
-    use crate::sandbox::{Sandbox, SandboxOptions};
+    use keyward_sandbox::{Sandbox, SandboxOptions};
     use serde_json::{Value, json};
 
     async fn start(token_lifetime: Duration) -> Sandbox {
@@ -1019,7 +1020,7 @@ mod sandbox_tests {
     #[tokio::test]
     async fn rate_limit_429_waits_for_retry_at_and_converges() {
         let sb = start(Duration::from_secs(600)).await;
-        sb.set_faults(crate::sandbox::Faults {
+        sb.set_faults(keyward_sandbox::Faults {
             rate_limit: Some((3, Duration::from_secs(1))),
             ..Default::default()
         });

@@ -1,5 +1,6 @@
-//! Local emulators of the provider APIs keyward manages (the "sandbox"), used by the quick start,
-//! the `demo` command and every integration test.
+//! keyward-sandbox: local emulators of the provider APIs keyward manages (the "sandbox"), used by
+//! the quick start, the `demo` command (built with keyward's `demo` feature) and every
+//! integration test. Not part of the `keyward` product binary.
 //!
 //! One axum server hosts every emulated API at the root path (ngrok's official clients drop any
 //! base-URL path prefix): [`ngrok`] serves `/service_users`, `/bot_users`, `/api_keys`,
@@ -9,6 +10,7 @@
 //! memory.
 
 pub mod asa;
+pub mod cli;
 pub mod error;
 pub mod faults;
 pub mod ids;
