@@ -1,8 +1,8 @@
 //! The executor: runs a plan's changes against the providers in dependency order (a user before
 //! its keys, delivery before anything is recorded, a new key before the old one is revoked),
-//! users concurrently up to `settings.concurrency`, and writes the state after every change so
-//! an interrupted or partly failed apply is finished by the next run. It reports precisely what
-//! was done, what failed and what was not attempted.
+//! users concurrently up to `settings.concurrency`, and writes the state to the store after
+//! every change so an interrupted or partly failed apply is finished by the next run. It
+//! reports precisely what was done, what failed and what was not attempted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -32,24 +32,33 @@ type Numbered = Vec<(usize, Change)>;
 /// How one change ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {
+    /// Done, with a detail for the progress line.
     Done(String),
+    /// Failed, with the error chain (masked when printed).
     Failed(String),
+    /// Not attempted (keyward is shutting down, or an earlier change for the same user failed),
+    /// with why.
     NotAttempted(String),
 }
 
+/// One change of the plan and how it ended.
 #[derive(Debug, Clone)]
 pub struct ChangeResult {
+    /// The change.
     pub change: Change,
+    /// How it ended.
     pub outcome: Outcome,
 }
 
 /// What an apply did.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
+    /// Every change of the executed plan, in plan order.
     pub results: Vec<ChangeResult>,
 }
 
 impl Report {
+    /// How many changes failed.
     pub fn failed(&self) -> usize {
         self.results
             .iter()
@@ -57,6 +66,7 @@ impl Report {
             .count()
     }
 
+    /// How many changes were not attempted.
     pub fn not_attempted(&self) -> usize {
         self.results
             .iter()
@@ -64,6 +74,7 @@ impl Report {
             .count()
     }
 
+    /// How many changes were done.
     pub fn done(&self) -> usize {
         self.results
             .iter()
@@ -71,6 +82,7 @@ impl Report {
             .count()
     }
 
+    /// Whether every change was done.
     pub fn ok(&self) -> bool {
         self.failed() == 0 && self.not_attempted() == 0
     }
@@ -141,10 +153,13 @@ pub fn describe(c: &Change) -> String {
 
 /// Everything the executor works with.
 pub struct Executor {
+    /// The config, shared with the engine.
     pub config: Arc<Config>,
+    /// One client per provider account, by account name.
     pub providers: BTreeMap<String, Arc<dyn Provider>>,
     /// Where the state and the journal are kept.
     pub store: Arc<dyn Store>,
+    /// keyward's state, saved to the store after every change.
     pub state: Mutex<State>,
     /// The highest state serial known to be on disk (group commit).
     pub written: Mutex<u64>,

@@ -1,7 +1,8 @@
 //! The `keyward` command line: argument parsing (global flags work before or after the
-//! subcommand), logging setup, and one function per command wiring config → observe → plan →
-//! render / execute. stdout carries only a command's result; logs, progress and prompts go to
-//! stderr.
+//! subcommand), logging setup, and the commands: `plan`, `apply`, `rotate` and a saved-plan
+//! apply are each one [`Engine::run`] with a terminal operator that prints the plan and asks for
+//! confirmation; `status` observes and prints the key table. stdout carries only a command's
+//! result; logs, progress and prompts go to stderr.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use crate::model::Observed;
 use crate::plan::{self, Plan, PlanOptions};
 use crate::state::State;
 
+/// The `keyward` command line: global flags and one subcommand.
 #[derive(Debug, Parser)]
 #[command(
     name = "keyward",
@@ -47,16 +49,21 @@ pub struct Cli {
     /// No colour (also: the NO_COLOR environment variable).
     #[arg(long, global = true)]
     pub no_color: bool,
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// How log lines on stderr are written (`--log-format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line.
     Json,
 }
 
+/// The `keyward` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Parse and check the config; no network.
@@ -108,7 +115,10 @@ pub enum Command {
     /// Print the config file's JSON Schema (for editors).
     Schema,
     /// Print shell completions.
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// The shell to print completions for.
+        shell: clap_complete::Shell,
+    },
     /// Run plan, apply and status against a built-in sandbox: no account needed.
     #[cfg_attr(not(feature = "demo"), command(hide = true))]
     Demo,

@@ -1,5 +1,5 @@
 //! One reconcile pipeline shared by the commands and the daemon: a loaded config with its
-//! provider clients and state directory, and one entry point, [`Engine::run`]: observe (with
+//! provider clients and state store, and one entry point, [`Engine::run`]: observe (with
 //! crash recovery) → plan → review → check → approve → execute, returning a [`RunReport`].
 //! `keyward plan`, `apply`, `rotate`, a saved-plan apply and every daemon reconcile are this
 //! one run with different options; the caller decides only what to show and what to approve.
@@ -26,6 +26,7 @@ pub struct Observation {
     pub observed: Observed,
     /// keyward's state with any unfinished journal operations folded in.
     pub state: State,
+    /// What crash recovery made of the journal.
     pub recovery: Recovery,
     /// The accounts that did not answer, and why.
     pub failures: Vec<ProviderError>,
@@ -77,6 +78,7 @@ impl Operator for Unattended {}
 
 /// One run's request.
 pub struct RunRequest<'a> {
+    /// Plan only, or apply.
     pub mode: RunMode,
     /// `--only`, and slots to rotate now.
     pub opts: PlanOptions,
@@ -102,7 +104,9 @@ pub enum RunOutcome {
 
 /// What one run observed, planned and did.
 pub struct RunReport {
+    /// The plan, as computed (before any narrowing by a saved plan).
     pub plan: Plan,
+    /// How the run ended.
     pub outcome: RunOutcome,
     /// The executor's report, when the plan was executed.
     pub report: Option<Report>,

@@ -30,12 +30,20 @@ pub fn euid() -> u32 {
 /// Why a file could not be read as a bounded, regular input.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
+    /// The file could not be opened or read.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The path is not a regular file; the payload names what it is (directory, FIFO, …).
     #[error("it is not a regular file (a {0}); keyward reads only regular files here")]
     NotRegular(&'static str),
+    /// The file is larger than keyward reads; sizes in bytes.
     #[error("it is larger than {limit} bytes ({size} bytes)")]
-    TooLarge { size: u64, limit: u64 },
+    TooLarge {
+        /// The file's size.
+        size: u64,
+        /// The most keyward reads from it.
+        limit: u64,
+    },
 }
 
 impl ReadError {

@@ -1,6 +1,6 @@
 //! The journal: a write-ahead log in the state directory of every remote write keyward is about
 //! to make and how far it got — intent (durable before the write), key created, secret delivered
-//! (durable), done. It only records and reads back; what to make of what a crash left
+//! (durable), done. It records, compacts and reads back; what to make of what a crash left
 //! unfinished is [`crate::recovery`]'s to decide. Lines hold ids and names only, never a secret.
 
 use std::fs::File;
@@ -22,6 +22,7 @@ pub struct Journal {
 }
 
 impl Journal {
+    /// The journal file in a state directory: `journal.jsonl`.
     pub fn path_in(state_dir: &Path) -> PathBuf {
         state_dir.join("journal.jsonl")
     }

@@ -1,5 +1,5 @@
-//! One classification of the keys on a service user, used by the planner, `status` and crash
-//! recovery alike, so that they never disagree about a key: the slot's **current** key, keys
+//! One classification of the keys on a service user, used by the planner and `status` alike, so
+//! that they never disagree about a key: the slot's **current** key, keys
 //! **retiring** after a rotation, **orphans** (minted by keyward, never delivered: nobody holds
 //! them) and **unknown** keys (not keyward's). Keys on users the file does not declare are
 //! **unmanaged**, and never looked at here.
@@ -28,16 +28,24 @@ pub struct KeyBook<'a> {
 /// What one key is to keyward.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyClass {
+    /// The slot's recorded current key.
     Current {
+        /// The slot.
         slot: String,
     },
+    /// A key a rotation replaced, valid until its overlap ends.
     Retiring {
+        /// The slot.
         slot: String,
+        /// When it may be revoked (`retire_after` in the state).
         until: Option<Timestamp>,
     },
+    /// Minted by keyward for the slot and never delivered: nobody holds it.
     Orphan {
+        /// The slot.
         slot: String,
     },
+    /// Not created by keyward.
     Unknown,
 }
 

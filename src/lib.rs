@@ -2,11 +2,29 @@
 //! state one YAML file declares, delivering every new secret to a sink before anything it
 //! replaces is revoked.
 //!
-//! The flow is one direction: config → desired, providers → observed, state dir → state; the pure
-//! planner turns those into a [`plan::Plan`], which is rendered or executed by [`apply`].
+//! The flow is one direction: config → desired, providers → observed, store → state; the pure
+//! planner turns those into a [`plan::Plan`], which is rendered or executed by [`apply`]. One
+//! [`engine::Engine::run`] does this for every command and every daemon reconcile.
+//!
+//! Modules:
+//! - Input: [`config`] (the YAML file, resolved and validated), [`duration`] (`30d`, `90m`).
+//! - Remote: [`providers`] (the ngrok and Okta ASA clients behind one trait), [`model`] (what
+//!   they list: service users and keys).
+//! - keyward's record: [`state`] (what it created, as data), [`store`] (where state, journal
+//!   and lock are kept), [`journal`] (the write-ahead log), [`oplog`] (its record types).
+//! - Decisions, all pure: [`plan`] (the planner, the plan, its text and its JSON document),
+//!   [`keys`] (current, retiring, orphan and unknown keys), [`rotation`] (due times),
+//!   [`recovery`] (what a crash left unfinished), [`status`] (the key table).
+//! - Doing: [`engine`] (observe → plan → approve → execute), [`apply`] (the executor),
+//!   [`sinks`] (delivering a new secret), [`daemon`] (when to reconcile), [`cli`] (the
+//!   commands).
+//! - Safety: [`files`] (private files and directories, bounded reads), [`text`] (escaping
+//!   outside text for display), [`redact`] (masking the credentials keyward holds).
 //!
 //! The provider emulators live in the `keyward-sandbox` crate; only the `demo` module (cargo
 //! feature `demo`) links them into this library.
+
+#![deny(missing_docs)]
 
 pub mod apply;
 pub mod cli;

@@ -11,13 +11,16 @@ use serde::{Deserialize, Serialize};
 /// The kind of provider account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum ProviderType {
+    /// ngrok (`type: ngrok`).
     #[serde(rename = "ngrok")]
     Ngrok,
+    /// Okta Advanced Server Access / Privileged Access (`type: okta-asa`).
     #[serde(rename = "okta-asa")]
     OktaAsa,
 }
 
 impl ProviderType {
+    /// The name the config file uses: `ngrok` or `okta-asa`.
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderType::Ngrok => "ngrok",
@@ -36,11 +39,19 @@ impl fmt::Display for ProviderType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
+    /// Create a service user.
     CreateUser,
+    /// Change a service user's `active` flag.
     UpdateUser,
+    /// Mint a slot's first key.
     CreateKey,
+    /// Mint a slot's next key; the current one starts retiring (it is revoked once the overlap
+    /// ends).
     RotateKey,
+    /// Revoke a key: a retiring key whose overlap ended, an orphan, or an unknown key
+    /// (`prune.unknown_keys: revoke`).
     RevokeKey,
+    /// Delete a service user keyward created that left the file (`prune.users: delete`).
     DeleteUser,
 }
 
@@ -74,6 +85,7 @@ pub enum KeyKind {
 }
 
 impl KeyKind {
+    /// The config file's name for it: `api_key` or `credential`.
     pub fn as_str(self) -> &'static str {
         match self {
             KeyKind::ApiKey => "api_key",
@@ -91,24 +103,32 @@ impl fmt::Display for KeyKind {
 /// A service user as listed at the provider.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteUser {
+    /// The provider's id for the user.
     pub id: String,
+    /// The user's name, unique per provider account.
     pub name: String,
+    /// Whether the user is active (ngrok `active`, ASA status `ACTIVE`).
     pub active: bool,
     /// ASA's soft-deleted users keep their name reserved; ngrok has no such state.
     pub deleted: bool,
+    /// When the provider created it, where the provider says.
     pub created_at: Option<Timestamp>,
 }
 
 /// A key (API key or credential) as listed at the provider. Never carries a secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteKey {
+    /// The provider's id for the key: what keyward's state and the journal record.
     pub id: String,
+    /// API key or credential.
     pub kind: KeyKind,
     /// The owning service user's id; `None` for keys owned by a human or the account.
     pub owner_id: Option<String>,
+    /// The key's description (ngrok); empty where the provider has none (ASA).
     pub description: String,
     /// ngrok's free-form metadata string; keyward's tag lives here.
     pub metadata: String,
+    /// When the provider created it: the start of the key's age for `rotate_every`.
     pub created_at: Timestamp,
     /// Provider-side expiry (ASA); `None` = never.
     pub expires_at: Option<Timestamp>,
@@ -117,13 +137,17 @@ pub struct RemoteKey {
 /// The tag keyward writes into the `metadata` of every ngrok key it creates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyTag {
+    /// Always [`KeyTag::MANAGED_BY`] in a tag keyward wrote.
     pub managed_by: String,
+    /// The key slot the key was minted for.
     pub slot: String,
 }
 
 impl KeyTag {
+    /// The `managed_by` value that marks a key as keyward's.
     pub const MANAGED_BY: &'static str = "keyward";
 
+    /// The tag for a key minted for `slot`.
     pub fn new(slot: &str) -> Self {
         KeyTag {
             managed_by: Self::MANAGED_BY.to_string(),
@@ -146,15 +170,19 @@ impl KeyTag {
 /// Everything observed at one provider account: its service users and the keys they own.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountSnapshot {
+    /// Every service user listed, soft-deleted ones included.
     pub users: Vec<RemoteUser>,
+    /// Every key listed, whoever owns it.
     pub keys: Vec<RemoteKey>,
 }
 
 impl AccountSnapshot {
+    /// The user named `name` that is not (soft-)deleted.
     pub fn user_by_name(&self, name: &str) -> Option<&RemoteUser> {
         self.users.iter().find(|u| u.name == name && !u.deleted)
     }
 
+    /// The keys owned by the user with id `user_id`.
     pub fn keys_of<'a>(&'a self, user_id: &'a str) -> impl Iterator<Item = &'a RemoteKey> + 'a {
         self.keys
             .iter()

@@ -12,33 +12,49 @@ use crate::model::{Action, KeyKind};
 pub struct Entry {
     /// Which operation the line belongs to.
     pub seq: u64,
+    /// When the line was written.
     pub at: Timestamp,
+    /// The step it records.
     #[serde(flatten)]
     pub event: Event,
 }
 
+/// The step of a remote write a journal line records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// About to make a remote write.
     Intent {
+        /// What keyward is about to do.
         action: Action,
+        /// The provider account's name in the config.
         provider: String,
+        /// The service user's name.
         user: String,
+        /// The service user's id at the provider, when it exists already.
         user_id: Option<String>,
+        /// The key slot, for a key change.
         slot: Option<String>,
+        /// The key the write is about: the one a rotation replaces, or the one revoked.
         key_id: Option<String>,
+        /// A rotation forced by `keyward rotate` (a forced rotation cut short runs again).
         #[serde(default)]
         forced: bool,
     },
     /// The provider created this key (its secret is in memory only).
     Created {
+        /// The new key's id at the provider.
         key_id: String,
+        /// API key or credential.
         kind: KeyKind,
+        /// When the provider created it.
         created_at: Timestamp,
     },
     /// Every sink of the slot has the secret.
-    Delivered { sinks: Vec<String> },
+    Delivered {
+        /// The slot's sink names.
+        sinks: Vec<String>,
+    },
     /// Finished (successfully or not); nothing to recover.
     Done,
 }
@@ -46,15 +62,25 @@ pub enum Event {
 /// An operation the journal shows was started and not finished.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Unfinished {
+    /// The journal sequence number of its lines.
     pub seq: u64,
+    /// When its intent was recorded.
     pub started_at: Timestamp,
+    /// What it was to do.
     pub action: Action,
+    /// The provider account's name in the config.
     pub provider: String,
+    /// The service user's name.
     pub user: String,
+    /// The service user's id at the provider, if it existed when the write began.
     pub user_id: Option<String>,
+    /// The key slot, for a key change.
     pub slot: Option<String>,
+    /// A forced rotation.
     pub forced: bool,
+    /// The key the provider created, if it got that far: id, kind, creation time.
     pub created: Option<(String, KeyKind, Timestamp)>,
+    /// The sinks that received the secret and when, if it got that far.
     pub delivered: Option<(Vec<String>, Timestamp)>,
 }
 

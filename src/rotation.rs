@@ -95,35 +95,54 @@ impl std::fmt::Debug for Schedule {
 pub struct Policy<'a> {
     /// The kind of key the slot wants (a key of another kind is due at once).
     pub kind: KeyKind,
+    /// Rotate when the current key is older than this.
     pub rotate_every: Option<SignedDuration>,
+    /// Rotate only at these cron times (in their time zone).
     pub schedule: Option<&'a Schedule>,
+    /// How long a replaced key stays valid; a key that expires at the provider rotates this long
+    /// before it does.
     pub overlap: SignedDuration,
 }
 
 /// What the due-time engine knows about a slot's current key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyFacts {
+    /// API key or credential.
     pub kind: KeyKind,
+    /// When the provider created it: the start of its age.
     pub created_at: Timestamp,
+    /// When it expires at the provider (Okta ASA); `None`: never.
     pub expires_at: Option<Timestamp>,
 }
 
 /// Why a slot is (or will be) due.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DueReason {
+    /// The slot has no current key: due at once.
     NoKey,
+    /// The current key is of another kind than the slot wants: due at once.
     KindChanged {
+        /// The current key's kind.
         have: KeyKind,
+        /// The slot's kind.
         want: KeyKind,
     },
+    /// The key reached `rotate_every`.
     Age {
+        /// The slot's `rotate_every`.
         every: SignedDuration,
     },
+    /// A `schedule` time came (with `rotate_every`: the first one at or after the key reached
+    /// that age).
     Schedule {
+        /// The slot's `rotate_every`, if it has one.
         every: Option<SignedDuration>,
+        /// The cron expression as written.
         schedule: String,
     },
+    /// The key expires at the provider within the slot's overlap.
     Expiry {
+        /// When it expires.
         expires_at: Timestamp,
     },
 }
@@ -131,7 +150,9 @@ pub enum DueReason {
 /// When a slot becomes due, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Due {
+    /// When it becomes due (`Timestamp::MIN`: at once).
     pub at: Timestamp,
+    /// Why.
     pub reason: DueReason,
 }
 

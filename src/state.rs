@@ -13,8 +13,11 @@ use crate::model::KeyKind;
 /// The state file's layout version.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// keyward's record of what it created, across every provider account (`state.json` in the state
+/// directory).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
+    /// Always [`FORMAT_VERSION`] in a state keyward writes.
     pub format_version: u32,
     /// Incremented on every write.
     pub serial: u64,
@@ -23,6 +26,7 @@ pub struct State {
     pub accounts: BTreeMap<String, AccountState>,
 }
 
+/// What keyward recorded at one provider account.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AccountState {
     /// By user name.
@@ -30,11 +34,14 @@ pub struct AccountState {
     pub users: BTreeMap<String, UserRecord>,
 }
 
+/// A service user keyward manages, as recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UserRecord {
+    /// The user's id at the provider (a user with another id under the same name is another user).
     pub id: String,
     /// True when keyward created the user: only such users are ever pruned.
     pub created_by_keyward: bool,
+    /// When the provider created it, where the provider says.
     pub created_at: Option<Timestamp>,
     /// By slot name.
     #[serde(default)]
@@ -141,10 +148,14 @@ impl SlotRecord {
     }
 }
 
+/// A key keyward minted and delivered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeyRecord {
+    /// The key's id at the provider.
     pub id: String,
+    /// API key or credential.
     pub kind: KeyKind,
+    /// When the provider created it.
     pub created_at: Timestamp,
     /// When every sink of the slot had the secret.
     pub delivered_at: Timestamp,
@@ -156,14 +167,17 @@ pub struct KeyRecord {
 }
 
 impl State {
+    /// The record of the user `name` at the provider account `provider`.
     pub fn user(&self, provider: &str, name: &str) -> Option<&UserRecord> {
         self.accounts.get(provider)?.users.get(name)
     }
 
+    /// [`State::user`], to change.
     pub fn user_mut(&mut self, provider: &str, name: &str) -> Option<&mut UserRecord> {
         self.accounts.get_mut(provider)?.users.get_mut(name)
     }
 
+    /// The record of `slot` on `user` at the provider account `provider`.
     pub fn slot(&self, provider: &str, user: &str, slot: &str) -> Option<&SlotRecord> {
         self.user(provider, user)?.slots.get(slot)
     }
@@ -196,6 +210,7 @@ impl State {
         }
     }
 
+    /// Forgets the user `name` at `provider` with all its slots (once it is deleted).
     pub fn forget_user(&mut self, provider: &str, name: &str) {
         if let Some(acc) = self.accounts.get_mut(provider) {
             acc.users.remove(name);

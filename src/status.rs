@@ -10,18 +10,27 @@ use crate::model::Observed;
 use crate::state::State;
 use crate::text::short_id;
 
+/// One row of `keyward status`: a key on a declared user, or a declared slot without a key.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Entry {
+    /// The provider account's name in the config.
     pub provider: String,
+    /// The service user's name.
     pub user: String,
+    /// The key slot; `None` for a key keyward did not create.
     pub slot: Option<String>,
+    /// The key's id at the provider; `None` for a slot without a key.
     pub key_id: Option<String>,
     /// `current`, `retiring`, `orphan` (minted, never delivered: the next run revokes it),
     /// `unknown`, `overdue` or `missing` (declared slot without a key).
     pub state: String,
+    /// When the provider created the key.
     pub created_at: Option<Timestamp>,
+    /// The key's age at `now`, in seconds.
     pub age_seconds: Option<i64>,
+    /// When the key expires at the provider (Okta ASA); `None`: never.
     pub expires_at: Option<Timestamp>,
+    /// For a declared slot's current key: when it is next due for rotation (`None`: never).
     pub next_rotation: Option<Timestamp>,
     /// For a retiring key: when it will be revoked.
     pub revoke_after: Option<Timestamp>,

@@ -1,8 +1,8 @@
 //! The state store boundary: where keyward keeps its [`State`], its journal and its lock. The
-//! planner, the executor, recovery and the daemon see only the [`Store`] and [`JournalLog`]
-//! traits; [`StateDir`] is the default backend (files in `settings.state_dir`), and a second
-//! backend (a database shared by several hosts) implements the same traits without touching
-//! them.
+//! engine, the executor and the daemon see only the [`Store`] and [`JournalLog`] traits (the
+//! planner and recovery see no store at all: they are given a [`State`]); [`StateDir`] is the
+//! default and only backend (files in `settings.state_dir`), and another one (a database shared
+//! by several hosts, say) would implement the same traits without touching them.
 
 use std::fs::File;
 use std::io::Write;
@@ -60,6 +60,7 @@ pub struct Locked(pub String);
 /// The state directory: state file, journal and lock.
 #[derive(Debug, Clone)]
 pub struct StateDir {
+    /// The directory (`settings.state_dir`).
     pub dir: PathBuf,
 }
 
@@ -70,10 +71,12 @@ pub struct StateLock {
 }
 
 impl StateDir {
+    /// The state directory at `dir`; nothing is checked or created yet.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         StateDir { dir: dir.into() }
     }
 
+    /// The state file: `state.json` in the directory.
     pub fn state_path(&self) -> PathBuf {
         self.dir.join("state.json")
     }

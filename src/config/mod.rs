@@ -27,16 +27,24 @@ pub use crate::rotation::{Policy, Schedule};
 /// A problem found in a config file, located at a line and column (1-based).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
+    /// The config file the problem is in.
     pub file: PathBuf,
+    /// 1-based line.
     pub line: usize,
+    /// 1-based column.
     pub column: usize,
+    /// Whether the problem stops the config from loading.
     pub severity: Severity,
+    /// What is wrong, in one line.
     pub message: String,
 }
 
+/// How serious a [`Diagnostic`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
+    /// The config is refused.
     Error,
+    /// The config loads; the problem is reported (e.g. a secret written literally in the file).
     Warning,
 }
 
@@ -66,6 +74,7 @@ pub struct Config {
     pub path: PathBuf,
     /// SHA-256 of the file's bytes (hex): the daemon reloads only when this changes.
     pub digest: String,
+    /// How keyward itself runs (`settings`).
     pub settings: Settings,
     /// Provider accounts by name.
     pub providers: BTreeMap<String, ProviderAccount>,
@@ -73,87 +82,129 @@ pub struct Config {
     pub sinks: BTreeMap<String, SinkConfig>,
     /// Declared users in file order, defaults applied to every slot.
     pub users: Vec<UserSpec>,
+    /// What to do with managed objects that left the file (`prune`).
     pub prune: Prune,
 }
 
+/// How keyward itself runs: the `settings` section, defaults applied.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// `settings.state_dir`, else `$STATE_DIRECTORY`, else `./.keyward`.
     pub state_dir: PathBuf,
     /// Daemon full resync period (default 5m).
     pub interval: SignedDuration,
+    /// Daemon: whether a reconcile changes the providers or only plans and reports (default
+    /// `apply`).
     pub mode: Mode,
     /// Max in-flight requests per provider account (default 8).
     pub concurrency: usize,
     /// An apply that would delete more objects than this is refused (default 10).
     pub max_deletions: usize,
+    /// Daemon: the `IP:PORT` of the Prometheus `/metrics` listener; `None`: no listener.
     pub metrics: Option<SocketAddr>,
 }
 
+/// What the daemon does with the plan of each reconcile (`settings.mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// Execute the plan: the providers are changed.
     Apply,
+    /// Only plan and report; nothing is changed at a provider.
     Observe,
 }
 
 /// A client-side request budget: at most `requests` per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
+    /// Requests allowed per period.
     pub requests: u32,
+    /// The period.
     pub per: SignedDuration,
 }
 
+/// A provider account under `providers`: where keyward manages service users, and how it
+/// authenticates there.
 #[derive(Debug, Clone)]
 pub struct ProviderAccount {
+    /// The account's name in the file (referenced by `users[].provider`).
     pub name: String,
+    /// Which provider API the account is at (`type`).
     pub kind: ProviderType,
     /// Without a trailing slash. Defaults: `https://api.ngrok.com`, `https://app.scaleft.com`.
     pub base_url: String,
     /// Default `100/60s` for ngrok (the account shares 120 requests a minute); ASA default
     /// `600/60s`.
     pub rate_limit: RateLimit,
+    /// The credential keyward authenticates with.
     pub auth: ProviderAuth,
 }
 
+/// The credential keyward holds for a provider account; the secret is never shown.
 #[derive(Debug, Clone)]
 pub enum ProviderAuth {
+    /// An ngrok account.
     Ngrok {
+        /// The ngrok API key (`api_key` or `api_key_file`).
         api_key: SecretString,
     },
+    /// An Okta ASA team.
     OktaAsa {
+        /// The ASA team name; the service token's `team_name` must match it.
         team: String,
+        /// The API key id of the service user keyward authenticates as.
         key_id: String,
+        /// That API key's secret (`key_secret` or `key_secret_file`).
         key_secret: SecretString,
     },
 }
 
+/// A sink under `sinks`: where a newly minted secret is delivered before the key it replaces is
+/// revoked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SinkConfig {
+    /// The sink's name in the file (referenced by a slot's `sink`).
     pub name: String,
+    /// How the secret is delivered.
     pub kind: SinkKind,
 }
 
+/// The two ways a sink delivers a secret.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SinkKind {
     /// `path` may hold the placeholders `{provider} {user} {slot} {key_id}`.
-    File { path: String, format: SinkFormat },
+    File {
+        /// The file to write, with placeholders; absolute (a relative path in the file is
+        /// resolved against the config file's directory).
+        path: String,
+        /// What is written.
+        format: SinkFormat,
+    },
     /// argv with the same placeholders; the JSON document goes to stdin.
     Exec {
+        /// The program and its arguments (no shell).
         command: Vec<String>,
+        /// How long the program may run before its process group is killed (default 30s).
         timeout: SignedDuration,
     },
 }
 
+/// What a file sink writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SinkFormat {
+    /// The JSON sink document (the default).
     Json,
+    /// `KEYWARD_KEY_ID=` and `KEYWARD_SECRET=` lines.
     Env,
+    /// The secret alone.
     Raw,
 }
 
+/// A declared service user (an entry of `users`), with its key slots.
 #[derive(Debug, Clone)]
 pub struct UserSpec {
+    /// The provider account it lives at (a key of [`Config::providers`]).
     pub provider: String,
+    /// The user's name at the provider: unique per provider account.
     pub name: String,
     /// Default true.
     pub active: bool,
@@ -163,8 +214,11 @@ pub struct UserSpec {
     pub line: usize,
 }
 
+/// A key slot of a declared user: one key kept current, rotated by its policy, its secret delivered
+/// to its sinks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SlotSpec {
+    /// The slot's name, unique on its user.
     pub name: String,
     /// Default `api_key`.
     pub kind: KeyKind,
@@ -172,6 +226,7 @@ pub struct SlotSpec {
     pub description: Option<String>,
     /// ngrok credentials only.
     pub acl: Vec<String>,
+    /// Rotate when the current key is older than this.
     pub rotate_every: Option<SignedDuration>,
     /// The cron schedule (5 or 6 fields), parsed once with its time zone.
     pub schedule: Option<Schedule>,
@@ -195,29 +250,41 @@ impl SlotSpec {
     }
 }
 
+/// What to do with objects keyward manages that are no longer in the file (`prune`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Prune {
+    /// Users keyward created that left the file (default `keep`).
     pub users: PruneUsers,
+    /// Keys on a managed user that keyward did not create (default `report`).
     pub unknown_keys: PruneKeys,
 }
 
+/// What happens to a user keyward created once it leaves the file (`prune.users`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PruneUsers {
+    /// Leave it as it is (the default).
     Keep,
+    /// Deactivate it (ngrok `active=false`, ASA status `DISABLED`).
     Disable,
+    /// Delete it at the provider (ASA: soft and irreversible, the name stays reserved).
     Delete,
 }
 
+/// What happens to a key on a managed user that keyward did not create (`prune.unknown_keys`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PruneKeys {
+    /// Show it in the plan and `status`, and leave it (the default).
     Report,
+    /// Revoke it.
     Revoke,
 }
 
 /// A config that loaded, with the warnings found on the way.
 #[derive(Debug, Clone)]
 pub struct Loaded {
+    /// The resolved config.
     pub config: Config,
+    /// Warnings found while loading (none is an error).
     pub warnings: Vec<Diagnostic>,
 }
 

@@ -14,21 +14,30 @@ use tokio_util::sync::CancellationToken;
 
 use crate::status::Entry;
 
+/// Labels of the per-key series: provider account, service user, slot and key id.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KeyLabels {
+    /// The provider account's name in the config.
     pub provider: String,
+    /// The service user's name.
     pub user: String,
+    /// The key slot.
     pub slot: String,
+    /// The key's id at the provider.
     pub key_id: String,
 }
 
+/// The label of `keyward_reconcile`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
+    /// The run's outcome: `ok`, `changed`, `partial`, `refused` or `failed`.
     pub outcome: String,
 }
 
+/// The label of the per-provider-account series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderLabels {
+    /// The provider account's name in the config.
     pub provider: String,
 }
 
@@ -57,6 +66,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Registers every metric, with no series yet.
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
         let m = Metrics {
@@ -158,6 +168,7 @@ impl Metrics {
         }
     }
 
+    /// Counts one reconcile run with its `outcome` (`keyward_reconcile`).
     pub fn reconciled(&self, outcome: &str) {
         self.reconcile
             .get_or_create(&OutcomeLabels {
@@ -166,18 +177,24 @@ impl Metrics {
             .inc();
     }
 
+    /// Records a fully successful reconcile that finished at `at`
+    /// (`keyward_last_success_timestamp_seconds`).
     pub fn succeeded_at(&self, at: jiff::Timestamp) {
         self.last_success.set(seconds(at));
     }
 
+    /// Sets how many changes the last plan found (`keyward_pending_changes`).
     pub fn set_pending(&self, n: usize) {
         self.pending_changes.set(n as i64);
     }
 
+    /// Sets whether the config file on disk validates (`keyward_config_valid`).
     pub fn set_config_valid(&self, valid: bool) {
         self.config_valid.set(i64::from(valid));
     }
 
+    /// Sets when the daemon next wakes up unless something wakes it earlier
+    /// (`keyward_next_wakeup_timestamp_seconds`).
     pub fn set_next_wakeup(&self, at: jiff::Timestamp) {
         self.next_wakeup.set(seconds(at));
     }

@@ -21,7 +21,9 @@ pub use crate::text::short_id;
 /// forced rotation an interrupted run left for the next one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForceTarget {
+    /// The provider account's name in the config.
     pub provider: String,
+    /// The service user's name.
     pub user: String,
     /// `None`: every slot of the user.
     pub slot: Option<String>,

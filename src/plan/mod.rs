@@ -32,6 +32,7 @@ pub struct Plan {
     /// In the order they run: users in the file's order, then undeclared users; within a user
     /// create < update < keys < revoke < delete.
     pub changes: Vec<Change>,
+    /// What keyward noticed and will not act on, or acts on with care.
     pub warnings: Vec<Warning>,
     /// Digest of every remote object the plan's decisions read (see [`observed_digest`]).
     pub observed: String,
@@ -46,11 +47,17 @@ pub struct Plan {
 pub struct Upcoming {
     /// `rotate_key` or `revoke_key`.
     pub action: Action,
+    /// The provider account's name in the config.
     pub provider: String,
+    /// The service user's name.
     pub user: String,
+    /// The key slot.
     pub slot: Option<String>,
+    /// The key that will be rotated or revoked.
     pub key_id: Option<String>,
+    /// When it becomes due.
     pub at: Timestamp,
+    /// Why, in words (`rotate_every 30d`, `overlap ends`, …).
     pub reason: String,
 }
 
@@ -61,14 +68,18 @@ pub struct Change {
     pub provider: String,
     /// The service user's name.
     pub user: String,
+    /// What it does.
     pub op: Op,
 }
 
 /// A key as a change refers to it: enough to revoke it and to say which one it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRef {
+    /// The key's id at the provider.
     pub id: String,
+    /// API key or credential.
     pub kind: KeyKind,
+    /// When the provider created it.
     pub created_at: Timestamp,
 }
 
@@ -76,7 +87,9 @@ pub struct KeyRef {
 /// the slot's order) its secret goes to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SlotTarget {
+    /// The slot with its resolved policy.
     pub spec: SlotSpec,
+    /// The sinks its secret is delivered to, in the slot's order.
     pub sinks: Vec<SinkConfig>,
 }
 
@@ -84,37 +97,55 @@ pub struct SlotTarget {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     /// Create the service user (then its keys).
-    CreateUser { active: bool, why: CreateUserReason },
+    CreateUser {
+        /// The declared `active`.
+        active: bool,
+        /// Why the user is created.
+        why: CreateUserReason,
+    },
     /// Set the user's `active`.
     UpdateUser {
+        /// Whether the user is active at the provider now.
         was_active: bool,
+        /// Whether it will be.
         active: bool,
+        /// Why it changes.
         why: UpdateUserReason,
     },
     /// Delete the user (ngrok: revokes every key it owns; ASA: soft delete, irreversible).
     DeleteUser {
+        /// The user's id at the provider.
         user_id: String,
+        /// Whether the user was active (shown in the document's `before`).
         was_active: bool,
+        /// Which provider: the consequences of a delete differ.
         provider_type: ProviderType,
     },
     /// Mint the first key of a slot and deliver it.
     CreateKey {
+        /// The slot and where its secret goes.
         slot: SlotTarget,
+        /// Why the slot has no key.
         why: CreateKeyReason,
     },
     /// Mint a new key for a slot, deliver it, retire `from` for the slot's overlap.
     RotateKey {
+        /// The slot and where its secret goes.
         slot: SlotTarget,
+        /// The current key, which retires.
         from: KeyRef,
         /// Forced by `keyward rotate` (journaled: a forced rotation cut short runs again).
         forced: bool,
+        /// Why now.
         why: RotateReason,
     },
     /// Revoke a key.
     RevokeKey {
+        /// The key to revoke.
         key: KeyRef,
         /// The slot it belonged to, when it belonged to one.
         slot: Option<String>,
+        /// Why it goes.
         why: RevokeReason,
     },
 }
@@ -145,7 +176,10 @@ pub enum CreateKeyReason {
     /// The slot has no current key.
     NoCurrentKey,
     /// The key keyward recorded as current is gone at the provider.
-    CurrentVanished { key_id: String },
+    CurrentVanished {
+        /// The recorded key's id.
+        key_id: String,
+    },
 }
 
 /// Why a slot is rotated now.
@@ -161,7 +195,10 @@ pub enum RotateReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RevokeReason {
     /// Replaced, and its overlap has ended.
-    OverlapEnded { retired_until: Option<Timestamp> },
+    OverlapEnded {
+        /// The end of its overlap (`retire_after` in the state), when recorded.
+        retired_until: Option<Timestamp>,
+    },
     /// Its slot left the file.
     SlotUndeclared,
     /// keyward created it but never delivered it (an interrupted run): nobody holds it.
@@ -324,9 +361,13 @@ impl PartialEq<&str> for WarningKind {
 /// Something keyward noticed and will not act on (or acts on with care).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Warning {
+    /// What it is about.
     pub kind: WarningKind,
+    /// The provider account, when it is about one.
     pub provider: Option<String>,
+    /// The service user, when it is about one.
     pub user: Option<String>,
+    /// The key, when it is about one.
     pub key_id: Option<String>,
     /// The whole sentence (the document's `message`).
     pub message: String,
@@ -338,11 +379,17 @@ pub struct Warning {
 /// How many changes of each kind, and how many warnings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Summary {
+    /// Users and keys created (`create_user`, `create_key`).
     pub create: usize,
+    /// Users whose `active` changes.
     pub update: usize,
+    /// Keys rotated.
     pub rotate: usize,
+    /// Keys revoked.
     pub revoke: usize,
+    /// Users deleted.
     pub delete: usize,
+    /// Warnings.
     pub warnings: usize,
 }
 

@@ -12,13 +12,19 @@ use super::{Action, Change, FORMAT_VERSION, Op, Plan, Summary, Upcoming, Warning
 /// The whole document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanDocument {
+    /// Always [`FORMAT_VERSION`] (`"1"`) in a document keyward writes.
     pub format_version: String,
+    /// The changes, in the order they run.
     pub changes: Vec<ChangeView>,
+    /// What keyward noticed and will not act on.
     pub warnings: Vec<Warning>,
+    /// How many changes of each kind.
     pub summary: Summary,
     /// Digest of the remote objects the plan read.
     pub observed: String,
+    /// The `now` the plan was computed for.
     pub planned_at: Timestamp,
+    /// Rotations and overlap ends to come (absent in older documents).
     #[serde(default)]
     pub upcoming: Vec<Upcoming>,
 }
@@ -26,13 +32,21 @@ pub struct PlanDocument {
 /// One change as the document shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChangeView {
+    /// What the change does.
     pub action: Action,
+    /// The provider account's name in the config.
     pub provider: String,
+    /// The service user's name.
     pub user: String,
+    /// The key slot, for a key change.
     pub slot: Option<String>,
+    /// The key a rotation replaces or a revocation removes.
     pub key_id: Option<String>,
+    /// Why, in words (may hold ages, so it is not compared).
     pub reason: String,
+    /// The object's attributes before the change (`None` for a create).
     pub before: Option<Value>,
+    /// Its attributes after the change (`None` for a revoke or delete).
     pub after: Option<Value>,
 }
 

@@ -55,6 +55,7 @@ struct CachedToken {
     generation: u64,
 }
 
+/// The client of one Okta ASA team (see the module doc for auth, paging and rate limits).
 pub struct AsaProvider {
     name: String,
     base: Url,

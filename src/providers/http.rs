@@ -28,11 +28,14 @@ const MAX_RETRIES: usize = 10;
 /// What a request is for, so an error can name it.
 #[derive(Debug, Clone)]
 pub struct Op {
+    /// What keyward was doing, e.g. `list service users`.
     pub operation: String,
+    /// The service user it was for, if any.
     pub user: Option<String>,
 }
 
 impl Op {
+    /// Names an operation, for `user` if it is about one.
     pub fn new(operation: impl Into<String>, user: Option<&str>) -> Self {
         Op {
             operation: operation.into(),
@@ -44,7 +47,9 @@ impl Op {
 /// A response the provider module has read: status, headers it cares about, and the body text.
 #[derive(Debug)]
 pub struct Answer {
+    /// The HTTP status.
     pub status: StatusCode,
+    /// The response headers.
     pub headers: reqwest::header::HeaderMap,
     /// Zeroized when dropped: a create answer holds the new key's secret.
     pub body: Zeroizing<String>,
@@ -103,6 +108,7 @@ impl HttpClient {
         }))
     }
 
+    /// How many requests this client has sent, retries included.
     pub fn requests_sent(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }

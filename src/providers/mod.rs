@@ -24,17 +24,23 @@ use crate::model::{AccountSnapshot, KeyKind, RemoteKey, RemoteUser};
 /// What to create a key with.
 #[derive(Debug, Clone)]
 pub struct NewKey {
+    /// API key or credential.
     pub kind: KeyKind,
+    /// The key slot it is minted for.
     pub slot: String,
+    /// The key's description (ngrok; ASA keys have none).
     pub description: String,
     /// The metadata tag (ngrok).
     pub metadata: String,
+    /// ACL rules (ngrok credentials only), e.g. `bind:*.example.com`.
     pub acl: Vec<String>,
 }
 
 /// A key just created: the one moment its secret is known.
 pub struct CreatedKey {
+    /// The key as the provider describes it.
     pub key: RemoteKey,
+    /// Its secret, which must reach the slot's sinks before anything else happens.
     pub secret: SecretString,
 }
 
@@ -59,18 +65,27 @@ pub trait Provider: Send + Sync {
         &self,
         managed: Option<&BTreeSet<String>>,
     ) -> Result<AccountSnapshot, ProviderError>;
+    /// Creates the service user `name`, deactivated right after when `active` is false (ASA creates
+    /// users active).
     async fn create_user(&self, name: &str, active: bool) -> Result<RemoteUser, ProviderError>;
+    /// Sets the user's `active` (ngrok `active`, ASA status `ACTIVE` / `DISABLED`); returns the
+    /// user as it now is.
     async fn update_user(
         &self,
         user: &RemoteUser,
         active: bool,
     ) -> Result<RemoteUser, ProviderError>;
+    /// Deletes the user (ngrok: revokes every key it owns; ASA: soft delete with status DELETED,
+    /// irreversible, the name stays reserved). A user already gone (404) is success.
     async fn delete_user(&self, user: &RemoteUser) -> Result<(), ProviderError>;
+    /// Mints a key for `user` and returns it with its secret. At ASA this is "rotate", which also
+    /// puts the user's other keys on a 2-day expiry clock.
     async fn create_key(
         &self,
         user: &RemoteUser,
         key: &NewKey,
     ) -> Result<CreatedKey, ProviderError>;
+    /// Revokes `key` of the user named `user`. A key already gone (404) is success.
     async fn revoke_key(&self, user: &str, key: &RemoteKey) -> Result<(), ProviderError>;
     /// How many HTTP requests this client has sent (retries included).
     fn requests_sent(&self) -> u64;
@@ -123,13 +138,19 @@ pub enum ErrorClass {
 /// body, which echoes no credential.
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct ProviderError {
+    /// The provider account's name in the config.
     pub provider: String,
+    /// What keyward was doing, e.g. `create service user`.
     pub operation: String,
+    /// The service user it was for, if any.
     pub user: Option<String>,
+    /// The HTTP status, when there was an answer.
     pub status: Option<u16>,
     /// The provider's own code, e.g. `ERR_NGROK_4112`.
     pub code: Option<String>,
+    /// What went wrong: the provider's own message, trimmed.
     pub message: String,
+    /// What the user can do about it.
     pub class: ErrorClass,
 }
 

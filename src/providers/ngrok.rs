@@ -21,6 +21,7 @@ use crate::model::{AccountSnapshot, KeyKind, RemoteKey, RemoteUser};
 /// Page size: the API's maximum, so a listing costs as few requests as possible.
 const PAGE_LIMIT: u32 = 100;
 
+/// The client of one ngrok account (see the module doc for paging and errors).
 pub struct NgrokProvider {
     name: String,
     base_url: String,

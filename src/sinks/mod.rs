@@ -16,17 +16,30 @@ use crate::model::{KeyKind, ProviderType};
 
 /// Everything a sink receives about a new key. `Debug` never shows the secret.
 pub struct SinkDocument {
+    /// The provider account's name in the config.
     pub provider: String,
+    /// `ngrok` or `okta-asa`.
     pub provider_type: ProviderType,
+    /// The Okta ASA team; `None` for ngrok.
     pub team: Option<String>,
+    /// The service user's name.
     pub user: String,
+    /// The service user's id at the provider.
     pub user_id: String,
+    /// The key slot.
     pub slot: String,
+    /// API key or credential.
     pub kind: KeyKind,
+    /// The new key's id at the provider.
     pub key_id: String,
+    /// The new key's secret.
     pub secret: SecretString,
+    /// When the provider created the key.
     pub created_at: Timestamp,
+    /// When the key expires at the provider (Okta ASA); `None`: never.
     pub expires_at: Option<Timestamp>,
+    /// `created_at + rotate_every`, when the slot has `rotate_every`: when the key is next due by
+    /// age.
     pub rotate_after: Option<Timestamp>,
 }
 
@@ -175,6 +188,7 @@ pub fn holds(sink: &SinkConfig, provider: &str, user: &str, slot: &str, key_id: 
 #[derive(Debug, thiserror::Error)]
 #[error("{error:#}")]
 pub struct SinkError {
+    /// What went wrong; never contains the secret.
     pub error: anyhow::Error,
     /// True when no retry can succeed (a name a path cannot hold, a directory another user
     /// can write): the delivery fails at once instead of being retried.
