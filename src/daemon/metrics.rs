@@ -100,7 +100,7 @@ impl Metrics {
         );
         registry.register(
             "keyward_reconcile",
-            "Reconcile runs by outcome (ok, changed, partial, failed, config_invalid)",
+            "Reconcile runs by outcome (ok, changed, partial, refused, failed)",
             m.reconcile.clone(),
         );
         registry.register(
