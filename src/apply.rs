@@ -131,7 +131,7 @@ impl Report {
             }
         }
         out.push_str(
-            "Everything done is recorded; run `keyward apply` again to finish the rest.\n",
+            "Everything done is recorded; run the same command again to finish the rest.\n",
         );
         out
     }

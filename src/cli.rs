@@ -131,17 +131,6 @@ pub fn main() -> ExitCode {
         anstream::ColorChoice::Never.write_global();
     }
     init_logging(&cli);
-    if let Command::Demo = cli.command {
-        #[cfg(feature = "demo")]
-        return crate::demo::main(&cli);
-        #[cfg(not(feature = "demo"))]
-        {
-            eprintln!(
-                "error: this keyward is built without the demo (the sandbox is not in the product); in the source directory run `cargo run --release --features demo -- demo`"
-            );
-            return ExitCode::from(1);
-        }
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -247,24 +236,28 @@ pub async fn run_until(cli: &Cli, shutdown: &CancellationToken) -> ExitCode {
     }
 }
 
-/// Cancels `shutdown` on the first SIGINT or SIGTERM; a second one ends the process at once
-/// (exit 130), as people expect of a second Ctrl-C.
+/// Cancels `shutdown` on SIGINT or SIGTERM. A second signal does not cut the step in flight
+/// short either: a sink program may be delivering the new key right then, and stopping now
+/// would leave a key a consumer holds for recovery to revoke. (`kill -9` abandons it; crash
+/// recovery then takes over.)
 fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
-        for n in 0.. {
+        for n in 0u32.. {
             let which = tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
             };
-            if n > 0 {
-                eprintln!("{which} again: stopping now");
-                std::process::exit(130);
+            if n == 0 {
+                tracing::warn!("{which}: finishing the step in flight, starting nothing new");
+                shutdown.cancel();
+            } else {
+                tracing::warn!(
+                    "{which}: still finishing the step in flight (a minted key is being delivered); kill -9 abandons it to crash recovery"
+                );
             }
-            tracing::warn!("{which}: finishing the step in flight, starting nothing new");
-            shutdown.cancel();
         }
     });
     Ok(())
@@ -373,7 +366,7 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
             crate::daemon::run(config_path(cli), shutdown.clone()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo => unreachable!("demo is dispatched before the runtime starts"),
+        Command::Demo => demo(cli).await,
     }
 }
 
@@ -388,6 +381,37 @@ pub fn error_line(e: &anyhow::Error) -> String {
         })
         .collect::<Vec<_>>()
         .join(": ")
+}
+
+/// `keyward demo`: the sandbox in-process, each step a child `keyward` with this run's global
+/// flags (only in a build with the `demo` feature).
+#[cfg(feature = "demo")]
+async fn demo(cli: &Cli) -> anyhow::Result<ExitCode> {
+    use std::ffi::OsString;
+    let mut step_flags: Vec<OsString> = Vec::new();
+    if cli.log_format == LogFormat::Json {
+        step_flags.extend(["--log-format".into(), "json".into()]);
+    }
+    step_flags.extend((0..cli.verbose).map(|_| OsString::from("--verbose")));
+    if cli.quiet {
+        step_flags.push("--quiet".into());
+    }
+    if cli.no_color {
+        step_flags.push("--no-color".into());
+    }
+    crate::demo::run(&crate::demo::Options {
+        config: cli.config.clone(),
+        step_flags,
+    })
+    .await
+}
+
+/// Without the `demo` feature: say how to get it.
+#[cfg(not(feature = "demo"))]
+async fn demo(_cli: &Cli) -> anyhow::Result<ExitCode> {
+    anyhow::bail!(
+        "this keyward is built without the demo (the sandbox is not in the product); in the source directory run `cargo run --release --features demo -- demo`"
+    )
 }
 
 /// The config path the flags, environment and default choose.

@@ -14,22 +14,19 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use keyward_sandbox::{Sandbox, SandboxOptions};
 
-use crate::cli::{Cli, LogFormat};
 use crate::config::{self, Loaded, SinkKind};
 
-/// Runs the demo; the steps get the global flags `cli` was given.
-pub fn main(cli: &Cli) -> ExitCode {
-    match demo(cli) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+/// What the demo is run with: the config it uses, and the global flags each step gets.
+pub struct Options {
+    /// `-c`, if given; else `config/sandbox.yaml`.
+    pub config: Option<PathBuf>,
+    /// The global flags (`--log-format`, `-v`, `-q`, `--no-color`) to pass on to each step.
+    pub step_flags: Vec<OsString>,
 }
 
-fn demo(cli: &Cli) -> anyhow::Result<ExitCode> {
-    let config = cli
+/// Runs the demo.
+pub async fn run(opts: &Options) -> anyhow::Result<ExitCode> {
+    let config = opts
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from("config/sandbox.yaml"));
@@ -40,26 +37,20 @@ fn demo(cli: &Cli) -> anyhow::Result<ExitCode> {
         );
     }
     let exe = std::env::current_exe().context("cannot find the keyward binary to run the steps")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
-        let sandbox = Sandbox::start(([127, 0, 0, 1], 0).into(), SandboxOptions::default()).await?;
-        eprintln!("keyward demo: sandbox running at {}", sandbox.url());
-        let env = [
-            ("KEYWARD_SANDBOX_URL", sandbox.url()),
-            ("NGROK_API_KEY", sandbox.ngrok_admin_key()),
-        ];
-        let code = steps(cli, &exe, &config, &env).await;
-        sandbox.shutdown().await;
-        code
-    })
+    let sandbox = Sandbox::start(([127, 0, 0, 1], 0).into(), SandboxOptions::default()).await?;
+    eprintln!("keyward demo: sandbox running at {}", sandbox.url());
+    let env = [
+        ("KEYWARD_SANDBOX_URL", sandbox.url()),
+        ("NGROK_API_KEY", sandbox.ngrok_admin_key()),
+    ];
+    let code = steps(opts, &exe, &config, &env).await;
+    sandbox.shutdown().await;
+    code
 }
 
 /// Runs the steps against the sandbox `env` describes; stops at the first that fails.
 async fn steps(
-    cli: &Cli,
+    opts: &Options,
     exe: &Path,
     config: &Path,
     env: &[(&str, String)],
@@ -99,7 +90,7 @@ async fn steps(
         let status = tokio::process::Command::new(exe)
             .arg("--config")
             .arg(config)
-            .args(global_flags(cli))
+            .args(&opts.step_flags)
             .args(&step)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .status()
@@ -114,22 +105,6 @@ async fn steps(
         print_where(loaded);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The demo's own global flags, for each step.
-fn global_flags(cli: &Cli) -> Vec<OsString> {
-    let mut flags: Vec<OsString> = Vec::new();
-    if cli.log_format == LogFormat::Json {
-        flags.extend(["--log-format".into(), "json".into()]);
-    }
-    flags.extend((0..cli.verbose).map(|_| OsString::from("--verbose")));
-    if cli.quiet {
-        flags.push("--quiet".into());
-    }
-    if cli.no_color {
-        flags.push("--no-color".into());
-    }
-    flags
 }
 
 fn print_where(loaded: &Loaded) {

@@ -193,12 +193,12 @@ fn lost_key(
     let record = state
         .user(&op.provider, &op.user)
         .filter(|rec| rec.id == user.id);
-    let known = |id: &str| record.is_some_and(|rec| rec.slots.values().any(|s| s.holds(id)));
+    // An unknown key by the one classification the planner and `status` use: untagged and
+    // recorded nowhere.
     snapshot
         .keys_of(&user.id)
         .filter(|k| k.created_at >= since)
-        .filter(|k| crate::model::KeyTag::parse(&k.metadata).is_none())
-        .filter(|k| !known(&k.id))
+        .filter(|k| crate::keys::class_of(record, k) == crate::keys::KeyClass::Unknown)
         .min_by_key(|k| (k.created_at, k.id.clone()))
         .map(|k| k.id.clone())
 }

@@ -41,25 +41,47 @@ fn expected(path: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The `# warn: L:C message` lines at the top of a corpus file.
+fn warned(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# warn: "))
+        .map(|rest| {
+            let (at, msg) = rest.split_once(' ').unwrap();
+            (at.to_string(), msg.to_string())
+        })
+        .collect()
+}
+
 #[test]
 fn validate_reports_each_broken_file_with_position_and_exit_1() {
-    for name in [
-        "unknown-field.yaml",
-        "wrong-type.yaml",
-        "duplicate-user.yaml",
-        "undefined-sink.yaml",
-        "undefined-provider.yaml",
-        "bad-duration.yaml",
-        "bad-cron.yaml",
-        "bad-timezone.yaml",
-        "tabs.yaml",
-        "not-yaml.yaml",
-        "http-base-url.yaml",
-        "many-errors.yaml",
-    ] {
+    // Every corpus file that declares errors, through the binary (the library test reads the
+    // same files in-process).
+    let mut names: Vec<String> = std::fs::read_dir(corpus(""))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml"))
+        .filter(|n| !expected(&corpus(n)).is_empty())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 15, "the corpus is there: {names:?}");
+    for name in &names {
+        let name = name.as_str();
         let path = corpus(name);
         let out = keyward(&["validate", "-c", path.to_str().unwrap()]);
         expect_code(&out, 1, name);
+        for (at, msg) in warned(&path) {
+            let prefix = format!("{}:{at}: warning: ", path.display());
+            assert!(
+                text(&out.stderr)
+                    .lines()
+                    .any(|l| l.starts_with(&prefix) && l.contains(&msg)),
+                "{name}: no warning {prefix}{msg}\n{}",
+                text(&out.stderr)
+            );
+        }
         let err = text(&out.stderr);
         assert!(!err.contains("panicked"), "{name}: {err}");
         let want = expected(&path);

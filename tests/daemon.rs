@@ -496,7 +496,7 @@ fn speaks_the_systemd_notify_protocol() {
         messages
     };
     let has = |m: &[String], needle: &str| m.iter().any(|x| x.contains(needle));
-    let messages = read_until("READY, a status and 3 watchdog pings", &|m| {
+    read_until("READY, a status and 3 watchdog pings", &|m| {
         has(m, "READY=1")
             && m.iter().any(|x| {
                 x.lines()
@@ -504,21 +504,17 @@ fn speaks_the_systemd_notify_protocol() {
             })
             && m.iter().filter(|x| x.contains("WATCHDOG=1")).count() >= 3
     });
-    let all = messages.join("\n");
-    assert!(all.contains("STATUS="), "{all}");
 
     d.signal("HUP");
-    let messages = read_until("RELOADING with MONOTONIC_USEC, then READY", &|m| {
+    read_until("RELOADING with MONOTONIC_USEC, then READY", &|m| {
         let reloading = m
             .iter()
             .position(|x| x.contains("RELOADING=1") && x.contains("MONOTONIC_USEC="));
         reloading.is_some_and(|i| m[i..].iter().any(|x| x.contains("READY=1")))
     });
-    assert!(has(&messages, "MONOTONIC_USEC="), "{messages:?}");
 
     d.signal("TERM");
-    let messages = read_until("STOPPING", &|m| has(m, "STOPPING=1"));
-    assert!(has(&messages, "STOPPING=1"), "{messages:?}");
+    read_until("STOPPING", &|m| has(m, "STOPPING=1"));
     assert_eq!(
         d.wait_exit(Duration::from_secs(30)).and_then(|s| s.code()),
         Some(0)

@@ -133,8 +133,9 @@ fn plan_shows_the_forced_rotation_an_interrupted_rotate_left() {
     );
 }
 
-#[test]
-fn sigterm_during_apply_finishes_the_delivery_in_flight_and_reports() {
+/// SIGTERM once, or SIGINT twice (a second signal still lets the step in flight finish):
+/// the delivery in flight completes and is recorded, the rest is reported not attempted.
+fn signal_during_apply(signals: &[&str]) {
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
     let started = ws.path("hook-started");
@@ -148,7 +149,10 @@ fn sigterm_during_apply_finishes_the_delivery_in_flight_and_reports() {
     );
     let apply = spawn(&ws, &["apply", "--auto-approve"]);
     wait_for("a delivery is in flight", || started.exists());
-    signal(&apply, "TERM");
+    for sig in signals {
+        signal(&apply, sig);
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let out = apply.wait_with_output().unwrap();
     let stdout = text(&out.stdout);
     assert_eq!(
@@ -195,4 +199,89 @@ fn sigterm_during_apply_finishes_the_delivery_in_flight_and_reports() {
         0,
         "the next apply",
     );
+}
+
+#[test]
+fn sigterm_during_apply_finishes_the_delivery_in_flight_and_reports() {
+    signal_during_apply(&["TERM"]);
+}
+
+#[test]
+fn a_second_sigint_during_apply_still_lets_the_delivery_finish() {
+    signal_during_apply(&["INT", "INT"]);
+}
+
+#[test]
+fn a_saved_plan_is_stale_once_a_key_it_read_is_removed() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(
+        "",
+        "users:\n  - provider: ng\n    name: holder\n    keys:\n      main: {}\nprune:\n  unknown_keys: report\n",
+    );
+    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "first apply");
+    let holder = sb.user_by_name("holder").unwrap();
+    let (status, extra) = sb.api(
+        "POST",
+        "/api_keys",
+        Some(serde_json::json!({"owner_id": holder["id"]})),
+    );
+    assert!(status < 300, "{extra}");
+    expect_code(
+        &ws.keyward(&["plan", "--out", "plan.json"]),
+        0,
+        "plan --out",
+    );
+    // The hand-made key goes away before the plan is applied.
+    let (status, body) = sb.api(
+        "DELETE",
+        &format!("/api_keys/{}", extra["id"].as_str().unwrap()),
+        None,
+    );
+    assert!(status < 300, "{body}");
+    let out = ws.keyward(&["apply", "plan.json"]);
+    expect_code(&out, 1, "apply a plan whose observation changed");
+    assert!(
+        text(&out.stderr).contains("plan is stale"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(
+        "",
+        "users:\n  - provider: ng\n    name: painted\n    keys:\n      main: {}\n",
+    );
+    // `script` gives the command a terminal.
+    let run = |extra: &str, env_no_color: bool| {
+        let cmd = format!(
+            "{} plan -c {} {extra}",
+            env!("CARGO_BIN_EXE_keyward"),
+            ws.config_path().display()
+        );
+        let mut c = Command::new("script");
+        c.args(["-qec", &cmd, "/dev/null"])
+            .env_remove("NO_COLOR")
+            .current_dir(ws.dir.path());
+        for (k, v) in &ws.env {
+            c.env(k, v);
+        }
+        if env_no_color {
+            c.env("NO_COLOR", "1");
+        }
+        let out = c
+            .output()
+            .expect("script (util-linux) runs a command on a terminal");
+        text(&out.stdout)
+    };
+    assert!(run("", false).contains('\u{1b}'), "a terminal gets colour");
+    assert!(!run("--no-color", false).contains("\u{1b}["), "--no-color");
+    assert!(!run("", true).contains("\u{1b}["), "NO_COLOR");
+    // And a pipe never does.
+    let out = ws.keyward(&["plan"]);
+    assert!(!text(&out.stdout).contains('\u{1b}'));
 }

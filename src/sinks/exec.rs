@@ -103,7 +103,7 @@ pub async fn deliver(
         }
     })?;
     let group = child.id();
-    let input = doc.to_json();
+    let input = doc.to_json().map_err(SinkError::permanent)?;
     let mut stdin = child
         .stdin
         .take()

@@ -22,7 +22,7 @@ pub async fn deliver(
             .map_err(|e| SinkError::permanent(anyhow::Error::msg(e)))?,
     );
     let bytes = match format {
-        SinkFormat::Json => doc.to_json(),
+        SinkFormat::Json => doc.to_json().map_err(SinkError::permanent)?,
         SinkFormat::Env => doc.to_env(),
         SinkFormat::Raw => doc.to_raw(),
     };

@@ -74,8 +74,8 @@ struct JsonDocument<'a> {
 
 impl SinkDocument {
     /// The JSON document (the one place the secret is exposed for serialization), zeroized
-    /// when dropped.
-    pub fn to_json(&self) -> Zeroizing<String> {
+    /// when dropped. An error only if serialization failed (never delivered half-made).
+    pub fn to_json(&self) -> Result<Zeroizing<String>, serde_json::Error> {
         let doc = JsonDocument {
             provider: &self.provider,
             provider_type: self.provider_type,
@@ -90,9 +90,9 @@ impl SinkDocument {
             expires_at: self.expires_at,
             rotate_after: self.rotate_after,
         };
-        let mut text = Zeroizing::new(serde_json::to_string_pretty(&doc).unwrap_or_default());
+        let mut text = Zeroizing::new(serde_json::to_string_pretty(&doc)?);
         text.push('\n');
-        text
+        Ok(text)
     }
 
     /// `KEYWARD_KEY_ID=…` and `KEYWARD_SECRET=…` lines, zeroized when dropped.
@@ -275,7 +275,7 @@ mod tests {
 
     #[test]
     fn json_document_has_every_field() {
-        let v: serde_json::Value = serde_json::from_str(&doc().to_json()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&doc().to_json().unwrap()).unwrap();
         assert_eq!(v["provider"], "ngrok-prod");
         assert_eq!(v["provider_type"], "ngrok");
         assert_eq!(v["secret"], "s3cr3t-value");
@@ -295,7 +295,7 @@ mod tests {
         // The type says it: every serialized form of a sink document wipes itself.
         fn zeroizing(_: &Zeroizing<String>) {}
         let d = doc();
-        zeroizing(&d.to_json());
+        zeroizing(&d.to_json().unwrap());
         zeroizing(&d.to_env());
         zeroizing(&d.to_raw());
     }
