@@ -499,3 +499,73 @@ fn a_403_names_the_provider_and_never_echoes_the_credential() {
         "{err}"
     );
 }
+
+// §1 ──────────────────────────────────────────────────────────────────────────────────────────
+
+#[test]
+fn apply_asks_yes_on_a_terminal_and_only_yes_approves() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config("", &one_user("asked", "      main: {}\n"));
+    // `script` gives keyward a terminal; the answer comes on its stdin.
+    let answer = |reply: &str| {
+        let cmd = format!(
+            "{} apply -c {}",
+            env!("CARGO_BIN_EXE_keyward"),
+            ws.config_path().display()
+        );
+        let mut c = Command::new("script");
+        c.args(["-qec", &cmd, "/dev/null"])
+            .current_dir(ws.dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        for (k, v) in &ws.env {
+            c.env(k, v);
+        }
+        let mut child = c
+            .spawn()
+            .expect("script (util-linux) runs a command on a terminal");
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        // Answer once the question is on the screen (a generous wait: the answer is buffered
+        // by the terminal anyway).
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = stdin.write_all(format!("{reply}\n").as_bytes());
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        (out.status.code(), text(&out.stdout))
+    };
+    let (code, screen) = answer("no");
+    assert_eq!(code, Some(1), "{screen}");
+    assert!(screen.contains("Only 'yes' will be accepted"), "{screen}");
+    assert!(screen.contains("nothing was changed"), "{screen}");
+    assert!(
+        sb.user_by_name("asked").is_none(),
+        "a `no` changed something"
+    );
+    let (code, screen) = answer("yes");
+    assert_eq!(code, Some(0), "{screen}");
+    assert!(sb.user_by_name("asked").is_some(), "{screen}");
+}
+
+// §2 ──────────────────────────────────────────────────────────────────────────────────────────
+
+#[test]
+fn an_exec_sink_past_its_timeout_fails_and_the_new_key_is_revoked() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config_with_sinks(
+        "",
+        "  stuck:\n    type: exec\n    command: [\"/bin/sh\", \"-c\", \"cat > /dev/null; sleep 30\"]\n    timeout: 1s\n",
+        &one_user("waiter", "      main: {sink: stuck}\n"),
+    );
+    let out = ws.keyward(&["apply", "--auto-approve"]);
+    expect_code(&out, 1, "apply with a sink that never finishes");
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(all.contains("did not finish within 1s"), "{all}");
+    assert!(all.contains("was revoked"), "{all}");
+    assert!(
+        sb.key_ids_of("waiter").is_empty(),
+        "the undelivered key was revoked"
+    );
+}

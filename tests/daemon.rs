@@ -914,3 +914,35 @@ fn sigint_stops_the_daemon_with_exit_0() {
         .expect("daemon exits after SIGINT");
     assert_eq!(status.code(), Some(0), "{}", d.log());
 }
+
+#[test]
+fn the_daemon_refuses_more_deletions_than_max_deletions_and_counts_it() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    ws.write_config(
+        &format!("  interval: 1s\n  max_deletions: 1\n  metrics: 127.0.0.1:{port}\n"),
+        "users:\n  - provider: ng\n    name: holder\n    keys:\n      main: {}\nprune:\n  unknown_keys: revoke\n",
+    );
+    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "first apply");
+    let holder = sb.user_by_name("holder").unwrap();
+    for _ in 0..2 {
+        let (status, body) = sb.api("POST", "/api_keys", Some(json!({"owner_id": holder["id"]})));
+        assert!(status < 300, "{body}");
+    }
+    let before = sb.key_ids_of("holder");
+    assert_eq!(before.len(), 3);
+    let d = Daemon::start(&ws);
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    eventually(&d, Duration::from_secs(30), "a refused run counted", || {
+        reqwest::blocking::get(&url)
+            .and_then(|r| r.text())
+            .is_ok_and(|t| t.contains("keyward_reconcile_total{outcome=\"refused\"}"))
+    });
+    assert!(d.log().contains("max_deletions"), "{}", d.log());
+    assert_eq!(sb.key_ids_of("holder"), before, "nothing was revoked");
+}

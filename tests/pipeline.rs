@@ -24,19 +24,12 @@ fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 fn spawn(ws: &Workspace, args: &[&str]) -> std::process::Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
-    cmd.args(args)
-        .arg("-c")
+    let mut cmd = ws.command(args);
+    cmd.arg("-c")
         .arg(ws.config_path())
-        .env_remove("KEYWARD_CONFIG")
-        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .current_dir(ws.dir.path());
-    for (k, v) in &ws.env {
-        cmd.env(k, v);
-    }
+        .stderr(Stdio::piped());
     cmd.spawn().expect("start keyward")
 }
 

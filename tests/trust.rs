@@ -62,18 +62,13 @@ fn write(ws: &Workspace, name: &str, text: &str) -> std::path::PathBuf {
 
 /// Runs keyward with `args` and a 60 s bound; a hang is a failure, not a stuck suite.
 fn keyward_bounded(ws: &Workspace, args: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
-    cmd.args(args)
-        .env_remove("KEYWARD_CONFIG")
-        .env("NO_COLOR", "1")
+    let mut child = ws
+        .command(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .current_dir(ws.dir.path());
-    for (k, v) in &ws.env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
+        .spawn()
+        .unwrap();
     for _ in 0..600 {
         if child.try_wait().unwrap().is_some() {
             return child.wait_with_output().unwrap();

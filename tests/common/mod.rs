@@ -228,18 +228,23 @@ impl Workspace {
     }
 
     pub fn keyward_stdin(&self, args: &[&str], stdin: Stdio) -> Output {
+        let mut cmd = self.command(args);
+        cmd.arg("-c").arg(self.config_path()).stdin(stdin);
+        cmd.output().expect("run keyward")
+    }
+
+    /// The `keyward` command with `args`, run in the workspace with its environment (no
+    /// `KEYWARD_CONFIG`, no colour) and no `-c`: the caller adds what it needs.
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyward"));
         cmd.args(args)
-            .arg("-c")
-            .arg(self.config_path())
             .env_remove("KEYWARD_CONFIG")
             .env("NO_COLOR", "1")
-            .stdin(stdin)
             .current_dir(self.dir.path());
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        cmd.output().expect("run keyward")
+        cmd
     }
 
     pub fn sink(&self, user: &str, slot: &str) -> Value {
