@@ -306,6 +306,9 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
                     path.display()
                 );
             }
+            if let Some(code) = plan_errors(&plan) {
+                return Ok(code);
+            }
             Ok(if *detailed_exitcode && plan.has_changes() {
                 ExitCode::from(2)
             } else {
@@ -680,6 +683,26 @@ impl Context_ {
 /// The exit of `apply`, `rotate` and a saved-plan apply: the report on stdout, 1 unless every
 /// change was done (a refusal, a failure, or changes not attempted because of a signal).
 fn finish(run: RunReport) -> anyhow::Result<ExitCode> {
+    let errors = plan_errors(&run.plan);
+    let code = finish_run(run)?;
+    Ok(errors.unwrap_or(code))
+}
+
+/// Exit 1, with each error on stderr, when the plan holds users nothing could be planned for.
+fn plan_errors(plan: &Plan) -> Option<ExitCode> {
+    if plan.errors.is_empty() {
+        return None;
+    }
+    for e in &plan.errors {
+        eprintln!(
+            "error: {}",
+            crate::text::escape(&format!("{} / {}: {}", e.provider, e.user, e.message))
+        );
+    }
+    Some(ExitCode::from(1))
+}
+
+fn finish_run(run: RunReport) -> anyhow::Result<ExitCode> {
     match run.outcome {
         RunOutcome::Refused(why) => anyhow::bail!("{why}"),
         RunOutcome::Unchanged | RunOutcome::Planned => Ok(ExitCode::SUCCESS),
@@ -766,6 +789,7 @@ fn check_saved(saved: &plan::view::PlanDocument, current: Plan) -> CheckedPlan {
             observed: current.observed,
             planned_at: current.planned_at,
             upcoming: current.upcoming,
+            errors: current.errors,
         },
         refused,
         left,

@@ -267,12 +267,16 @@ prune:
         "a deleted user is not planned again",
     );
 
-    // Declaring the name again cannot succeed: ASA keeps it reserved.
+    // Declaring the name again cannot succeed: ASA keeps it reserved. keyward says so (product
+    // contract §10.3) instead of attempting a create that ASA answers 409 on every run.
     asa::write_config(&ws, "", both);
     let out = ws.keyward(&["apply", "--auto-approve"]);
     expect_code(&out, 1, "re-creating a deleted name");
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    assert!(all.contains("409"), "{all}");
+    assert!(
+        all.contains("held by a deleted Okta ASA service user"),
+        "{all}"
+    );
 }
 
 #[test]
@@ -425,4 +429,51 @@ fn a_wrong_asa_secret_is_one_clear_line_without_the_secret() {
     assert!(!err.contains(bogus) && !err.contains(&bogus[..12]), "{err}");
     assert!(!text(&out.stdout).contains(bogus));
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_name_held_by_a_deleted_user_is_an_error_not_a_create_every_run() {
+    let sb = Sandbox::start(&[]);
+    let ws = asa::workspace(&sb);
+    let api = Asa::new(&sb);
+    // `ghost` existed once and was deleted: ASA keeps its name reserved.
+    let (status, _, body) = api.call("POST", "/service_users", Some(json!({"name": "ghost"})));
+    assert!(status < 300, "{body}");
+    let (status, _, body) = api.call(
+        "PUT",
+        "/service_users/ghost",
+        Some(json!({"name": "ghost", "status": "DELETED"})),
+    );
+    assert!(status < 300, "{body}");
+    asa::write_config(
+        &ws,
+        "",
+        "users:\n  - provider: asa\n    name: ghost\n    keys:\n      main: {}\n  - provider: asa\n    name: living\n    keys:\n      main: {}\n",
+    );
+    let out = ws.keyward(&["plan", "--detailed-exitcode"]);
+    expect_code(&out, 1, "plan with a reserved name");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("asa / ghost") && err.contains("Rename it in the file"),
+        "{err}"
+    );
+    let shown = text(&out.stdout);
+    assert!(!shown.contains("ghost\n    + create"), "{shown}");
+    // Nothing is proposed for ghost; the other user is planned as usual.
+    let doc: Value = serde_json::from_slice(&ws.keyward(&["plan", "--json"]).stdout).unwrap();
+    let changes = doc["changes"].as_array().expect("changes");
+    assert!(changes.iter().all(|c| c["user"] != "ghost"), "{doc}");
+    assert!(changes.iter().any(|c| c["user"] == "living"), "{doc}");
+    assert_eq!(doc["errors"][0]["user"], "ghost", "{doc}");
+    // apply does the rest, and says ghost could not be done: exit 1, no create attempted.
+    sb.reset_stats();
+    let out = ws.keyward(&["apply", "--auto-approve"]);
+    expect_code(&out, 1, "apply with a reserved name");
+    assert!(api.user("living").is_some());
+    assert_eq!(
+        asa::route_count(&sb, "POST /v1/teams/{team}/service_users"),
+        1,
+        "only living was created: {}",
+        sb.stats()
+    );
 }

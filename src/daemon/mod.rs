@@ -318,7 +318,10 @@ impl Daemon {
             .min()
             .map(|at| after(Instant::now(), until(at, now_ts)));
 
-        let reached_all = run.failures.is_empty();
+        for e in &plan.errors {
+            tracing::error!("{} / {}: {}", e.provider, e.user, e.message);
+        }
+        let reached_all = run.failures.is_empty() && plan.errors.is_empty();
         let (outcome, summary) = match &run.outcome {
             RunOutcome::Unchanged => (Outcome::Ok, "0 change(s) planned".to_string()),
             RunOutcome::Planned => {

@@ -66,6 +66,17 @@ pub fn plan(
     let mut warnings = Vec::new();
     let mut upcoming = Vec::new();
 
+    let mut errors = Vec::new();
+    // Names held by deleted users (Okta ASA keeps them reserved forever), per account, once.
+    let reserved: std::collections::HashSet<(&str, &str)> = observed
+        .iter()
+        .flat_map(|(p, snap)| {
+            snap.users
+                .iter()
+                .filter(|u| u.deleted)
+                .map(move |u| (p.as_str(), u.name.as_str()))
+        })
+        .collect();
     for spec in &config.users {
         if !opts.selects(&spec.provider, &spec.name) {
             continue;
@@ -75,6 +86,16 @@ pub fn plan(
             continue;
         };
         match snapshot.user_by_name(&spec.name) {
+            None if reserved.contains(&(spec.provider.as_str(), spec.name.as_str())) => {
+                errors.push(super::PlanError {
+                    provider: spec.provider.clone(),
+                    user: spec.name.clone(),
+                    message: format!(
+                        "the name `{}` is held by a deleted Okta ASA service user, and ASA keeps deleted names reserved forever: a user of that name can never be created. Rename it in the file (line {})",
+                        spec.name, spec.line
+                    ),
+                });
+            }
             None => plan_new_user(config, spec, state, &mut changes),
             Some(remote) => plan_existing_user(
                 config,
@@ -144,6 +165,7 @@ pub fn plan(
         observed: observed_digest(config, observed, state),
         planned_at: now,
         upcoming,
+        errors,
     }
 }
 

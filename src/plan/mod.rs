@@ -40,6 +40,21 @@ pub struct Plan {
     pub planned_at: Timestamp,
     /// Work that is not due yet: the next rotation of each slot, the end of each overlap.
     pub upcoming: Vec<Upcoming>,
+    /// What keyward cannot do for a declared user until the file changes (an Okta ASA name
+    /// held by a deleted user, say); nothing is planned for such a user, and `plan` and
+    /// `apply` exit 1.
+    pub errors: Vec<PlanError>,
+}
+
+/// A declared user keyward can plan nothing for until the file changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanError {
+    /// The provider account's name in the config.
+    pub provider: String,
+    /// The declared user's name.
+    pub user: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
 }
 
 /// Something keyward will do later, without being asked (soonest first).

@@ -239,6 +239,21 @@ pub fn text(plan: &Plan, colored: bool) -> String {
             ));
         }
     }
+    if !plan.errors.is_empty() {
+        out.push('\n');
+        out.push_str(&bold(
+            "Errors (nothing is planned for these users):",
+            colored,
+        ));
+        out.push('\n');
+        for e in &plan.errors {
+            out.push_str(&format!(
+                "  {} {}\n",
+                paint("✗", Some(AnsiColor::Red), colored),
+                escape(&format!("{} / {}: {}", e.provider, e.user, e.message))
+            ));
+        }
+    }
     if !plan.upcoming.is_empty() {
         out.push('\n');
         out.push_str(&bold("Upcoming (nothing to do now):", colored));

@@ -27,6 +27,9 @@ pub struct PlanDocument {
     /// Rotations and overlap ends to come (absent in older documents).
     #[serde(default)]
     pub upcoming: Vec<Upcoming>,
+    /// Declared users nothing can be planned for (absent when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<super::PlanError>,
 }
 
 /// One change as the document shows it.
@@ -161,6 +164,7 @@ impl From<&Plan> for PlanDocument {
             observed: plan.observed.clone(),
             planned_at: plan.planned_at,
             upcoming: plan.upcoming.clone(),
+            errors: plan.errors.clone(),
         }
     }
 }
