@@ -139,16 +139,7 @@ impl Report {
 
 /// One line naming a change, for progress and reports.
 pub fn describe(c: &Change) -> String {
-    let slot = c.slot().unwrap_or("");
-    let what = match &c.op {
-        Op::CreateUser { .. } => "create service user".to_string(),
-        Op::UpdateUser { .. } => "update service user".to_string(),
-        Op::DeleteUser { .. } => "delete service user".to_string(),
-        Op::CreateKey { .. } => format!("create key {slot}"),
-        Op::RotateKey { .. } => format!("rotate key {slot}"),
-        Op::RevokeKey { key, .. } => format!("revoke key {}", key.id),
-    };
-    crate::text::escape(&format!("{} / {}: {what}", c.provider, c.user)).into_owned()
+    crate::plan::describe_change(c.action(), &c.provider, &c.user, c.slot(), c.key_id())
 }
 
 /// Everything the executor works with.
@@ -448,8 +439,7 @@ impl Executor {
                 Ok(String::new())
             }
             Op::CreateUser { active, .. } => {
-                let seq = self.begin(change, None, None, false).await?;
-                let result = async {
+                let work = async {
                     let user = run.provider.create_user(name, *active).await?;
                     let id = user.id.clone();
                     self.save(|s| s.record_user(provider, name, &user.id, true, user.created_at))
@@ -457,39 +447,55 @@ impl Executor {
                     run.remote = Some(user);
                     run.keys.clear();
                     Ok(id)
-                }
-                .await;
-                self.finish(seq).await;
-                result
+                };
+                self.journaled(change.action(), change, None, None, work)
+                    .await
             }
             Op::UpdateUser { active, .. } => {
                 let user = run
                     .remote
                     .clone()
                     .ok_or_else(|| anyhow::anyhow!("the user no longer exists"))?;
-                let seq = self.begin(change, Some(&user.id), None, false).await?;
-                let result = run.provider.update_user(&user, *active).await;
-                self.finish(seq).await;
-                run.remote = Some(result?);
-                Ok(String::new())
+                let work = async {
+                    run.remote = Some(run.provider.update_user(&user, *active).await?);
+                    Ok(String::new())
+                };
+                self.journaled(change.action(), change, Some(&user.id), None, work)
+                    .await
             }
             Op::DeleteUser { .. } => {
                 let user = run
                     .remote
                     .clone()
                     .ok_or_else(|| anyhow::anyhow!("the user no longer exists"))?;
-                let seq = self.begin(change, Some(&user.id), None, false).await?;
-                let result = async {
+                let work = async {
                     run.provider.delete_user(&user).await?;
                     self.save(|s| s.forget_user(provider, name)).await?;
                     run.remote = None;
                     Ok(String::new())
-                }
-                .await;
-                self.finish(seq).await;
-                result
+                };
+                self.journaled(change.action(), change, Some(&user.id), None, work)
+                    .await
             }
         }
+    }
+
+    /// Runs `work` as one journaled operation: its intent durable before it starts, done
+    /// after it ends, whatever its outcome (the state says what it left).
+    async fn journaled<T>(
+        &self,
+        action: Action,
+        change: &Change,
+        user_id: Option<&str>,
+        key_id: Option<&str>,
+        work: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        let seq = self
+            .begin_as(action, change, user_id, key_id, false)
+            .await?;
+        let result = work.await;
+        self.finish(seq).await;
+        result
     }
 
     /// Revokes a key (journaled) and drops it from the state.
@@ -500,18 +506,15 @@ impl Executor {
         change: &Change,
     ) -> anyhow::Result<()> {
         let user_id = run.remote.as_ref().map(|u| u.id.clone());
-        let seq = self
-            .begin_as(
-                Action::RevokeKey,
-                change,
-                user_id.as_deref(),
-                Some(&key.id),
-                false,
-            )
-            .await?;
-        let result = self.revoke_unjournaled(run, key).await;
-        self.finish(seq).await;
-        result
+        let work = self.revoke_unjournaled(run, key);
+        self.journaled(
+            Action::RevokeKey,
+            change,
+            user_id.as_deref(),
+            Some(&key.id),
+            work,
+        )
+        .await
     }
 
     async fn revoke_unjournaled(&self, run: &mut UserRun, key: &RemoteKey) -> anyhow::Result<()> {

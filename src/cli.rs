@@ -616,12 +616,7 @@ impl Context_ {
     /// Observes for `status`; any account that does not answer fails the command.
     async fn observe(&self) -> anyhow::Result<(Observed, State)> {
         let obs = self.engine.observe().await?;
-        if let Some((last, rest)) = obs.failures.split_last() {
-            for failure in rest {
-                eprintln!("error: {}", failure);
-            }
-            return Err(last.clone().into());
-        }
+        crate::engine::every_account_answered(&obs.failures)?;
         Ok((obs.observed, obs.state))
     }
 
@@ -694,10 +689,7 @@ fn plan_errors(plan: &Plan) -> Option<ExitCode> {
         return None;
     }
     for e in &plan.errors {
-        eprintln!(
-            "error: {}",
-            crate::text::escape(&format!("{} / {}: {}", e.provider, e.user, e.message))
-        );
+        eprintln!("error: {e}");
     }
     Some(ExitCode::from(1))
 }
@@ -731,26 +723,14 @@ struct CheckedPlan {
 /// Matches each saved change with a computed one (same action, provider, user, slot, key and
 /// target attributes; the reason may differ, it holds ages). One pass over each list.
 fn check_saved(saved: &plan::view::PlanDocument, current: Plan) -> CheckedPlan {
-    type Identity = (
+    type Identity<'a> = (
         plan::Action,
-        String,
-        String,
-        Option<String>,
-        Option<String>,
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        Option<&'a str>,
         String,
     );
-    let identity = |c: &plan::view::ChangeView| -> Identity {
-        (
-            c.action,
-            c.provider.clone(),
-            c.user.clone(),
-            c.slot.clone(),
-            c.key_id.clone(),
-            c.after.as_ref().map(|a| a.to_string()).unwrap_or_default(),
-        )
-    };
-    let mut wanted: std::collections::HashMap<Identity, usize> = std::collections::HashMap::new();
-    let mut refused = Vec::new();
     let views: Vec<plan::view::ChangeView> = current
         .changes
         .iter()
@@ -759,10 +739,12 @@ fn check_saved(saved: &plan::view::PlanDocument, current: Plan) -> CheckedPlan {
     let mut available: std::collections::HashMap<Identity, usize> =
         std::collections::HashMap::new();
     for v in &views {
-        *available.entry(identity(v)).or_default() += 1;
+        *available.entry(v.decision()).or_default() += 1;
     }
+    let mut wanted: std::collections::HashMap<Identity, usize> = std::collections::HashMap::new();
+    let mut refused = Vec::new();
     for c in &saved.changes {
-        let id = identity(c);
+        let id = c.decision();
         let there = available.get(&id).copied().unwrap_or(0);
         let taken = wanted.entry(id).or_default();
         if *taken < there {
@@ -774,7 +756,7 @@ fn check_saved(saved: &plan::view::PlanDocument, current: Plan) -> CheckedPlan {
     let mut run = Vec::new();
     let mut left = Vec::new();
     for (c, v) in current.changes.into_iter().zip(&views) {
-        match wanted.get_mut(&identity(v)) {
+        match wanted.get_mut(&v.decision()) {
             Some(n) if *n > 0 => {
                 *n -= 1;
                 run.push(c);

@@ -76,6 +76,20 @@ pub struct Unattended;
 
 impl Operator for Unattended {}
 
+/// Fails with the last of `failures` (logging the others) when any account did not answer: a
+/// command acts only on a complete observation.
+pub fn every_account_answered(failures: &[ProviderError]) -> anyhow::Result<()> {
+    match failures.split_last() {
+        None => Ok(()),
+        Some((last, rest)) => {
+            for failure in rest {
+                tracing::error!("{failure}");
+            }
+            Err(last.clone().into())
+        }
+    }
+}
+
 /// One run's request.
 pub struct RunRequest<'a> {
     /// Plan only, or apply.
@@ -164,13 +178,8 @@ impl Engine {
         let apply = req.mode == RunMode::Apply;
         let _lock = if apply { Some(self.lock()?) } else { None };
         let obs = self.observe_where(apply, req.include).await?;
-        if req.every_account
-            && let Some((last, rest)) = obs.failures.split_last()
-        {
-            for failure in rest {
-                tracing::error!("{failure}");
-            }
-            return Err(last.clone().into());
+        if req.every_account {
+            every_account_answered(&obs.failures)?;
         }
         let mut opts = req.opts;
         for f in &obs.recovery.force {
@@ -179,33 +188,33 @@ impl Engine {
             }
         }
         let plan = operator.review(self.plan(&obs, &opts, Timestamp::now()))?;
-        let report = |plan, outcome, report| RunReport {
+        let (outcome, report) = if !plan.has_changes() {
+            (RunOutcome::Unchanged, None)
+        } else if !apply {
+            (RunOutcome::Planned, None)
+        } else if let Err(e) = self.check_deletions(&plan) {
+            (RunOutcome::Refused(format!("{e:#}")), None)
+        } else {
+            operator.approve(&plan)?;
+            // The executor works on its own copy; the report keeps the state the plan read.
+            let done = self
+                .execute(
+                    &plan,
+                    &obs.observed,
+                    obs.state.clone(),
+                    self.shutdown.clone(),
+                )
+                .await?;
+            (RunOutcome::Executed, Some(done))
+        };
+        Ok(RunReport {
             plan,
             outcome,
             report,
-            failures: obs.failures.clone(),
-            observed: obs.observed.clone(),
-            state: obs.state.clone(),
-        };
-        if !plan.has_changes() {
-            return Ok(report(plan, RunOutcome::Unchanged, None));
-        }
-        if !apply {
-            return Ok(report(plan, RunOutcome::Planned, None));
-        }
-        if let Err(e) = self.check_deletions(&plan) {
-            return Ok(report(plan, RunOutcome::Refused(format!("{e:#}")), None));
-        }
-        operator.approve(&plan)?;
-        let done = self
-            .execute(
-                &plan,
-                &obs.observed,
-                obs.state.clone(),
-                self.shutdown.clone(),
-            )
-            .await?;
-        Ok(report(plan, RunOutcome::Executed, Some(done)))
+            failures: obs.failures,
+            observed: obs.observed,
+            state: obs.state,
+        })
     }
 
     /// Lists every provider account concurrently and loads the state, with whatever an

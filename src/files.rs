@@ -74,8 +74,12 @@ fn kind_of(ft: std::fs::FileType) -> &'static str {
 
 /// Opens `path` for reading without blocking (a FIFO with no writer would otherwise hang the
 /// open) and checks that it is a regular file of at most `limit` bytes. With `follow_links`
-/// false a symbolic link is refused (`O_NOFOLLOW`).
-pub fn open_regular(path: &Path, limit: u64, follow_links: bool) -> Result<File, ReadError> {
+/// false a symbolic link is refused (`O_NOFOLLOW`). Returns the file and the metadata checked.
+fn open_regular(
+    path: &Path,
+    limit: u64,
+    follow_links: bool,
+) -> Result<(File, std::fs::Metadata), ReadError> {
     let mut flags = rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::CLOEXEC;
     if !follow_links {
         flags |= rustix::fs::OFlags::NOFOLLOW;
@@ -102,21 +106,28 @@ pub fn open_regular(path: &Path, limit: u64, follow_links: bool) -> Result<File,
             limit,
         });
     }
-    Ok(file)
+    Ok((file, meta))
 }
 
-/// Reads a whole regular file of at most `limit` bytes (see [`open_regular`]). A file that
-/// grows past the limit while being read is refused too.
-pub fn read_bounded(path: &Path, limit: u64, follow_links: bool) -> Result<Vec<u8>, ReadError> {
-    let file = open_regular(path, limit, follow_links)?;
-    let mut bytes = Vec::new();
-    file.take(limit + 1).read_to_end(&mut bytes)?;
+/// Reads `file` to its end into `bytes`, refusing one that grew past `limit` since it was
+/// checked.
+fn read_to_limit(file: File, limit: u64, bytes: &mut Vec<u8>) -> Result<(), ReadError> {
+    file.take(limit + 1).read_to_end(bytes)?;
     if bytes.len() as u64 > limit {
         return Err(ReadError::TooLarge {
             size: bytes.len() as u64,
             limit,
         });
     }
+    Ok(())
+}
+
+/// Reads a whole regular file of at most `limit` bytes (see [`open_regular`]). A file that
+/// grows past the limit while being read is refused too.
+pub fn read_bounded(path: &Path, limit: u64, follow_links: bool) -> Result<Vec<u8>, ReadError> {
+    let (file, _) = open_regular(path, limit, follow_links)?;
+    let mut bytes = Vec::new();
+    read_to_limit(file, limit, &mut bytes)?;
     Ok(bytes)
 }
 
@@ -260,15 +271,12 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// keyward could have written: a regular file, not a link, owned by keyward's user, with no
 /// group or other permission bits, of bounded size. Anything else reads as `None`.
 pub fn read_own_file(path: &Path) -> Option<secrecy::zeroize::Zeroizing<Vec<u8>>> {
-    let file = open_regular(path, MAX_SINK_FILE_BYTES, false).ok()?;
-    let meta = file.metadata().ok()?;
+    let (file, meta) = open_regular(path, MAX_SINK_FILE_BYTES, false).ok()?;
     if meta.uid() != euid() || meta.permissions().mode() & 0o077 != 0 {
         return None;
     }
     let mut bytes = secrecy::zeroize::Zeroizing::new(Vec::new());
-    file.take(MAX_SINK_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .ok()?;
+    read_to_limit(file, MAX_SINK_FILE_BYTES, &mut bytes).ok()?;
     Some(bytes)
 }
 

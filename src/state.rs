@@ -80,13 +80,6 @@ impl SlotRecord {
         &self.orphans
     }
 
-    /// Whether `key_id` is recorded here in any role.
-    pub fn holds(&self, key_id: &str) -> bool {
-        self.current.as_ref().is_some_and(|c| c.id == key_id)
-            || self.retiring.iter().any(|k| k.id == key_id)
-            || self.orphans.iter().any(|o| o == key_id)
-    }
-
     /// Makes `new` (delivered to every sink) the current key. The key it replaces retires until
     /// `retire_after`, unless `still_there` says the provider no longer has it (then there is
     /// nothing left to retire). Returns the id of the key that retires.
@@ -297,6 +290,6 @@ mod tests {
         slot.forget("a");
         slot.forget("c");
         assert!(slot.current().is_none() && slot.retiring().is_empty());
-        assert!(!slot.holds("a"));
+        assert!(slot.orphans().is_empty());
     }
 }

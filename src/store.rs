@@ -17,8 +17,6 @@ use crate::state::{FORMAT_VERSION, State};
 
 /// Where keyward's state, journal and lock live.
 pub trait Store: Send + Sync {
-    /// Where, for messages (`/var/lib/keyward`).
-    fn describe(&self) -> String;
     /// The state (empty when there is none yet; an error, never a reset, when unreadable).
     fn load(&self) -> anyhow::Result<State>;
     /// Records `state` durably, as it is.
@@ -170,10 +168,6 @@ impl StateDir {
 }
 
 impl Store for StateDir {
-    fn describe(&self) -> String {
-        self.dir.display().to_string()
-    }
-
     fn load(&self) -> anyhow::Result<State> {
         StateDir::load(self)
     }

@@ -230,15 +230,13 @@ fn is_reference(value: &str) -> bool {
         })
 }
 
-/// `scheme://user:password@host...`
+/// `scheme://user:password@host...`: a URL [`crate::text::hide_url_password`] would hide a
+/// password in.
 fn url_with_password(value: &str) -> bool {
-    let Some((_, rest)) = value.split_once("://") else {
-        return false;
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    authority
-        .rsplit_once('@')
-        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+    matches!(
+        crate::text::hide_url_password(value),
+        std::borrow::Cow::Owned(_)
+    )
 }
 
 /// `text` with each character range in `spans` replaced by [`MASK`]. Trailing line breaks and

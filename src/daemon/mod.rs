@@ -319,7 +319,7 @@ impl Daemon {
             .map(|at| after(Instant::now(), until(at, now_ts)));
 
         for e in &plan.errors {
-            tracing::error!("{} / {}: {}", e.provider, e.user, e.message);
+            tracing::error!("{e}");
         }
         let reached_all = run.failures.is_empty() && plan.errors.is_empty();
         let (outcome, summary) = match &run.outcome {

@@ -524,17 +524,17 @@ fn plan_undeclared_users(
     if !opts.only.is_empty() {
         return;
     }
+    let declared: BTreeSet<(&str, &str)> = config
+        .users
+        .iter()
+        .map(|u| (u.provider.as_str(), u.name.as_str()))
+        .collect();
     for (provider, snapshot) in observed {
         let Some(account) = config.providers.get(provider) else {
             continue;
         };
         for remote in &snapshot.users {
-            if remote.deleted
-                || config
-                    .users
-                    .iter()
-                    .any(|u| u.provider == *provider && u.name == remote.name)
-            {
+            if remote.deleted || declared.contains(&(provider.as_str(), remote.name.as_str())) {
                 continue;
             }
             if own_key(config, provider, remote, snapshot).is_some() {

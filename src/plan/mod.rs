@@ -46,6 +46,27 @@ pub struct Plan {
     pub errors: Vec<PlanError>,
 }
 
+/// One line naming a change (`ngrok / bot: rotate key main`), for reports and progress; names
+/// are escaped.
+pub fn describe_change(
+    action: Action,
+    provider: &str,
+    user: &str,
+    slot: Option<&str>,
+    key_id: Option<&str>,
+) -> String {
+    let slot = slot.unwrap_or_default();
+    let what = match action {
+        Action::CreateUser => "create service user".to_string(),
+        Action::UpdateUser => "update service user".to_string(),
+        Action::DeleteUser => "delete service user".to_string(),
+        Action::CreateKey => format!("create key {slot}"),
+        Action::RotateKey => format!("rotate key {slot}"),
+        Action::RevokeKey => format!("revoke key {}", key_id.unwrap_or_default()),
+    };
+    crate::text::escape(&format!("{provider} / {user}: {what}")).into_owned()
+}
+
 /// A declared user keyward can plan nothing for until the file changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanError {
@@ -55,6 +76,14 @@ pub struct PlanError {
     pub user: String,
     /// What is wrong and how to fix it.
     pub message: String,
+}
+
+impl fmt::Display for PlanError {
+    /// `provider / user: message`, on one line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let line = format!("{} / {}: {}", self.provider, self.user, self.message);
+        f.write_str(&crate::text::escape(&line))
+    }
 }
 
 /// Something keyward will do later, without being asked (soonest first).

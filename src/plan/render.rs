@@ -250,7 +250,7 @@ pub fn text(plan: &Plan, colored: bool) -> String {
             out.push_str(&format!(
                 "  {} {}\n",
                 paint("✗", Some(AnsiColor::Red), colored),
-                escape(&format!("{} / {}: {}", e.provider, e.user, e.message))
+                e
             ));
         }
     }

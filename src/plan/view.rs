@@ -54,42 +54,31 @@ pub struct ChangeView {
 }
 
 impl ChangeView {
-    /// Whether two views describe the same decision: same action, target and attributes (the
-    /// reason may differ: it holds ages).
-    pub fn same_decision(&self, other: &ChangeView) -> bool {
+    /// What identifies the decision a view describes: action, target and attributes (not the
+    /// reason, which holds ages). A saved plan's changes are matched to the computed plan's by it.
+    pub fn decision(&self) -> (Action, &str, &str, Option<&str>, Option<&str>, String) {
         (
             self.action,
             &self.provider,
             &self.user,
-            &self.slot,
-            &self.key_id,
-            &self.after,
-        ) == (
-            other.action,
-            &other.provider,
-            &other.user,
-            &other.slot,
-            &other.key_id,
-            &other.after,
+            self.slot.as_deref(),
+            self.key_id.as_deref(),
+            self.after
+                .as_ref()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
         )
     }
-}
 
-impl ChangeView {
     /// One line naming the change, as reports name changes.
     pub fn describe(&self) -> String {
-        let slot = self.slot.as_deref().unwrap_or("");
-        let what = match self.action {
-            Action::CreateUser => "create service user".to_string(),
-            Action::UpdateUser => "update service user".to_string(),
-            Action::DeleteUser => "delete service user".to_string(),
-            Action::CreateKey => format!("create key {slot}"),
-            Action::RotateKey => format!("rotate key {slot}"),
-            Action::RevokeKey => {
-                format!("revoke key {}", self.key_id.as_deref().unwrap_or_default())
-            }
-        };
-        crate::text::escape(&format!("{} / {}: {what}", self.provider, self.user)).into_owned()
+        super::describe_change(
+            self.action,
+            &self.provider,
+            &self.user,
+            self.slot.as_deref(),
+            self.key_id.as_deref(),
+        )
     }
 }
 

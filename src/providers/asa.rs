@@ -68,11 +68,6 @@ pub struct AsaProvider {
 }
 
 impl AsaProvider {
-    /// A client that is never shut down (tests, tools).
-    pub fn new(account: &ProviderAccount, concurrency: usize) -> anyhow::Result<Self> {
-        Self::with_shutdown(account, concurrency, CancellationToken::new())
-    }
-
     /// A client whose waits end, and which sends nothing more, once `shutdown` is cancelled.
     pub fn with_shutdown(
         account: &ProviderAccount,
@@ -871,7 +866,7 @@ mod sandbox_tests {
     }
 
     fn client(sb: &Sandbox, team: &str, secret: &str) -> AsaProvider {
-        AsaProvider::new(
+        AsaProvider::with_shutdown(
             &ProviderAccount {
                 name: "asa".into(),
                 kind: crate::model::ProviderType::OktaAsa,
@@ -887,6 +882,7 @@ mod sandbox_tests {
                 },
             },
             4,
+            tokio_util::sync::CancellationToken::new(),
         )
         .unwrap()
     }

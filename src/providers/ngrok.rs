@@ -30,11 +30,6 @@ pub struct NgrokProvider {
 }
 
 impl NgrokProvider {
-    /// A client that is never shut down (tests, tools).
-    pub fn new(account: &ProviderAccount, concurrency: usize) -> anyhow::Result<Self> {
-        Self::with_shutdown(account, concurrency, CancellationToken::new())
-    }
-
     /// A client whose waits end, and which sends nothing more, once `shutdown` is cancelled.
     pub fn with_shutdown(
         account: &ProviderAccount,

@@ -124,7 +124,7 @@ impl SinkDocument {
     }
 }
 
-pub use crate::text::fits_placeholder;
+use crate::text::fits_placeholder;
 
 /// Fills `{provider} {user} {slot} {key_id}` in a path or argument. A value that could escape
 /// a directory (`/`, `..`, NUL) or holds a control character is refused rather than written
