@@ -461,23 +461,10 @@ fn idle_daemon_sends_no_request_and_observe_mode_never_writes() {
 
 #[test]
 fn speaks_the_systemd_notify_protocol() {
-    use std::os::unix::net::UnixDatagram;
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
     ws.write_config(QUIET, &users(&["notified"]));
-    let sock_path = ws.path("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let sock_text = sock_path.to_string_lossy().into_owned();
-    let mut d = Daemon::start_with(
-        &ws,
-        &[
-            ("NOTIFY_SOCKET", Some(sock_text.as_str())),
-            ("WATCHDOG_USEC", Some("300000")),
-            ("WATCHDOG_PID", None),
-        ],
-    );
+    let (mut d, sock) = start_notified(&ws, 300_000, Duration::from_millis(200));
     // Reads messages until `done` holds for what came so far, within a generous bound (the
     // bound only turns a missing message into a failure; it is not what is tested).
     let read_until = |what: &str, done: &dyn Fn(&[String]) -> bool| -> Vec<String> {
@@ -648,6 +635,29 @@ fn reload_diff_never_shows_an_inline_secret_in_flow_style() {
     );
 }
 
+/// Starts the daemon with a notify socket of the test's own (read with `read_timeout`) and a
+/// watchdog of `watchdog_usec`.
+fn start_notified(
+    ws: &Workspace,
+    watchdog_usec: u64,
+    read_timeout: Duration,
+) -> (Daemon, std::os::unix::net::UnixDatagram) {
+    let sock_path = ws.path("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(read_timeout)).unwrap();
+    let sock_text = sock_path.to_string_lossy().into_owned();
+    let usec_text = watchdog_usec.to_string();
+    let d = Daemon::start_with(
+        ws,
+        &[
+            ("NOTIFY_SOCKET", Some(sock_text.as_str())),
+            ("WATCHDOG_USEC", Some(usec_text.as_str())),
+            ("WATCHDOG_PID", None),
+        ],
+    );
+    (d, sock)
+}
+
 /// The times at which `WATCHDOG=1` arrived on `sock` while `act` ran every `every`, for `total`.
 fn watchdog_pings(
     sock: &std::os::unix::net::UnixDatagram,
@@ -675,25 +685,11 @@ fn watchdog_pings(
 
 #[test]
 fn a_busy_config_directory_does_not_starve_the_watchdog() {
-    use std::os::unix::net::UnixDatagram;
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
     ws.write_config(QUIET, &users(&["watched"]));
-    let sock_path = ws.path("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(20)))
-        .unwrap();
-    let sock_text = sock_path.to_string_lossy().into_owned();
     let watchdog_usec = 2_000_000u64;
-    let usec_text = watchdog_usec.to_string();
-    let d = Daemon::start_with(
-        &ws,
-        &[
-            ("NOTIFY_SOCKET", Some(sock_text.as_str())),
-            ("WATCHDOG_USEC", Some(usec_text.as_str())),
-            ("WATCHDOG_PID", None),
-        ],
-    );
+    let (d, sock) = start_notified(&ws, watchdog_usec, Duration::from_millis(20));
     eventually(&d, Duration::from_secs(10), "converged", || {
         ws.path("secrets/ng/watched/main.json").exists()
     });

@@ -54,6 +54,25 @@ fn recording_server(response: String) -> (String, Arc<Mutex<Vec<String>>>) {
     (url, seen)
 }
 
+/// A sandbox and a workspace whose config declares the user `bot` with one slot.
+fn with_bot() -> (Sandbox, Workspace) {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(
+        "",
+        "users:\n  - provider: ng\n    name: bot\n    keys:\n      main: {}\n",
+    );
+    (sb, ws)
+}
+
+/// Makes the workspace's state directory with `mode`.
+fn state_dir(ws: &Workspace, mode: u32) -> std::path::PathBuf {
+    let state = ws.path("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(mode)).unwrap();
+    state
+}
+
 fn write(ws: &Workspace, name: &str, text: &str) -> std::path::PathBuf {
     let p = ws.path(name);
     std::fs::write(&p, text).unwrap();
@@ -183,15 +202,8 @@ fn a_loopback_provider_is_never_reached_through_a_proxy() {
 
 #[test]
 fn a_state_directory_others_can_write_is_refused() {
-    let sb = Sandbox::start(&[]);
-    let ws = Workspace::new(&sb);
-    ws.write_config(
-        "",
-        "users:\n  - provider: ng\n    name: bot\n    keys:\n      main: {}\n",
-    );
-    let state = ws.path("state");
-    std::fs::create_dir(&state).unwrap();
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (sb, ws) = with_bot();
+    state_dir(&ws, 0o777);
     let out = ws.keyward(&["apply", "--auto-approve"]);
     expect_code(&out, 1, "apply with a world-writable state directory");
     let err = text(&out.stderr);
@@ -202,15 +214,8 @@ fn a_state_directory_others_can_write_is_refused() {
 
 #[test]
 fn links_planted_in_the_state_directory_are_never_followed() {
-    let sb = Sandbox::start(&[]);
-    let ws = Workspace::new(&sb);
-    ws.write_config(
-        "",
-        "users:\n  - provider: ng\n    name: bot\n    keys:\n      main: {}\n",
-    );
-    let state = ws.path("state");
-    std::fs::create_dir(&state).unwrap();
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (_sb, ws) = with_bot();
+    let state = state_dir(&ws, 0o700);
     let victim_lock = write(&ws, "victim-lock", "precious lock target\n");
     let victim_journal = write(&ws, "victim-journal", "precious journal target\n");
     std::os::unix::fs::symlink(&victim_lock, state.join("lock")).unwrap();
@@ -230,12 +235,7 @@ fn links_planted_in_the_state_directory_are_never_followed() {
 
 #[test]
 fn a_sink_directory_others_can_write_is_refused_before_a_key_is_minted() {
-    let sb = Sandbox::start(&[]);
-    let ws = Workspace::new(&sb);
-    ws.write_config(
-        "",
-        "users:\n  - provider: ng\n    name: bot\n    keys:\n      main: {}\n",
-    );
+    let (sb, ws) = with_bot();
     let dir = ws.path("secrets/ng/bot");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -255,15 +255,8 @@ fn a_sink_directory_others_can_write_is_refused_before_a_key_is_minted() {
 
 #[test]
 fn a_corrupt_journal_line_stops_apply_and_names_file_and_line() {
-    let sb = Sandbox::start(&[]);
-    let ws = Workspace::new(&sb);
-    ws.write_config(
-        "",
-        "users:\n  - provider: ng\n    name: bot\n    keys:\n      main: {}\n",
-    );
-    let state = ws.path("state");
-    std::fs::create_dir(&state).unwrap();
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (sb, ws) = with_bot();
+    let state = state_dir(&ws, 0o700);
     let done = |seq: u32| {
         format!("{{\"seq\":{seq},\"at\":\"2026-01-01T00:00:00Z\",\"event\":\"done\"}}\n")
     };
