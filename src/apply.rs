@@ -101,7 +101,7 @@ impl Report {
         let counts = format!(
             "{} created, {} updated, {} rotated, {} revoked, {} deleted",
             self.count_done(&[Action::CreateUser, Action::CreateKey]),
-            self.count_done(&[Action::UpdateUser]),
+            self.count_done(&[Action::UpdateUser, Action::UpdateKey]),
             self.count_done(&[Action::RotateKey]),
             self.count_done(&[Action::RevokeKey]),
             self.count_done(&[Action::DeleteUser]),
@@ -438,6 +438,32 @@ impl Executor {
                 self.revoke(run, &key, change).await?;
                 Ok(String::new())
             }
+            Op::UpdateKey { key, after, .. } => {
+                let remote = run
+                    .keys
+                    .iter()
+                    .find(|k| k.id == key.id)
+                    .cloned()
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("key {} is not on this user any more", key.id)
+                    })?;
+                let user_id = run.remote.as_ref().map(|u| u.id.clone());
+                let work = async {
+                    let updated = run.provider.update_key(name, &remote, after).await?;
+                    if let Some(k) = run.keys.iter_mut().find(|k| k.id == updated.id) {
+                        *k = updated;
+                    }
+                    Ok(String::new())
+                };
+                self.journaled(
+                    change.action(),
+                    change,
+                    user_id.as_deref(),
+                    Some(&key.id),
+                    work,
+                )
+                .await
+            }
             Op::CreateUser { active, .. } => {
                 let work = async {
                     let user = run.provider.create_user(name, *active).await?;
@@ -554,7 +580,7 @@ impl Executor {
                 .description
                 .clone()
                 .unwrap_or_else(|| format!("keyward: {}/{}", user.name, slot.name)),
-            metadata: KeyTag::new(&slot.name).to_metadata(),
+            metadata: KeyTag::new(&self.config.settings.owner, &slot.name).to_metadata(),
             acl: slot.acl.clone(),
         };
         // Every sink must be able to take this key before one is minted: a name its path cannot
@@ -567,9 +593,13 @@ impl Executor {
         let created = match run.provider.create_key(&user, &new_key).await {
             Ok(c) => c,
             Err(e) => {
-                // If the provider created the key and only the answer was lost, the key carries
-                // keyward's tag and the next plan revokes it.
-                self.finish(seq).await;
+                // A refusal (4xx) created nothing: the operation is over. After a transient
+                // failure the provider may have created the key and only the answer was lost:
+                // the operation stays open in the journal, so the next run's recovery finds
+                // that key (by its tag, or as the only new untagged key) and revokes it.
+                if e.class != crate::providers::ErrorClass::Transient {
+                    self.finish(seq).await;
+                }
                 return Err(e.into());
             }
         };
@@ -654,6 +684,7 @@ impl Executor {
             delivered_at: now,
             sinks: slot.sinks.clone(),
             retire_after: None,
+            delivery: crate::state::Delivery::Delivered,
         };
         let retire_after = crate::rotation::revoke_after(now, slot.overlap);
         let mut replaced: Option<String> = None;

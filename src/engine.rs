@@ -268,20 +268,56 @@ impl Engine {
         }
         let entries = self.store.journal_entries()?;
         let unfinished = crate::oplog::unfinished(&entries);
-        // What the sinks hold is read here, off the async threads; recovery itself is pure.
+        // What the sinks hold is read here, off the async threads; recovery itself is pure. The
+        // keys asked about: those of unfinished operations, and keys no state records on
+        // declared slots.
+        let untracked: Vec<(String, String, String, String, Vec<String>)> = {
+            let index = observed
+                .iter()
+                .map(|(p, s)| (p.as_str(), s.index()))
+                .collect();
+            recovery::untracked(&self.config, &index, &state)
+                .into_iter()
+                .map(|u| {
+                    (
+                        u.provider.to_string(),
+                        u.user.to_string(),
+                        u.slot.to_string(),
+                        u.key.id.clone(),
+                        u.spec.sinks.clone(),
+                    )
+                })
+                .collect()
+        };
         let probes = {
             let (ops, config) = (unfinished.clone(), Arc::clone(&self.config));
-            tokio::task::spawn_blocking(move || probe_sinks(&ops, &config)).await?
+            tokio::task::spawn_blocking(move || {
+                let mut held = probe_sinks(&ops, &config);
+                for (p, u, slot, key, sinks) in untracked {
+                    if sinks_hold(&config, &sinks, &p, &u, &slot, &key) {
+                        held.insert((p, u, slot, key));
+                    }
+                }
+                held
+            })
+            .await?
         };
-        let recovery = recovery::recover(&unfinished, &self.config, &observed, &probes, &mut state);
+        let recovery = recovery::recover(
+            &unfinished,
+            &self.config,
+            &observed,
+            &probes,
+            &mut state,
+            Timestamp::now(),
+        );
         for note in &recovery.notes {
             tracing::warn!("recovery: {note}");
         }
+        if persist && recovery.changed {
+            state.serial += 1;
+            self.store.write(&state)?;
+        }
         if persist && !entries.is_empty() {
-            if recovery.changed {
-                state.serial += 1;
-                self.store.write(&state)?;
-            }
             self.store
                 .journal()?
                 .compact(&|op| !observed.contains_key(&op.provider))?;
@@ -298,6 +334,8 @@ impl Engine {
     /// scripts read them there.
     pub fn plan(&self, obs: &Observation, opts: &PlanOptions, now: Timestamp) -> Plan {
         let mut plan = plan::plan(&self.config, &obs.observed, &obs.state, now, opts);
+        // What recovery made of keys no state recorded: the plan says which, and why.
+        plan.warnings.extend(obs.recovery.explained.iter().cloned());
         for w in &self.warnings {
             plan.warnings.push(Warning {
                 kind: crate::plan::WarningKind::Config,
@@ -343,6 +381,25 @@ impl Engine {
     }
 }
 
+/// Whether every one of `sinks` (a slot's) verifiably holds `key_id` (json and env file sinks
+/// that name it; a slot with an exec or raw sink never does). File I/O.
+fn sinks_hold(
+    config: &Config,
+    sinks: &[String],
+    provider: &str,
+    user: &str,
+    slot: &str,
+    key_id: &str,
+) -> bool {
+    !sinks.is_empty()
+        && sinks.iter().all(|name| {
+            config
+                .sinks
+                .get(name)
+                .is_some_and(|sink| crate::sinks::holds(sink, provider, user, slot, key_id))
+        })
+}
+
 /// Reads the sinks of every unfinished create or rotation whose key was created but whose
 /// delivery was never journaled: file I/O, so the caller runs it off the async threads.
 pub fn probe_sinks(unfinished: &[Unfinished], config: &Config) -> SinkProbes {
@@ -360,13 +417,7 @@ pub fn probe_sinks(unfinished: &[Unfinished], config: &Config) -> SinkProbes {
         else {
             continue;
         };
-        let all = !spec.sinks.is_empty()
-            && spec.sinks.iter().all(|name| {
-                config.sinks.get(name).is_some_and(|sink| {
-                    crate::sinks::holds(sink, &op.provider, &op.user, slot, key_id)
-                })
-            });
-        if all {
+        if sinks_hold(config, &spec.sinks, &op.provider, &op.user, slot, key_id) {
             out.insert((
                 op.provider.clone(),
                 op.user.clone(),

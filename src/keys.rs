@@ -1,8 +1,10 @@
-//! One classification of the keys on a service user, used by the planner and `status` alike, so
-//! that they never disagree about a key: the slot's **current** key, keys
+//! One classification of the keys on a service user, used by the planner, crash recovery and
+//! `status` alike, so that they never disagree about a key: the slot's **current** key, keys
 //! **retiring** after a rotation, **orphans** (minted by keyward, never delivered: nobody holds
-//! them) and **unknown** keys (not keyward's). Keys on users the file does not declare are
-//! **unmanaged**, and never looked at here.
+//! them), **untracked** keys (tagged by this installation but recorded nowhere: the state was
+//! lost, or another installation with the same owner made them), **foreign** keys (tagged by
+//! another installation) and **unknown** keys (not keyward's). Keys on users the file does not
+//! declare are **unmanaged**, and never looked at here.
 
 use std::collections::BTreeMap;
 
@@ -18,9 +20,12 @@ pub struct KeyBook<'a> {
     pub current: BTreeMap<String, &'a RemoteKey>,
     /// Slot → its recorded retiring keys present at the provider, with when each may go.
     pub retiring: BTreeMap<String, Vec<(&'a RemoteKey, Option<Timestamp>)>>,
-    /// Keys keyward minted and never recorded as delivered, with their slot (recorded as an
-    /// orphan, or named by the key's tag).
+    /// Keys keyward minted and never delivered (recorded as orphans), with their slot.
     pub orphans: Vec<(String, &'a RemoteKey)>,
+    /// Keys tagged by this installation for a slot, recorded nowhere, with that slot.
+    pub untracked: Vec<(String, &'a RemoteKey)>,
+    /// Keys tagged by another installation, with its owner.
+    pub foreign: Vec<(String, &'a RemoteKey)>,
     /// Keys keyward did not create.
     pub unknown: Vec<&'a RemoteKey>,
 }
@@ -45,6 +50,17 @@ pub enum KeyClass {
         /// The slot.
         slot: String,
     },
+    /// Tagged by this installation for `slot`, but neither the state nor the journal records
+    /// it: it may be what the slot's consumers hold, so it is never revoked at once.
+    Untracked {
+        /// The slot its tag names.
+        slot: String,
+    },
+    /// Tagged by another installation (`owner`): never touched.
+    Foreign {
+        /// The owner its tag names.
+        owner: String,
+    },
     /// Not created by keyward.
     Unknown,
 }
@@ -56,24 +72,27 @@ impl KeyClass {
             KeyClass::Current { .. } => "current",
             KeyClass::Retiring { .. } => "retiring",
             KeyClass::Orphan { .. } => "orphan",
+            KeyClass::Untracked { .. } => "untracked",
+            KeyClass::Foreign { .. } => "foreign",
             KeyClass::Unknown => "unknown",
         }
     }
 }
 
 /// Sorts `keys` (the remote keys of `user` on account `provider`) by what keyward's state
-/// records about them. A record made for another user of the same name (its id differs) counts
-/// for nothing.
+/// records about them and by their tag, `owner` being this installation's `settings.owner`. A
+/// record made for another user of the same name (its id differs) counts for nothing.
 pub fn classify<'a>(
     provider: &str,
     user: &RemoteUser,
-    keys: impl Iterator<Item = &'a RemoteKey>,
+    keys: impl IntoIterator<Item = &'a RemoteKey>,
     state: &State,
+    owner: &str,
 ) -> KeyBook<'a> {
     let record = state.user(provider, &user.name).filter(|r| r.id == user.id);
     let mut book = KeyBook::default();
     for key in keys {
-        match class_of(record, key) {
+        match class_of(record, key, owner) {
             KeyClass::Current { slot } => {
                 book.current.insert(slot, key);
             }
@@ -81,14 +100,21 @@ pub fn classify<'a>(
                 book.retiring.entry(slot).or_default().push((key, until))
             }
             KeyClass::Orphan { slot } => book.orphans.push((slot, key)),
+            KeyClass::Untracked { slot } => book.untracked.push((slot, key)),
+            KeyClass::Foreign { owner } => book.foreign.push((owner, key)),
             KeyClass::Unknown => book.unknown.push(key),
         }
     }
     book
 }
 
-/// What `key` is, given the user's record.
-pub fn class_of(record: Option<&crate::state::UserRecord>, key: &RemoteKey) -> KeyClass {
+/// What `key` is, given the user's record and this installation's `owner`. What the state
+/// records wins over the tag: a recorded key stays keyward's whatever its metadata now says.
+pub fn class_of(
+    record: Option<&crate::state::UserRecord>,
+    key: &RemoteKey,
+    owner: &str,
+) -> KeyClass {
     if let Some(rec) = record {
         for (slot, srec) in &rec.slots {
             if srec.current().is_some_and(|c| c.id == key.id) {
@@ -106,7 +132,8 @@ pub fn class_of(record: Option<&crate::state::UserRecord>, key: &RemoteKey) -> K
         }
     }
     match KeyTag::parse(&key.metadata) {
-        Some(tag) => KeyClass::Orphan { slot: tag.slot },
+        Some(tag) if tag.owner == owner => KeyClass::Untracked { slot: tag.slot },
+        Some(tag) => KeyClass::Foreign { owner: tag.owner },
         None => KeyClass::Unknown,
     }
 }

@@ -43,6 +43,9 @@ pub enum Action {
     CreateUser,
     /// Change a service user's `active` flag.
     UpdateUser,
+    /// Put a key's drifted attributes (ngrok description, credential ACL, keyward's tag) back
+    /// as declared, in place.
+    UpdateKey,
     /// Mint a slot's first key.
     CreateKey,
     /// Mint a slot's next key; the current one starts retiring (it is revoked once the overlap
@@ -61,6 +64,7 @@ impl Action {
         match self {
             Action::CreateUser => "create_user",
             Action::UpdateUser => "update_user",
+            Action::UpdateKey => "update_key",
             Action::DeleteUser => "delete_user",
             Action::CreateKey => "create_key",
             Action::RotateKey => "rotate_key",
@@ -128,36 +132,84 @@ pub struct RemoteKey {
     pub description: String,
     /// ngrok's free-form metadata string; keyward's tag lives here.
     pub metadata: String,
+    /// ngrok credentials' ACL rules (`bind:…`); empty for API keys, ASA keys and an
+    /// unrestricted credential.
+    #[serde(default)]
+    pub acl: Vec<String>,
     /// When the provider created it: the start of the key's age for `rotate_every`.
     pub created_at: Timestamp,
     /// Provider-side expiry (ASA); `None` = never.
     pub expires_at: Option<Timestamp>,
 }
 
-/// The tag keyward writes into the `metadata` of every ngrok key it creates.
+/// The attributes of a key that keyward keeps as declared (ngrok `PATCH` takes them); `None`
+/// means "not concerned". A plan's `update_key` holds the ones that differ, before and after.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyAttrs {
+    /// The key's description.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The key's metadata (keyward's tag).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<String>,
+    /// A credential's ACL rules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acl: Option<Vec<String>>,
+}
+
+impl KeyAttrs {
+    /// Whether it names no attribute.
+    pub fn is_empty(&self) -> bool {
+        self.description.is_none() && self.metadata.is_none() && self.acl.is_none()
+    }
+}
+
+/// The tag keyward writes into the `metadata` of every ngrok key it creates:
+/// `{"managed_by":"keyward","owner":"<settings.owner>","slot":"<slot>"}` (product contract
+/// §10.2). A tag without `owner` (written before owners existed) means
+/// [`KeyTag::DEFAULT_OWNER`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyTag {
     /// Always [`KeyTag::MANAGED_BY`] in a tag keyward wrote.
     pub managed_by: String,
+    /// The installation that created the key (`settings.owner`).
+    #[serde(default = "default_owner")]
+    pub owner: String,
     /// The key slot the key was minted for.
     pub slot: String,
+}
+
+fn default_owner() -> String {
+    KeyTag::DEFAULT_OWNER.to_string()
 }
 
 impl KeyTag {
     /// The `managed_by` value that marks a key as keyward's.
     pub const MANAGED_BY: &'static str = "keyward";
+    /// The owner of a tag that names none, and `settings.owner`'s default.
+    pub const DEFAULT_OWNER: &'static str = "keyward";
 
-    /// The tag for a key minted for `slot`.
-    pub fn new(slot: &str) -> Self {
+    /// The tag for a key minted by installation `owner` for `slot`.
+    pub fn new(owner: &str, slot: &str) -> Self {
         KeyTag {
             managed_by: Self::MANAGED_BY.to_string(),
+            owner: owner.to_string(),
             slot: slot.to_string(),
         }
     }
 
-    /// The metadata string: `{"managed_by":"keyward","slot":"<slot>"}`.
+    /// Whether `owner` may name an installation: 1 to 64 ASCII letters, digits, `.`, `_`, `-`.
+    pub fn valid_owner(owner: &str) -> bool {
+        (1..=64).contains(&owner.len())
+            && owner
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    }
+
+    /// The metadata string: `{"managed_by":"keyward","owner":"<owner>","slot":"<slot>"}`.
     pub fn to_metadata(&self) -> String {
-        serde_json::json!({"managed_by": self.managed_by, "slot": self.slot}).to_string()
+        serde_json::json!({"managed_by": self.managed_by, "owner": self.owner, "slot": self.slot})
+            .to_string()
     }
 
     /// The tag in a key's metadata, if keyward wrote it.
@@ -182,11 +234,53 @@ impl AccountSnapshot {
         self.users.iter().find(|u| u.name == name && !u.deleted)
     }
 
+    /// Every key with an owner, by owner id: one pass over the account's keys, so that looking
+    /// up the keys of many users costs no more than listing them.
+    pub fn keys_by_owner(&self) -> std::collections::HashMap<&str, Vec<&RemoteKey>> {
+        let mut out: std::collections::HashMap<&str, Vec<&RemoteKey>> =
+            std::collections::HashMap::new();
+        for k in &self.keys {
+            if let Some(owner) = k.owner_id.as_deref() {
+                out.entry(owner).or_default().push(k);
+            }
+        }
+        out
+    }
+
+    /// The listing indexed once: live users by name, keys by owner id.
+    pub fn index(&self) -> AccountIndex<'_> {
+        let mut users = std::collections::HashMap::new();
+        for u in self.users.iter().filter(|u| !u.deleted) {
+            users.entry(u.name.as_str()).or_insert(u);
+        }
+        AccountIndex {
+            users,
+            keys: self.keys_by_owner(),
+        }
+    }
+
     /// The keys owned by the user with id `user_id`.
     pub fn keys_of<'a>(&'a self, user_id: &'a str) -> impl Iterator<Item = &'a RemoteKey> + 'a {
         self.keys
             .iter()
             .filter(move |k| k.owner_id.as_deref() == Some(user_id))
+    }
+}
+
+/// One account's listing indexed for lookups that cost O(1): what the planner, recovery and
+/// `status` use so that their cost grows linearly with the account.
+#[derive(Debug)]
+pub struct AccountIndex<'a> {
+    /// Users that are not (soft-)deleted, by name.
+    pub users: std::collections::HashMap<&'a str, &'a RemoteUser>,
+    /// Keys by owner id.
+    pub keys: std::collections::HashMap<&'a str, Vec<&'a RemoteKey>>,
+}
+
+impl<'a> AccountIndex<'a> {
+    /// The keys of the user with id `user_id`.
+    pub fn keys_of(&self, user_id: &str) -> &[&'a RemoteKey] {
+        self.keys.get(user_id).map(Vec::as_slice).unwrap_or(&[])
     }
 }
 

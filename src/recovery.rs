@@ -1,9 +1,16 @@
-//! Crash recovery: what to make of the operations an interrupted run left unfinished in the
-//! journal. Pure — it takes the unfinished operations, the config, the observed accounts, the
-//! state and what the sinks were found to hold (probed beforehand by the engine), and changes
-//! only the state it is given: a key whose secret reached the sinks is adopted as the slot's
-//! current key; a key created but never delivered becomes an orphan (revoked by the next
-//! plan); a forced rotation cut short is handed back to run again.
+//! Crash recovery and lost state: what to make of the operations an interrupted run left
+//! unfinished in the journal, and of keys this installation tagged that no state records.
+//! Pure — it takes the unfinished operations, the config, the observed accounts, the state,
+//! what the sinks were found to hold (probed beforehand by the engine) and `now`, and changes
+//! only the state it is given:
+//! - a key whose secret reached the sinks is adopted as the slot's current key;
+//! - a key the journal shows created but never delivered becomes an orphan (revoked by the
+//!   next plan: nobody holds it); a forced rotation cut short is handed back to run again;
+//! - a key tagged by this installation that neither the state nor the journal accounts for
+//!   (the state was lost, or another installation with the same owner made it) is never an
+//!   orphan: it is adopted when every sink of its slot holds it, and otherwise retires for the
+//!   slot's overlap — the slot rotating first when it has no current key (product contract
+//!   §10.2).
 
 use std::collections::BTreeSet;
 
@@ -29,6 +36,9 @@ pub struct Recovery {
     pub force: Vec<crate::plan::ForceTarget>,
     /// Whether the state changed.
     pub changed: bool,
+    /// What became of keys no state recorded, for the plan to explain (`adopted_key`,
+    /// `untracked_key`).
+    pub explained: Vec<crate::plan::Warning>,
 }
 
 /// Folds unfinished operations into the state, using the observed accounts to see what the
@@ -41,18 +51,30 @@ pub fn recover(
     observed: &Observed,
     probes: &SinkProbes,
     state: &mut State,
+    now: Timestamp,
 ) -> Recovery {
     let mut r = Recovery::default();
+    let index: std::collections::HashMap<&str, crate::model::AccountIndex> = observed
+        .iter()
+        .map(|(p, snap)| (p.as_str(), snap.index()))
+        .collect();
     for (provider, account) in state.accounts.iter_mut() {
-        let Some(snapshot) = observed.get(provider) else {
+        let Some(listing) = index.get(provider.as_str()) else {
             continue;
         };
         for (name, rec) in account.users.iter_mut() {
-            if snapshot.user_by_name(name).is_none_or(|u| u.id != rec.id) {
+            if listing
+                .users
+                .get(name.as_str())
+                .is_none_or(|u| u.id != rec.id)
+            {
                 continue;
             }
-            let remote: std::collections::HashSet<&str> =
-                snapshot.keys_of(&rec.id).map(|k| k.id.as_str()).collect();
+            let remote: std::collections::HashSet<&str> = listing
+                .keys_of(&rec.id)
+                .iter()
+                .map(|k| k.id.as_str())
+                .collect();
             for (slot, srec) in rec.slots.iter_mut() {
                 let gone = srec.drop_gone(|id| remote.contains(id));
                 if gone > 0 {
@@ -87,20 +109,21 @@ pub fn recover(
             Action::CreateKey | Action::RotateKey => {
                 let slot = op.slot.clone().unwrap_or_default();
                 let (Some(u), Some((key_id, kind, created_at))) = (remote, &op.created) else {
-                    // Created without our knowing the id, or not created at all: a tagged key
-                    // (ngrok) is found and revoked by the planner. An untagged one (ASA keys
-                    // carry no tag) would stay an `unknown` key for ever, so it is looked for
-                    // here; the rotation is planned again either way.
+                    // Created without our knowing the id, or not created at all: the key it may
+                    // have made (tagged for the slot at ngrok; at ASA, untagged and new) is
+                    // looked for here and revoked, since nobody holds it; the rotation is
+                    // planned again either way.
                     if let Some(u) = remote
                         && op.created.is_none()
-                        && let Some(key_id) = lost_key(op, u, snapshot, state)
                     {
-                        mark_orphan(state, op, u, &slot, &key_id);
-                        r.changed = true;
-                        r.notes.push(format!(
-                            "{} / {}: key {key_id} was created for slot {slot} by an interrupted run whose answer was lost; it will be revoked",
-                            op.provider, op.user
-                        ));
+                        for key_id in lost_keys(op, u, snapshot, state, &config.settings.owner) {
+                            mark_orphan(state, op, u, &slot, &key_id);
+                            r.changed = true;
+                            r.notes.push(format!(
+                                "{} / {}: key {key_id} was created for slot {slot} by an interrupted run whose answer was lost; it will be revoked",
+                                op.provider, op.user
+                            ));
+                        }
                     }
                     redo_if_forced(&mut r, op);
                     continue;
@@ -165,42 +188,278 @@ pub fn recover(
                     redo_if_forced(&mut r, op);
                 }
             }
-            Action::UpdateUser | Action::DeleteUser | Action::RevokeKey => {
+            Action::UpdateUser | Action::UpdateKey | Action::DeleteUser | Action::RevokeKey => {
                 // Idempotent: the planner sees what the provider holds and finishes the job.
             }
         }
     }
+    settle_untracked(config, &index, probes, state, now, &mut r);
     r
 }
 
-/// The key an unfinished create/rotate made when the process died between the provider's
-/// `POST` and the journal's `created` line, if it can be told apart: on the same user, carrying
-/// no keyward tag (tagged keys are the planner's), recorded nowhere in the state, and created no
-/// earlier than the intent (compared to the whole second: providers report whole seconds). One
-/// `POST` mints at most one key, so only the earliest such key is claimed; a key someone made by
-/// hand on a managed user in the seconds after an interrupted run is the price of not leaving
-/// ASA keys (which carry no tag) behind unrevoked.
-fn lost_key(
+/// The keys an unfinished create/rotate made when the process died between the provider's
+/// `POST` and the journal's `created` line (or the answer was lost), if they can be told apart:
+/// on the same user, recorded nowhere in the state, created no earlier than the intent
+/// (compared to the whole second: providers report whole seconds), and either tagged by this
+/// installation for the operation's slot (every such key: a retried `POST` may have made more
+/// than one) or untagged (ASA keys carry no tag: one `POST` mints at most one key, so only the
+/// earliest is claimed; a key someone made by hand on a managed user in the seconds after an
+/// interrupted run is the price of not leaving ASA keys behind unrevoked).
+fn lost_keys(
     op: &Unfinished,
     user: &RemoteUser,
     snapshot: &crate::model::AccountSnapshot,
     state: &State,
-) -> Option<String> {
+    owner: &str,
+) -> Vec<String> {
+    use crate::keys::KeyClass;
     if op.user_id.as_deref().is_some_and(|id| id != user.id) {
-        return None;
+        return Vec::new();
     }
     let since = Timestamp::from_second(op.started_at.as_second()).unwrap_or(op.started_at);
     let record = state
         .user(&op.provider, &op.user)
         .filter(|rec| rec.id == user.id);
-    // An unknown key by the one classification the planner and `status` use: untagged and
-    // recorded nowhere.
-    snapshot
+    let fresh: Vec<(&crate::model::RemoteKey, KeyClass)> = snapshot
         .keys_of(&user.id)
         .filter(|k| k.created_at >= since)
-        .filter(|k| crate::keys::class_of(record, k) == crate::keys::KeyClass::Unknown)
-        .min_by_key(|k| (k.created_at, k.id.clone()))
-        .map(|k| k.id.clone())
+        .map(|k| (k, crate::keys::class_of(record, k, owner)))
+        .collect();
+    let mut out: Vec<String> = fresh
+        .iter()
+        .filter(|(_, c)| matches!(c, KeyClass::Untracked { slot } if op.slot.as_deref() == Some(slot.as_str())))
+        .map(|(k, _)| k.id.clone())
+        .collect();
+    out.extend(
+        fresh
+            .iter()
+            .filter(|(_, c)| *c == KeyClass::Unknown)
+            .map(|(k, _)| *k)
+            .min_by_key(|k| (k.created_at, k.id.clone()))
+            .map(|k| k.id.clone()),
+    );
+    out
+}
+
+/// A key on a declared slot that no state records and whose sinks may hold it: tagged by this
+/// installation for the slot, or (Okta ASA, whose keys carry no tag) any unknown key of a user
+/// whose one slot has no current key.
+#[derive(Debug, Clone)]
+pub struct Untracked<'a> {
+    /// The provider account's name in the config.
+    pub provider: &'a str,
+    /// The declared user's name.
+    pub user: &'a str,
+    /// The declared slot.
+    pub slot: &'a str,
+    /// The declared slot's spec (its sinks and overlap).
+    pub spec: &'a crate::config::SlotSpec,
+    /// The key.
+    pub key: &'a crate::model::RemoteKey,
+    /// Whether it carries this installation's tag (else: an untagged ASA key).
+    pub tagged: bool,
+}
+
+/// Every [`Untracked`] key of the declared users, by the classification the planner uses; one
+/// pass over each account's (indexed) listing.
+pub fn untracked<'a>(
+    config: &'a Config,
+    index: &std::collections::HashMap<&str, crate::model::AccountIndex<'a>>,
+    state: &State,
+) -> Vec<Untracked<'a>> {
+    let mut out = Vec::new();
+    for spec in &config.users {
+        let Some(listing) = index.get(spec.provider.as_str()) else {
+            continue;
+        };
+        let Some(user) = listing.users.get(spec.name.as_str()) else {
+            continue;
+        };
+        let book = crate::keys::classify(
+            &spec.provider,
+            user,
+            listing.keys_of(&user.id).iter().copied(),
+            state,
+            &config.settings.owner,
+        );
+        for (slot, key) in &book.untracked {
+            if let Some((name, slot_spec)) = spec.slots.get_key_value(slot) {
+                out.push(Untracked {
+                    provider: &spec.provider,
+                    user: &spec.name,
+                    slot: name,
+                    spec: slot_spec,
+                    key,
+                    tagged: true,
+                });
+            }
+        }
+        let asa = config
+            .providers
+            .get(&spec.provider)
+            .is_some_and(|a| a.kind == crate::model::ProviderType::OktaAsa);
+        if asa && let Some((name, slot_spec)) = spec.slots.iter().next() {
+            if !book.current.contains_key(name) {
+                for key in &book.unknown {
+                    out.push(Untracked {
+                        provider: &spec.provider,
+                        user: &spec.name,
+                        slot: name,
+                        spec: slot_spec,
+                        key,
+                        tagged: false,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Settles the untracked keys of declared slots (see the module comment): adopted when every
+/// sink of the slot holds one (the newest such), otherwise retiring for the slot's overlap from
+/// `now`; a slot left without a current key makes its newest tagged key current as
+/// `unconfirmed`, so the plan rotates it at once and it then retires for the overlap. Untagged
+/// ASA keys are only ever adopted: one the sinks do not hold may be anybody's.
+fn settle_untracked(
+    config: &Config,
+    index: &std::collections::HashMap<&str, crate::model::AccountIndex>,
+    probes: &SinkProbes,
+    state: &mut State,
+    now: Timestamp,
+    r: &mut Recovery,
+) {
+    use crate::plan::{Warning, WarningKind};
+    use crate::state::Delivery;
+    let found = untracked(config, index, state);
+    // By slot, in the config's order.
+    let mut by_slot: Vec<((&str, &str, &str), Vec<&Untracked>)> = Vec::new();
+    for u in &found {
+        let at = (u.provider, u.user, u.slot);
+        match by_slot.last_mut() {
+            Some((k, v)) if *k == at => v.push(u),
+            _ => by_slot.push((at, vec![u])),
+        }
+    }
+    let mut decided = Vec::new();
+    for ((provider, user_name, slot), keys) in by_slot {
+        let spec = keys[0].spec;
+        let Some(listing) = index.get(provider) else {
+            continue;
+        };
+        let Some(user) = listing.users.get(user_name).copied() else {
+            continue;
+        };
+        let remote: BTreeSet<&str> = listing
+            .keys_of(&user.id)
+            .iter()
+            .map(|k| k.id.as_str())
+            .collect();
+        let retire_after = crate::rotation::revoke_after(now, spec.overlap);
+        let held = |k: &crate::model::RemoteKey| {
+            probes.contains(&(
+                provider.to_string(),
+                user_name.to_string(),
+                slot.to_string(),
+                k.id.clone(),
+            ))
+        };
+        let newest = |pick: &dyn Fn(&Untracked) -> bool| {
+            keys.iter()
+                .filter(|u| pick(u))
+                .max_by_key(|u| (u.key.created_at, u.key.id.as_str()))
+                .map(|u| u.key)
+        };
+        let record = |k: &crate::model::RemoteKey, delivery: Delivery| KeyRecord {
+            id: k.id.clone(),
+            kind: k.kind,
+            created_at: k.created_at,
+            delivered_at: now,
+            sinks: if delivery == Delivery::Delivered {
+                spec.sinks.clone()
+            } else {
+                Vec::new()
+            },
+            retire_after: None,
+            delivery,
+        };
+        let has_current = state
+            .slot(provider, user_name, slot)
+            .and_then(|s| s.current())
+            .is_some_and(|c| remote.contains(c.id.as_str()));
+        let adopted = newest(&|u| held(u.key));
+        let current = adopted.or_else(|| {
+            if has_current {
+                None
+            } else {
+                newest(&|u| u.tagged)
+            }
+        });
+        let srec = state.slot_entry(provider, user, slot);
+        if let Some(k) = current {
+            let delivery = if adopted.is_some() {
+                Delivery::Delivered
+            } else {
+                Delivery::Unconfirmed
+            };
+            srec.promote(record(k, delivery), retire_after, |id| remote.contains(id));
+            let why = if adopted.is_some() {
+                "every sink of the slot holds it, so it is adopted as the slot's current key"
+            } else {
+                "the slot's sinks do not verifiably hold it, so the slot rotates now and it retires for the overlap"
+            };
+            decided.push((
+                if adopted.is_some() {
+                    WarningKind::AdoptedKey
+                } else {
+                    WarningKind::UntrackedKey
+                },
+                provider,
+                user_name,
+                slot,
+                k,
+                why.to_string(),
+            ));
+        }
+        for u in keys.iter().filter(|u| Some(u.key) != current) {
+            if !u.tagged {
+                // An untagged ASA key the sinks do not hold stays what it is: unknown.
+                continue;
+            }
+            let mut rec = record(u.key, Delivery::Unconfirmed);
+            rec.retire_after = Some(retire_after);
+            srec.push_retiring(rec);
+            decided.push((
+                WarningKind::UntrackedKey,
+                provider,
+                user_name,
+                slot,
+                u.key,
+                format!(
+                    "another key is the slot's current one, so it retires for the overlap (until {})",
+                    retire_after.strftime("%Y-%m-%d %H:%M UTC")
+                ),
+            ));
+        }
+    }
+    for (kind, provider, user, slot, key, why) in decided {
+        r.changed = true;
+        let origin = if key.metadata.is_empty() {
+            "no state records it (the state was lost)".to_string()
+        } else {
+            "it carries this installation's tag but no state records it (the state was lost, or another installation with the same owner made it)".to_string()
+        };
+        let message = format!("{} {} of slot {slot}: {origin}; {why}", key.kind, key.id);
+        r.notes.push(format!("{provider} / {user}: {message}"));
+        r.explained.push(Warning {
+            kind,
+            provider: Some(provider.to_string()),
+            user: Some(user.to_string()),
+            key_id: Some(key.id.clone()),
+            detail: format!("slot {slot}: {why}"),
+            message,
+        });
+    }
 }
 
 /// The slot's sinks, if every one of them verifiably holds `key_id` (as probed).
@@ -278,6 +537,7 @@ fn adopt(
             delivered_at,
             sinks,
             retire_after: None,
+            delivery: crate::state::Delivery::Delivered,
         },
         crate::rotation::revoke_after(delivered_at, overlap),
         |id| remote.contains(id),
@@ -297,10 +557,11 @@ mod tests {
             owner_id: Some("u1".into()),
             description: String::new(),
             metadata: if tagged {
-                KeyTag::new("main").to_metadata()
+                KeyTag::new("keyward", "main").to_metadata()
             } else {
                 String::new()
             },
+            acl: Vec::new(),
             created_at: ts(at),
             expires_at: None,
         };
@@ -333,6 +594,7 @@ mod tests {
                 delivered_at: ts("2026-11-01T10:00:00Z"),
                 sinks: vec!["local".into()],
                 retire_after: None,
+                delivery: crate::state::Delivery::Delivered,
             }),
         );
         let op = Unfinished {
@@ -348,27 +610,30 @@ mod tests {
             delivered: None,
         };
         assert_eq!(
-            lost_key(&op, &user, &snapshot, &state).as_deref(),
-            Some("lost"),
-            "the earliest untagged, unrecorded key from the intent's second on"
+            lost_keys(&op, &user, &snapshot, &state, "keyward"),
+            ["tagged", "lost"],
+            "every key tagged for the slot, and the earliest untagged, unrecorded key, from the intent's second on"
         );
-        // Claimed once: recorded as an orphan, the next candidate is the later key.
-        state
+        // Another owner's tag is not this installation's key: only the untagged one.
+        assert_eq!(lost_keys(&op, &user, &snapshot, &state, "other"), ["lost"]);
+        // Claimed once: recorded as orphans, the next candidate is the later key.
+        let slot = state
             .user_mut("asa", "bot")
             .unwrap()
             .slots
             .get_mut("main")
-            .unwrap()
-            .add_orphan("lost");
+            .unwrap();
+        slot.add_orphan("lost");
+        slot.add_orphan("tagged");
         assert_eq!(
-            lost_key(&op, &user, &snapshot, &state).as_deref(),
-            Some("later")
+            lost_keys(&op, &user, &snapshot, &state, "keyward"),
+            ["later"]
         );
         // Another user id (the user was re-created since): nothing.
         let other = Unfinished {
             user_id: Some("u0".into()),
             ..op
         };
-        assert_eq!(lost_key(&other, &user, &snapshot, &state), None);
+        assert!(lost_keys(&other, &user, &snapshot, &state, "keyward").is_empty());
     }
 }

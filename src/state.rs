@@ -41,6 +41,9 @@ pub struct UserRecord {
     pub id: String,
     /// True when keyward created the user: only such users are ever pruned.
     pub created_by_keyward: bool,
+    /// True when `keyward import` recorded it: it existed before keyward, and is never pruned.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub imported: bool,
     /// When the provider created it, where the provider says.
     pub created_at: Option<Timestamp>,
     /// By slot name.
@@ -157,6 +160,41 @@ pub struct KeyRecord {
     /// For a retiring key: when it may be revoked.
     #[serde(default)]
     pub retire_after: Option<Timestamp>,
+    /// How the slot's consumers came to hold the key's secret.
+    #[serde(default, skip_serializing_if = "Delivery::is_delivered")]
+    pub delivery: Delivery,
+}
+
+/// How the consumers of a slot came to hold its key (`status`'s `delivery`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// keyward minted it and delivered it to every sink of the slot.
+    #[default]
+    Delivered,
+    /// Existing before keyward (`keyward import`): keyward never held its secret. It rotates
+    /// when its policy says so, and then retires for the slot's overlap.
+    Adopted,
+    /// Tagged by this installation but recorded nowhere (the state was lost, or another
+    /// installation with the same owner made it), and the slot's sinks do not verifiably hold
+    /// it: keyward cannot tell who holds it, so the slot rotates now and it retires for the
+    /// slot's overlap.
+    Unconfirmed,
+}
+
+impl Delivery {
+    /// `delivered`, `adopted` or `unconfirmed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Delivered => "delivered",
+            Delivery::Adopted => "adopted",
+            Delivery::Unconfirmed => "unconfirmed",
+        }
+    }
+
+    fn is_delivered(&self) -> bool {
+        *self == Delivery::Delivered
+    }
 }
 
 impl State {
@@ -195,6 +233,7 @@ impl State {
                     UserRecord {
                         id: id.to_string(),
                         created_by_keyward,
+                        imported: false,
                         created_at,
                         slots: BTreeMap::new(),
                     },
@@ -226,6 +265,7 @@ impl State {
             .or_insert_with(|| UserRecord {
                 id: user.id.clone(),
                 created_by_keyward: false,
+                imported: false,
                 created_at: user.created_at,
                 slots: BTreeMap::new(),
             });
@@ -272,6 +312,7 @@ mod tests {
             delivered_at: Timestamp::UNIX_EPOCH,
             sinks: vec!["local".into()],
             retire_after: None,
+            delivery: Delivery::Delivered,
         };
         let until = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
         let mut slot = SlotRecord::default();

@@ -22,8 +22,14 @@ pub struct Entry {
     /// The key's id at the provider; `None` for a slot without a key.
     pub key_id: Option<String>,
     /// `current`, `retiring`, `orphan` (minted, never delivered: the next run revokes it),
-    /// `unknown`, `overdue` or `missing` (declared slot without a key).
+    /// `untracked` (tagged by this installation, recorded nowhere), `foreign` (tagged by another
+    /// installation), `unknown`, `overdue` or `missing` (declared slot without a key).
     pub state: String,
+    /// For a key keyward records: `delivered` (keyward delivered it to the slot's sinks),
+    /// `adopted` (existing before keyward, recorded by `keyward import`: keyward never held its
+    /// secret) or `unconfirmed` (found tagged after the state was lost and not held by the
+    /// sinks: rotated by the next apply).
+    pub delivery: Option<&'static str>,
     /// When the provider created the key.
     pub created_at: Option<Timestamp>,
     /// The key's age at `now`, in seconds.
@@ -40,9 +46,25 @@ pub struct Entry {
 /// classed by [`crate::keys::classify`], as the planner classes them.
 pub fn entries(config: &Config, observed: &Observed, state: &State, now: Timestamp) -> Vec<Entry> {
     let mut out = Vec::new();
+    let index: std::collections::HashMap<&str, crate::model::AccountIndex> = observed
+        .iter()
+        .map(|(p, snap)| (p.as_str(), snap.index()))
+        .collect();
     for spec in &config.users {
-        let Some(snapshot) = observed.get(&spec.provider) else {
+        let Some(listing) = index.get(spec.provider.as_str()) else {
             continue;
+        };
+        let record = state.user(&spec.provider, &spec.name);
+        let delivery = |key_id: &str| {
+            record.and_then(|u| {
+                u.slots.values().find_map(|s| {
+                    s.current()
+                        .into_iter()
+                        .chain(s.retiring())
+                        .find(|k| k.id == key_id)
+                        .map(|k| k.delivery.as_str())
+                })
+            })
         };
         let entry = |slot: Option<&str>, k: Option<&crate::model::RemoteKey>, state: &str| Entry {
             provider: spec.provider.clone(),
@@ -55,15 +77,21 @@ pub fn entries(config: &Config, observed: &Observed, state: &State, now: Timesta
             expires_at: k.and_then(|k| k.expires_at),
             next_rotation: None,
             revoke_after: None,
+            delivery: k.and_then(|k| delivery(&k.id)),
         };
-        let Some(remote) = snapshot.user_by_name(&spec.name) else {
+        let Some(remote) = listing.users.get(spec.name.as_str()).copied() else {
             for slot_name in spec.slots.keys() {
                 out.push(entry(Some(slot_name), None, "missing"));
             }
             continue;
         };
-        let book =
-            crate::keys::classify(&spec.provider, remote, snapshot.keys_of(&remote.id), state);
+        let book = crate::keys::classify(
+            &spec.provider,
+            remote,
+            listing.keys_of(&remote.id).iter().copied(),
+            state,
+            &config.settings.owner,
+        );
         for (slot_name, slot) in &spec.slots {
             match book.current.get(slot_name) {
                 Some(k) => {
@@ -118,6 +146,12 @@ pub fn entries(config: &Config, observed: &Observed, state: &State, now: Timesta
         for (slot_name, k) in &book.orphans {
             out.push(entry(Some(slot_name), Some(k), "orphan"));
         }
+        for (slot_name, k) in &book.untracked {
+            out.push(entry(Some(slot_name), Some(k), "untracked"));
+        }
+        for (_, k) in &book.foreign {
+            out.push(entry(None, Some(k), "foreign"));
+        }
         for k in &book.unknown {
             out.push(entry(None, Some(k), "unknown"));
         }
@@ -137,9 +171,10 @@ pub fn table(entries: &[Entry], now: Timestamp) -> String {
         "EXPIRES",
         "NEXT ROTATION",
         "STATE",
+        "DELIVERY",
     ];
     let fmt_ts = |t: Option<Timestamp>| t.map(|t| t.strftime("%Y-%m-%d %H:%M").to_string());
-    let rows: Vec<[String; 9]> = entries
+    let rows: Vec<[String; 10]> = entries
         .iter()
         .map(|e| {
             [
@@ -164,6 +199,7 @@ pub fn table(entries: &[Entry], now: Timestamp) -> String {
                     (None, None) => "-".into(),
                 },
                 e.state.clone(),
+                e.delivery.unwrap_or("-").to_string(),
             ]
             // Names, slots and ids come from the config and the provider: one row each.
             .map(|cell| crate::text::escape(&cell).into_owned())

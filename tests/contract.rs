@@ -439,6 +439,7 @@ fn status_shows_every_key_by_value_as_a_table_and_as_json() {
     assert_eq!(k["slot"], "main");
     assert_eq!(k["key_id"], doc["key_id"]);
     assert_eq!(k["state"], "current");
+    assert_eq!(k["delivery"], "delivered", "{k}");
     assert_eq!(k["created_at"], doc["created_at"], "{k}");
     assert!(k["expires_at"].is_null(), "{k}");
     assert_eq!(k["next_rotation"], doc["rotate_after"], "{k}");
@@ -451,14 +452,14 @@ fn status_shows_every_key_by_value_as_a_table_and_as_json() {
         header,
         [
             "PROVIDER", "USER", "SLOT", "KEY", "CREATED", "AGE", "EXPIRES", "NEXT", "ROTATION",
-            "STATE"
+            "STATE", "DELIVERY"
         ]
     );
     let row = lines.next().expect("one row");
     assert!(row.starts_with("ng"), "{row}");
     assert!(row.contains("shown") && row.contains("main"), "{row}");
     assert!(row.contains("never") && row.contains("in 29d"), "{row}");
-    assert!(row.trim_end().ends_with("current"), "{row}");
+    assert!(row.trim_end().ends_with("current  delivered"), "{row}");
     assert!(lines.next().is_none(), "{table}");
 }
 

@@ -83,7 +83,7 @@ fn fresh_account_converges_and_every_secret_works() {
     assert_eq!(ci_keys.len(), 1);
     assert_eq!(
         ci_keys[0]["metadata"],
-        r#"{"managed_by":"keyward","slot":"deploy"}"#
+        r#"{"managed_by":"keyward","owner":"keyward","slot":"deploy"}"#
     );
     assert_eq!(ci_keys[0]["description"], "CI deploys");
     let ci_creds: Vec<_> = creds.iter().filter(|k| k["owner_id"] == ci["id"]).collect();

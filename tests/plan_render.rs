@@ -71,6 +71,7 @@ fn config(users: Vec<UserSpec>, prune: Prune) -> Config {
             concurrency: 8,
             max_deletions: 10,
             metrics: None,
+            owner: "keyward".into(),
         },
         providers: BTreeMap::from([
             (
@@ -101,10 +102,11 @@ fn key(id: &str, owner: &str, slot: Option<&str>, age_days: i64) -> RemoteKey {
         owner_id: Some(owner.into()),
         description: String::new(),
         metadata: slot
-            .map(|s| KeyTag::new(s).to_metadata())
+            .map(|s| KeyTag::new("keyward", s).to_metadata())
             .unwrap_or_default(),
         created_at: now() - SignedDuration::from_hours(24 * age_days),
         expires_at: None,
+        acl: Vec::new(),
     }
 }
 
@@ -117,6 +119,7 @@ fn record(id: &str, age_days: i64, retire_after: Option<Timestamp>) -> KeyRecord
         delivered_at: created,
         sinks: vec!["local".into()],
         retire_after,
+        delivery: keyward::state::Delivery::Delivered,
     }
 }
 
@@ -185,6 +188,7 @@ fn contract_example() -> keyward::plan::Plan {
     let mut rec = UserRecord {
         id: "bot_1".into(),
         created_by_keyward: true,
+        imported: false,
         created_at: None,
         slots: BTreeMap::new(),
     };
@@ -311,6 +315,7 @@ fn unknown_key_is_revoked_only_with_prune_revoke() {
         let mut rec = UserRecord {
             id: "bot_1".into(),
             created_by_keyward: true,
+            imported: false,
             created_at: None,
             slots: BTreeMap::new(),
         };
@@ -492,6 +497,7 @@ fn upcoming_work_is_shown_when_nothing_is_due() {
     let mut rec = UserRecord {
         id: "bot_1".into(),
         created_by_keyward: true,
+        imported: false,
         created_at: None,
         slots: BTreeMap::new(),
     };

@@ -91,12 +91,36 @@ impl Provider for Fake {
             metadata: key.metadata.clone(),
             created_at: self.now,
             expires_at: None,
+            acl: Vec::new(),
         };
         self.snap.lock().unwrap().keys.push(k.clone());
         Ok(CreatedKey {
             key: k,
             secret: SecretString::from("sekrit".to_string()),
         })
+    }
+    async fn update_key(
+        &self,
+        _user: &str,
+        key: &RemoteKey,
+        patch: &KeyAttrs,
+    ) -> Result<RemoteKey, ProviderError> {
+        let mut s = self.snap.lock().unwrap();
+        let k = s
+            .keys
+            .iter_mut()
+            .find(|k| k.id == key.id)
+            .expect("key exists");
+        if let Some(d) = &patch.description {
+            k.description = d.clone();
+        }
+        if let Some(m) = &patch.metadata {
+            k.metadata = m.clone();
+        }
+        if let Some(a) = &patch.acl {
+            k.acl = a.clone();
+        }
+        Ok(k.clone())
     }
     async fn revoke_key(&self, _user: &str, key: &RemoteKey) -> Result<(), ProviderError> {
         self.snap.lock().unwrap().keys.retain(|k| k.id != key.id);
@@ -112,8 +136,11 @@ impl Provider for Fake {
 
 #[derive(Debug, Clone)]
 struct KeyGen {
-    /// 0 = untagged, 1 = tagged slot a, 2 = tagged slot b, 3 = tagged slot gone
+    /// 0 = untagged, 1 = tagged slot a, 2 = tagged slot b, 3 = tagged slot gone, 4 = tagged
+    /// slot a by another installation
     tag: u8,
+    /// A credential's ACL was widened at the provider (declared: none).
+    acl_widened: bool,
     /// 0 = not recorded, 1 = current, 2 = retiring (due), 3 = retiring (not due)
     recorded: u8,
     credential: bool,
@@ -128,14 +155,15 @@ struct UserGen {
 }
 
 fn key_gen() -> impl Strategy<Value = KeyGen> {
-    (0u8..4, 0u8..4, any::<bool>(), 0i64..90).prop_map(|(tag, recorded, credential, age_days)| {
-        KeyGen {
+    (0u8..5, 0u8..4, any::<bool>(), 0i64..90, any::<bool>()).prop_map(
+        |(tag, recorded, credential, age_days, acl_widened)| KeyGen {
             tag,
+            acl_widened,
             recorded,
             credential,
             age_days,
-        }
-    })
+        },
+    )
 }
 
 fn user_gen() -> impl Strategy<Value = UserGen> {
@@ -241,6 +269,7 @@ fn build(
             let mut rec = UserRecord {
                 id: uid.clone(),
                 created_by_keyward: u.created_by_keyward,
+                imported: false,
                 created_at: Some(now),
                 slots: BTreeMap::new(),
             };
@@ -252,6 +281,12 @@ fn build(
                     3 => Some("gone"),
                     _ => None,
                 };
+                let metadata = match k.tag {
+                    4 => KeyTag::new("elsewhere", "a").to_metadata(),
+                    _ => slot
+                        .map(|s| KeyTag::new("keyward", s).to_metadata())
+                        .unwrap_or_default(),
+                };
                 let created_at = now - SignedDuration::from_hours(24 * k.age_days);
                 snap.keys.push(RemoteKey {
                     id: kid.clone(),
@@ -262,11 +297,14 @@ fn build(
                     },
                     owner_id: Some(uid.clone()),
                     description: String::new(),
-                    metadata: slot
-                        .map(|s| KeyTag::new(s).to_metadata())
-                        .unwrap_or_default(),
+                    metadata,
                     created_at,
                     expires_at: None,
+                    acl: if k.credential && k.acl_widened {
+                        vec!["bind:*".to_string()]
+                    } else {
+                        Vec::new()
+                    },
                 });
                 if let Some(s) = slot {
                     let kr = KeyRecord {
@@ -280,6 +318,7 @@ fn build(
                         delivered_at: created_at,
                         sinks: vec!["local".into()],
                         retire_after: None,
+                        delivery: keyward::state::Delivery::Delivered,
                     };
                     let srec: &mut SlotRecord = rec.slots.entry(s.to_string()).or_default();
                     match k.recorded {
@@ -315,6 +354,7 @@ fn build(
                 UserRecord {
                     id: format!("bot_gone{i}"),
                     created_by_keyward: true,
+                    imported: false,
                     created_at: None,
                     slots: BTreeMap::new(),
                 },
@@ -331,6 +371,7 @@ fn build(
             concurrency: 4,
             max_deletions: 1000,
             metrics: None,
+            owner: "keyward".into(),
         },
         providers: BTreeMap::from([(
             "ng".to_string(),
@@ -402,6 +443,32 @@ proptest! {
                         "plan revokes the current key {} of {}/{}", cur.id, u.name, slot
                     );
                 }
+            }
+        }
+
+        // Keys another installation tagged, and keys this one tagged that no state records, are
+        // never changed or revoked by a plan.
+        let recorded: std::collections::BTreeSet<String> = state
+            .accounts
+            .values()
+            .flat_map(|a| a.users.values())
+            .flat_map(|u| u.slots.values())
+            .flat_map(|s| s.current().into_iter().chain(s.retiring()).map(|k| k.id.clone()))
+            .collect();
+        for k in &snap.keys {
+            let foreign = KeyTag::parse(&k.metadata).is_some_and(|t| t.owner != "keyward");
+            let untracked = KeyTag::parse(&k.metadata).is_some() && !recorded.contains(&k.id);
+            if foreign || untracked {
+                prop_assert!(
+                    !p1.changes.iter().any(|c| c.key_id() == Some(k.id.as_str())),
+                    "plan touches {} key {}: {:#?}", if foreign { "foreign" } else { "untracked" }, k.id, p1.changes
+                );
+            }
+        }
+        // A declared slot's current key keeps the declared ACL: a widened one is put back.
+        for c in &p1.changes {
+            if let keyward::plan::Op::UpdateKey { after, .. } = &c.op {
+                prop_assert_eq!(after.acl.as_deref(), Some(&[][..]), "update_key puts the declared (empty) ACL back");
             }
         }
 

@@ -102,6 +102,9 @@ pub struct Settings {
     pub max_deletions: usize,
     /// Daemon: the `IP:PORT` of the Prometheus `/metrics` listener; `None`: no listener.
     pub metrics: Option<SocketAddr>,
+    /// `settings.owner`: the installation's name in the tag of the ngrok keys it creates
+    /// (default [`crate::model::KeyTag::DEFAULT_OWNER`]).
+    pub owner: String,
 }
 
 /// What the daemon does with the plan of each reconcile (`settings.mode`).

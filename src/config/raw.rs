@@ -226,6 +226,10 @@ pub struct RawSettings {
     /// Daemon: `IP:PORT` for the Prometheus `/metrics` listener, e.g. `127.0.0.1:9464`.
     /// Absent: no listener.
     pub metrics: Option<Sp<String>>,
+    /// The name of this installation, written into the metadata tag of every ngrok key keyward
+    /// creates (default `keyward`). Installations that share an account with different owners
+    /// never touch each other's keys. Letters, digits, `.`, `_` and `-`, at most 64.
+    pub owner: Option<Sp<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]

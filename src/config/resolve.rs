@@ -291,6 +291,22 @@ impl Ctx<'_> {
             }
             parsed
         });
+        let owner = match &s.owner {
+            None => crate::model::KeyTag::DEFAULT_OWNER.to_string(),
+            Some(o) => match self.string(o) {
+                Some(text) if crate::model::KeyTag::valid_owner(&text) => text,
+                Some(text) => {
+                    self.d.error(
+                        o.pos(),
+                        format!(
+                            "invalid owner `{text}`: use 1 to 64 letters, digits, `.`, `_` or `-`"
+                        ),
+                    );
+                    crate::model::KeyTag::DEFAULT_OWNER.to_string()
+                }
+                None => crate::model::KeyTag::DEFAULT_OWNER.to_string(),
+            },
+        };
         Settings {
             state_dir,
             interval,
@@ -298,6 +314,7 @@ impl Ctx<'_> {
             concurrency,
             max_deletions,
             metrics,
+            owner,
         }
     }
 

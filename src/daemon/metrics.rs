@@ -285,6 +285,7 @@ mod tests {
             expires_at: None,
             next_rotation: Some("2026-12-01T00:00:00Z".parse().unwrap()),
             revoke_after: None,
+            delivery: Some("delivered"),
         };
         m.set_keys(&[entry("ak_old")]);
         m.set_keys(&[entry("ak_new")]);

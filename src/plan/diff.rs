@@ -11,9 +11,9 @@ use super::{
     RotateReason, SlotTarget, Upcoming, UpdateUserReason, Warning, WarningKind, observed_digest,
 };
 use crate::config::{Config, PruneKeys, PruneUsers, SlotSpec, UserSpec};
-use crate::model::{AccountSnapshot, Observed, RemoteKey, RemoteUser};
+use crate::model::{AccountIndex, Observed, RemoteKey, RemoteUser};
 use crate::rotation::{self, Due, KeyFacts};
-use crate::state::State;
+use crate::state::{Delivery, State};
 
 pub use crate::text::short_id;
 
@@ -77,15 +77,21 @@ pub fn plan(
                 .map(move |u| (p.as_str(), u.name.as_str()))
         })
         .collect();
+    // Each account's users by name and keys by owner, indexed once: the planner's cost grows
+    // linearly with the account.
+    let index: std::collections::HashMap<&str, AccountIndex> = observed
+        .iter()
+        .map(|(p, snap)| (p.as_str(), snap.index()))
+        .collect();
     for spec in &config.users {
         if !opts.selects(&spec.provider, &spec.name) {
             continue;
         }
         // An account that was not observed (unreachable this run) gets no decisions at all.
-        let Some(snapshot) = observed.get(&spec.provider) else {
+        let Some(account) = index.get(spec.provider.as_str()) else {
             continue;
         };
-        match snapshot.user_by_name(&spec.name) {
+        match account.users.get(spec.name.as_str()).copied() {
             None if reserved.contains(&(spec.provider.as_str(), spec.name.as_str())) => {
                 errors.push(super::PlanError {
                     provider: spec.provider.clone(),
@@ -101,7 +107,7 @@ pub fn plan(
                 config,
                 spec,
                 remote,
-                snapshot,
+                account.keys_of(&remote.id),
                 state,
                 now,
                 opts,
@@ -112,7 +118,15 @@ pub fn plan(
         }
     }
 
-    plan_undeclared_users(config, observed, state, opts, &mut changes, &mut warnings);
+    plan_undeclared_users(
+        config,
+        observed,
+        &index,
+        state,
+        opts,
+        &mut changes,
+        &mut warnings,
+    );
 
     // The file's order first (people read the plan next to the file), then undeclared users.
     let order: std::collections::HashMap<(&str, &str), usize> = config
@@ -228,7 +242,7 @@ fn plan_existing_user(
     config: &Config,
     spec: &UserSpec,
     remote: &RemoteUser,
-    snapshot: &AccountSnapshot,
+    owned: &[&RemoteKey],
     state: &State,
     now: Timestamp,
     opts: &PlanOptions,
@@ -238,7 +252,7 @@ fn plan_existing_user(
 ) {
     let provider = spec.provider.as_str();
     let first_change = changes.len();
-    if let Some(key_id) = own_key(config, provider, remote, snapshot) {
+    if let Some(key_id) = own_key(config, provider, owned) {
         let message = format!(
             "keyward authenticates as this service user (key {key_id}); changing it or rotating its keys would lock keyward out, so it is left alone"
         );
@@ -263,10 +277,18 @@ fn plan_existing_user(
             },
         ));
     }
-    let sorted = crate::keys::classify(provider, remote, snapshot.keys_of(&remote.id), state);
+    let owner = config.settings.owner.as_str();
+    let sorted = crate::keys::classify(provider, remote, owned.iter().copied(), state, owner);
     let recorded = state
         .user(provider, &spec.name)
         .filter(|r| r.id == remote.id);
+    let delivery = |slot: &str| {
+        recorded
+            .and_then(|r| r.slots.get(slot))
+            .and_then(|s| s.current())
+            .map(|k| k.delivery)
+            .unwrap_or_default()
+    };
 
     for slot in spec.slots.values() {
         let current = sorted.current.get(&slot.name).copied();
@@ -289,6 +311,16 @@ fn plan_existing_user(
                     },
                 ));
             }
+            Some(key) if delivery(&slot.name) == Delivery::Unconfirmed => changes.push(change(
+                provider,
+                &spec.name,
+                Op::RotateKey {
+                    slot: target(config, slot),
+                    from: key_ref(key),
+                    forced: opts.forced(provider, &spec.name, &slot.name),
+                    why: RotateReason::Unconfirmed,
+                },
+            )),
             Some(key) => match rotation_due(provider, &spec.name, slot, key, opts) {
                 Ok(why) => changes.push(change(
                     provider,
@@ -321,6 +353,25 @@ fn plan_existing_user(
                 }),
                 Err(None) => {}
             },
+        }
+        let rotated = changes[first_change..]
+            .iter()
+            .any(|c| c.action() == Action::RotateKey && c.slot() == Some(slot.name.as_str()));
+        if let Some(key) = current.filter(|_| !rotated) {
+            let kind = config.providers.get(provider).map(|a| a.kind);
+            let (before, after) = drift(kind, slot, key, delivery(&slot.name), owner);
+            if !after.is_empty() {
+                changes.push(change(
+                    provider,
+                    &spec.name,
+                    Op::UpdateKey {
+                        key: key_ref(key),
+                        slot: slot.name.clone(),
+                        before,
+                        after,
+                    },
+                ));
+            }
         }
         for (key, retire_after) in sorted.retiring.get(&slot.name).into_iter().flatten() {
             if let Some(t) = retire_after.filter(|t| *t > now) {
@@ -380,6 +431,48 @@ fn plan_existing_user(
             },
         ));
     }
+    for (tag_owner, key) in &sorted.foreign {
+        warnings.push(Warning {
+            kind: WarningKind::ForeignKey,
+            provider: Some(provider.to_string()),
+            user: Some(spec.name.clone()),
+            key_id: Some(key.id.clone()),
+            message: format!(
+                "{} {} is tagged by installation `{tag_owner}`, not by this one (`{owner}`): keyward never changes or revokes it, whatever prune.unknown_keys says",
+                key.kind, key.id
+            ),
+            detail: format!("owned by installation `{tag_owner}`; never touched"),
+        });
+    }
+    for (slot, key) in &sorted.untracked {
+        let (message, detail) = if declared.contains(slot.as_str()) {
+            (
+                format!(
+                    "{} {} carries this installation's tag for slot {slot}, but no state records it; apply adopts it if every sink of the slot holds it, and otherwise rotates the slot and lets it retire for the overlap: it is never revoked at once",
+                    key.kind, key.id
+                ),
+                format!(
+                    "tagged for slot {slot}, recorded nowhere; adopted or retired for the overlap, never revoked at once"
+                ),
+            )
+        } else {
+            (
+                format!(
+                    "{} {} carries this installation's tag for slot {slot}, which the file no longer declares, and no state records it: it may still be in use, so keyward leaves it; revoke it by hand once nothing uses it",
+                    key.kind, key.id
+                ),
+                format!("tagged for undeclared slot {slot}, recorded nowhere; left alone"),
+            )
+        };
+        warnings.push(Warning {
+            kind: WarningKind::UntrackedKey,
+            provider: Some(provider.to_string()),
+            user: Some(spec.name.clone()),
+            key_id: Some(key.id.clone()),
+            message,
+            detail,
+        });
+    }
     for key in &sorted.unknown {
         let revoke_it = config.prune.unknown_keys == PruneKeys::Revoke;
         let mode = if revoke_it { "revoke" } else { "report" };
@@ -409,8 +502,7 @@ fn plan_existing_user(
     keep_one_key(
         provider,
         &spec.name,
-        remote,
-        snapshot,
+        owned,
         &sorted.orphans,
         (changes, first_change),
         warnings,
@@ -424,8 +516,7 @@ fn plan_existing_user(
 fn keep_one_key(
     provider: &str,
     user: &str,
-    remote: &RemoteUser,
-    snapshot: &AccountSnapshot,
+    owned: &[&RemoteKey],
     orphans: &[(String, &RemoteKey)],
     (all, first): (&mut Vec<Change>, usize),
     warnings: &mut Vec<Warning>,
@@ -443,8 +534,9 @@ fn keep_one_key(
         .filter(|c| c.action() == Action::RevokeKey)
         .filter_map(|c| c.key_id())
         .collect();
-    let held: Vec<&RemoteKey> = snapshot
-        .keys_of(&remote.id)
+    let held: Vec<&RemoteKey> = owned
+        .iter()
+        .copied()
         .filter(|k| !orphan_ids.contains(k.id.as_str()))
         .collect();
     if held.is_empty() || !held.iter().all(|k| revoked.contains(k.id.as_str())) {
@@ -476,20 +568,51 @@ fn keep_one_key(
 
 /// The id of the key keyward itself authenticates with, if it belongs to `user` (Okta ASA: a
 /// service user's API key). Rotating, disabling or deleting that user would cut keyward off.
-fn own_key<'a>(
-    config: &'a Config,
-    provider: &str,
-    user: &RemoteUser,
-    snapshot: &AccountSnapshot,
-) -> Option<&'a str> {
+fn own_key<'a>(config: &'a Config, provider: &str, owned: &[&RemoteKey]) -> Option<&'a str> {
     let crate::config::ProviderAuth::OktaAsa { key_id, .. } = &config.providers.get(provider)?.auth
     else {
         return None;
     };
-    snapshot
-        .keys_of(&user.id)
+    owned
+        .iter()
         .any(|k| k.id == *key_id)
         .then_some(key_id.as_str())
+}
+
+/// The attributes of a slot's current `key` that differ from what the slot declares (ngrok
+/// keys): the description when the slot declares one, a credential's ACL (compared as a set:
+/// the provider may list rules in another order), and keyward's tag on a key keyward minted (an
+/// adopted key keeps whatever metadata it had). Returns (as the provider has them, as
+/// declared); both empty when nothing drifted.
+fn drift(
+    provider_type: Option<crate::model::ProviderType>,
+    slot: &SlotSpec,
+    key: &RemoteKey,
+    delivery: Delivery,
+    owner: &str,
+) -> (crate::model::KeyAttrs, crate::model::KeyAttrs) {
+    use crate::model::{KeyAttrs, KeyKind, KeyTag};
+    let (mut before, mut after) = (KeyAttrs::default(), KeyAttrs::default());
+    if provider_type != Some(crate::model::ProviderType::Ngrok) {
+        return (before, after);
+    }
+    if let Some(d) = slot.description.as_ref().filter(|d| **d != key.description) {
+        before.description = Some(key.description.clone());
+        after.description = Some(d.clone());
+    }
+    if key.kind == KeyKind::Credential {
+        let set = |l: &[String]| l.iter().cloned().collect::<BTreeSet<String>>();
+        if set(&key.acl) != set(&slot.acl) {
+            before.acl = Some(key.acl.clone());
+            after.acl = Some(slot.acl.clone());
+        }
+    }
+    let tag = KeyTag::new(owner, &slot.name);
+    if delivery == Delivery::Delivered && KeyTag::parse(&key.metadata).as_ref() != Some(&tag) {
+        before.metadata = Some(key.metadata.clone());
+        after.metadata = Some(tag.to_metadata());
+    }
+    (before, after)
 }
 
 /// Whether the current key of a slot is forced (`Ok(Forced)`), or when it will be due
@@ -515,6 +638,7 @@ fn rotation_due(
 fn plan_undeclared_users(
     config: &Config,
     observed: &Observed,
+    index: &std::collections::HashMap<&str, AccountIndex>,
     state: &State,
     opts: &PlanOptions,
     changes: &mut Vec<Change>,
@@ -537,7 +661,11 @@ fn plan_undeclared_users(
             if remote.deleted || declared.contains(&(provider.as_str(), remote.name.as_str())) {
                 continue;
             }
-            if own_key(config, provider, remote, snapshot).is_some() {
+            let owned = index
+                .get(provider.as_str())
+                .map(|a| a.keys_of(&remote.id))
+                .unwrap_or(&[]);
+            if own_key(config, provider, owned).is_some() {
                 continue;
             }
             let created_by_us = state

@@ -59,6 +59,7 @@ pub fn describe_change(
     let what = match action {
         Action::CreateUser => "create service user".to_string(),
         Action::UpdateUser => "update service user".to_string(),
+        Action::UpdateKey => format!("update key {slot}"),
         Action::DeleteUser => "delete service user".to_string(),
         Action::CreateKey => format!("create key {slot}"),
         Action::RotateKey => format!("rotate key {slot}"),
@@ -165,6 +166,17 @@ pub enum Op {
         /// Which provider: the consequences of a delete differ.
         provider_type: ProviderType,
     },
+    /// Put a key's drifted attributes back as declared, in place (ngrok `PATCH`).
+    UpdateKey {
+        /// The key.
+        key: KeyRef,
+        /// Its slot.
+        slot: String,
+        /// The attributes that differ, as the provider has them.
+        before: crate::model::KeyAttrs,
+        /// The same attributes, as declared.
+        after: crate::model::KeyAttrs,
+    },
     /// Mint the first key of a slot and deliver it.
     CreateKey {
         /// The slot and where its secret goes.
@@ -233,6 +245,10 @@ pub enum RotateReason {
     Forced,
     /// Its policy says so.
     Due(Due),
+    /// The current key carries this installation's tag but no state recorded it and the sinks
+    /// do not verifiably hold it: nobody can say who holds it, so a new key is delivered and it
+    /// retires for the slot's overlap.
+    Unconfirmed,
 }
 
 /// Why a key is revoked.
@@ -257,6 +273,7 @@ impl Op {
         match self {
             Op::CreateUser { .. } => Action::CreateUser,
             Op::UpdateUser { .. } => Action::UpdateUser,
+            Op::UpdateKey { .. } => Action::UpdateKey,
             Op::DeleteUser { .. } => Action::DeleteUser,
             Op::CreateKey { .. } => Action::CreateKey,
             Op::RotateKey { .. } => Action::RotateKey,
@@ -276,6 +293,7 @@ impl Change {
         match &self.op {
             Op::CreateKey { slot, .. } | Op::RotateKey { slot, .. } => Some(&slot.spec.name),
             Op::RevokeKey { slot, .. } => slot.as_deref(),
+            Op::UpdateKey { slot, .. } => Some(slot),
             _ => None,
         }
     }
@@ -284,7 +302,7 @@ impl Change {
     pub fn key_id(&self) -> Option<&str> {
         match &self.op {
             Op::RotateKey { from, .. } => Some(&from.id),
-            Op::RevokeKey { key, .. } => Some(&key.id),
+            Op::RevokeKey { key, .. } | Op::UpdateKey { key, .. } => Some(&key.id),
             _ => None,
         }
     }
@@ -326,8 +344,13 @@ impl Change {
                     short_id(key_id)
                 ),
             },
+            Op::UpdateKey { before, after, .. } => attrs_change(before, after),
             Op::RotateKey { from, why, .. } => match why {
                 RotateReason::Forced => format!("{} rotation forced", short_id(&from.id)),
+                RotateReason::Unconfirmed => format!(
+                    "{} carries this installation's tag but no state records it and the sinks do not verifiably hold it; it retires for the slot's overlap",
+                    short_id(&from.id)
+                ),
                 RotateReason::Due(due) => format!(
                     "{} {}",
                     short_id(&from.id),
@@ -357,19 +380,51 @@ impl Change {
     }
 }
 
+/// `acl: [a] -> [b]; description: "x" -> "y"`: each attribute that differs, provider side
+/// first.
+pub fn attrs_change(before: &crate::model::KeyAttrs, after: &crate::model::KeyAttrs) -> String {
+    let quote = |s: &str| serde_json::Value::from(s).to_string();
+    let list = |l: &[String]| {
+        format!(
+            "[{}]",
+            l.iter().map(|r| quote(r)).collect::<Vec<_>>().join(", ")
+        )
+    };
+    let mut parts = Vec::new();
+    if let (Some(b), Some(a)) = (&before.acl, &after.acl) {
+        parts.push(format!("acl: {} -> {}", list(b), list(a)));
+    }
+    if let (Some(b), Some(a)) = (&before.description, &after.description) {
+        parts.push(format!("description: {} -> {}", quote(b), quote(a)));
+    }
+    if let (Some(b), Some(a)) = (&before.metadata, &after.metadata) {
+        parts.push(format!("metadata: {} -> {}", quote(b), quote(a)));
+    }
+    parts.join("; ")
+}
+
 /// What a warning is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WarningKind {
     // In the order of their names: warnings on the same key sort by kind, as they always have.
+    /// A key of this installation that no state recorded and the sinks hold: adopted as the
+    /// slot's current key.
+    AdoptedKey,
     /// A warning about the config file (an inline secret, say).
     Config,
+    /// A key tagged by another installation (another `settings.owner`): never touched.
+    ForeignKey,
     /// The last key of a user, kept although the plan would revoke it.
     LastKeyKept,
     /// The service user keyward authenticates as (left alone).
     OwnCredential,
     /// A user keyward created that left the file, kept (`prune.users: keep`).
     PrunedUserKept,
+    /// A key of this installation that no state recorded and the sinks do not verifiably hold
+    /// (rotated, retiring for the overlap), or that names a slot the file no longer declares
+    /// (left alone).
+    UntrackedKey,
     /// A key on a managed user that keyward did not create.
     UnknownKey,
     /// A remote user the file does not declare.
@@ -381,6 +436,9 @@ impl WarningKind {
     pub fn as_str(self) -> &'static str {
         match self {
             WarningKind::UnknownKey => "unknown_key",
+            WarningKind::ForeignKey => "foreign_key",
+            WarningKind::AdoptedKey => "adopted_key",
+            WarningKind::UntrackedKey => "untracked_key",
             WarningKind::UnmanagedUser => "unmanaged_user",
             WarningKind::PrunedUserKept => "pruned_user_kept",
             WarningKind::OwnCredential => "own_credential",
@@ -425,7 +483,7 @@ pub struct Warning {
 pub struct Summary {
     /// Users and keys created (`create_user`, `create_key`).
     pub create: usize,
-    /// Users whose `active` changes.
+    /// Users whose `active` changes, and keys whose attributes are put back.
     pub update: usize,
     /// Keys rotated.
     pub rotate: usize,
@@ -447,7 +505,7 @@ impl Summary {
         for c in changes {
             match c.action() {
                 Action::CreateUser | Action::CreateKey => summary.create += 1,
-                Action::UpdateUser => summary.update += 1,
+                Action::UpdateUser | Action::UpdateKey => summary.update += 1,
                 Action::RotateKey => summary.rotate += 1,
                 Action::RevokeKey => summary.revoke += 1,
                 Action::DeleteUser => summary.delete += 1,

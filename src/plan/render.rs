@@ -79,6 +79,12 @@ fn change_line(
             "update service user".into(),
             reason,
         ),
+        Op::UpdateKey { slot, .. } => (
+            "~",
+            Some(AnsiColor::Yellow),
+            format!("update key {slot}"),
+            reason,
+        ),
         Op::DeleteUser { .. } => (
             "-",
             Some(AnsiColor::Red),
@@ -123,6 +129,11 @@ fn warning_line(w: &Warning) -> (String, String) {
         WarningKind::UnknownKey => {
             let key = w.key_id.as_deref().map(short_id).unwrap_or_default();
             (format!("unknown key {key}"), w.detail.clone())
+        }
+        WarningKind::ForeignKey | WarningKind::AdoptedKey | WarningKind::UntrackedKey => {
+            let key = w.key_id.as_deref().map(short_id).unwrap_or_default();
+            let word = w.kind.as_str().trim_end_matches("_key");
+            (format!("{word} key {key}"), w.detail.clone())
         }
         WarningKind::UnmanagedUser => ("unmanaged service user".into(), w.detail.clone()),
         WarningKind::PrunedUserKept => ("kept service user".into(), w.detail.clone()),

@@ -104,6 +104,13 @@ impl ChangeView {
                 was_active,
                 ..
             } => (Some(json!({"id": user_id, "active": was_active})), None),
+            Op::UpdateKey {
+                key, before, after, ..
+            } => {
+                let mut b = json!(before);
+                b["key_id"] = json!(key.id);
+                (Some(b), Some(json!(after)))
+            }
             Op::CreateKey { slot, .. } => (None, Some(key_after(slot))),
             Op::RotateKey {
                 slot, from, forced, ..

@@ -521,6 +521,7 @@ impl WireKey {
             owner_id: Some(owner_id.to_string()),
             description: String::new(),
             metadata: String::new(),
+            acl: Vec::new(),
             created_at: self.issued_at,
             expires_at,
         };
@@ -690,6 +691,25 @@ impl Provider for AsaProvider {
         Ok(CreatedKey {
             key: remote,
             secret,
+        })
+    }
+
+    async fn update_key(
+        &self,
+        user: &str,
+        key: &RemoteKey,
+        _patch: &crate::model::KeyAttrs,
+    ) -> Result<RemoteKey, ProviderError> {
+        // ASA service-user keys have an id, issued_at and expires_at and nothing to edit
+        // (asa-api.md, "Service user API keys").
+        Err(ProviderError {
+            provider: self.name.clone(),
+            operation: format!("update API key {}", key.id),
+            user: Some(user.to_string()),
+            status: None,
+            code: None,
+            message: "Okta ASA keys have no attributes to update".to_string(),
+            class: ErrorClass::Rejected,
         })
     }
 

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use secrecy::SecretString;
 
 use crate::config::ProviderAccount;
-use crate::model::{AccountSnapshot, KeyKind, RemoteKey, RemoteUser};
+use crate::model::{AccountSnapshot, KeyAttrs, KeyKind, RemoteKey, RemoteUser};
 
 /// What to create a key with.
 #[derive(Debug, Clone)]
@@ -85,6 +85,15 @@ pub trait Provider: Send + Sync {
         user: &RemoteUser,
         key: &NewKey,
     ) -> Result<CreatedKey, ProviderError>;
+    /// Changes `key`'s description, metadata or ACL in place (ngrok `PATCH /api_keys/{id}`,
+    /// `PATCH /credentials/{id}`) and returns the key as it now is. Okta ASA keys have no such
+    /// attributes: keyward never plans this for them, and the ASA client refuses it.
+    async fn update_key(
+        &self,
+        user: &str,
+        key: &RemoteKey,
+        patch: &KeyAttrs,
+    ) -> Result<RemoteKey, ProviderError>;
     /// Revokes `key` of the user named `user`. A key already gone (404) is success.
     async fn revoke_key(&self, user: &str, key: &RemoteKey) -> Result<(), ProviderError>;
     /// How many HTTP requests this client has sent (retries included).

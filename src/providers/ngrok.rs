@@ -205,6 +205,9 @@ struct WireKey {
     #[serde(default)]
     metadata: Option<String>,
     created_at: Timestamp,
+    /// Credentials only; `[]` (or absent, or null) when unrestricted.
+    #[serde(default)]
+    acl: Option<Vec<String>>,
     /// Only in a create response.
     #[serde(default)]
     token: Option<String>,
@@ -218,6 +221,7 @@ impl WireKey {
             owner_id: self.owner_id.filter(|o| !o.is_empty()),
             description: self.description.unwrap_or_default(),
             metadata: self.metadata.unwrap_or_default(),
+            acl: self.acl.unwrap_or_default(),
             created_at: self.created_at,
             expires_at: None,
         };
@@ -375,6 +379,40 @@ impl Provider for NgrokProvider {
             key: remote,
             secret,
         })
+    }
+
+    async fn update_key(
+        &self,
+        user: &str,
+        key: &RemoteKey,
+        patch: &crate::model::KeyAttrs,
+    ) -> Result<RemoteKey, ProviderError> {
+        let op = Op::new(format!("update {} {}", key.kind, key.id), Some(user));
+        // PATCH /api_keys/{id} takes description and metadata; PATCH /credentials/{id} also
+        // acl (ngrok-api.md, "API keys" and "Credentials"); owner_id cannot change.
+        let mut body = serde_json::Map::new();
+        if let Some(d) = &patch.description {
+            body.insert("description".into(), serde_json::json!(d));
+        }
+        if let Some(m) = &patch.metadata {
+            body.insert("metadata".into(), serde_json::json!(m));
+        }
+        if let Some(acl) = &patch.acl
+            && key.kind == KeyKind::Credential
+        {
+            body.insert("acl".into(), serde_json::json!(acl));
+        }
+        let url = format!("{}{}/{}", self.base_url, Self::key_path(key.kind), key.id);
+        let answer = self
+            .call(
+                &op,
+                Method::PATCH,
+                &url,
+                Some(&serde_json::Value::Object(body)),
+            )
+            .await?;
+        let wire: WireKey = self.decode(&op, &answer)?;
+        Ok(wire.into_remote(key.kind).0)
     }
 
     async fn revoke_key(&self, user: &str, key: &RemoteKey) -> Result<(), ProviderError> {
