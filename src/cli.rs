@@ -109,6 +109,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Take over what exists: print the config for the remote service users the file does not
+    /// declare and record their keys as adopted (nothing remote changes); or, with
+    /// TARGET and KEY_ID, adopt one existing key as the current key of a declared slot.
+    Import {
+        /// Only the users of this provider account; repeatable.
+        #[arg(long = "provider", value_name = "NAME", conflicts_with = "target")]
+        providers: Vec<String>,
+        /// Only the service user of this name; repeatable.
+        #[arg(long = "user", value_name = "NAME", conflicts_with = "target")]
+        users: Vec<String>,
+        /// Write the document to this new file (an existing file is never overwritten).
+        #[arg(long, value_name = "FILE", conflicts_with = "target")]
+        out: Option<PathBuf>,
+        /// `[PROVIDER:]USER/SLOT`: the declared slot that adopts KEY_ID.
+        #[arg(value_name = "TARGET", requires = "key_id")]
+        target: Option<String>,
+        /// The id of the existing key to adopt.
+        #[arg(value_name = "KEY_ID")]
+        key_id: Option<String>,
+    },
     /// Keep every account in the declared state: reconcile at start, on the interval, when a
     /// key comes due, on config edits and on SIGHUP. Stops on SIGTERM/SIGINT.
     Daemon,
@@ -365,6 +385,57 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Import {
+            providers,
+            users,
+            out,
+            target,
+            key_id,
+        } => {
+            let ctx = Context_::load(cli, shutdown)?;
+            if let (Some(t), Some(key_id)) = (target, key_id) {
+                let resolved = resolve_target(ctx.config(), t, "import")?;
+                let slot = resolved.slot.ok_or_else(|| {
+                    anyhow::anyhow!("import {t}: name the slot, as USER/SLOT; nothing was imported")
+                })?;
+                ctx.engine
+                    .import_key((&resolved.provider, &resolved.user, &slot), key_id)
+                    .await?;
+                eprintln!(
+                    "{}",
+                    crate::text::escape(&format!(
+                        "adopted {key_id} as the current key of {} / {} slot {slot}; it rotates when its policy says so",
+                        resolved.provider, resolved.user
+                    ))
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            if let Some(path) = out
+                && std::fs::symlink_metadata(path).is_ok()
+            {
+                anyhow::bail!(
+                    "import: {} exists; keyward never overwrites it: name a new file; nothing was imported",
+                    path.display()
+                );
+            }
+            let selection = crate::import::Selection {
+                providers: providers.clone(),
+                users: users.clone(),
+            };
+            let (doc, n_users, n_keys) = ctx.engine.import(&selection).await?;
+            match out {
+                Some(path) => crate::files::create_new_file(path, doc.as_bytes())
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{doc}"),
+            }
+            eprintln!(
+                "imported {n_users} service user(s); {n_keys} key(s) recorded as adopted. Add the document to the config{}: `keyward plan` then leaves them as they are until their policy rotates them.",
+                out.as_ref()
+                    .map(|p| format!(" ({})", p.display()))
+                    .unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Daemon => {
             crate::daemon::run(config_path(cli), shutdown.clone()).await?;
             Ok(ExitCode::SUCCESS)
@@ -477,52 +548,62 @@ pub fn resolve_targets(
     config: &Config,
     targets: &[String],
 ) -> anyhow::Result<Vec<plan::ForceTarget>> {
-    let mut out = Vec::new();
-    for t in targets {
-        let (provider, rest) = match t.split_once(':') {
-            Some((p, r)) => (Some(p), r),
-            None => (None, t.as_str()),
-        };
-        let (user, slot) = match rest.split_once('/') {
-            Some((u, s)) => (u, Some(s.to_string())),
-            None => (rest, None),
-        };
-        let matches: Vec<_> = config
-            .users
-            .iter()
-            .filter(|u| u.name == user && provider.is_none_or(|p| u.provider == p))
-            .collect();
-        let spec = match matches.as_slice() {
-            [] => anyhow::bail!(
-                "rotate {t}: no user {user} in the config{}; nothing was rotated",
-                provider
-                    .map(|p| format!(" under provider {p}"))
-                    .unwrap_or_default()
-            ),
-            [one] => *one,
-            many => anyhow::bail!(
-                "rotate {t}: user {user} is declared under several providers; pick one of: {}; nothing was rotated",
-                many.iter()
-                    .map(|u| format!("{}:{}", u.provider, u.name))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        };
-        if let Some(s) = &slot
-            && !spec.slots.contains_key(s)
-        {
-            anyhow::bail!("rotate {t}: user {user} has no slot {s}; nothing was rotated");
-        }
-        if spec.slots.is_empty() {
-            anyhow::bail!("rotate {t}: user {user} declares no key slots; nothing was rotated");
-        }
-        out.push(plan::ForceTarget {
-            provider: spec.provider.clone(),
-            user: spec.name.clone(),
-            slot,
-        });
+    targets
+        .iter()
+        .map(|t| resolve_target(config, t, "rotate"))
+        .collect()
+}
+
+/// Resolves one `USER`, `USER/SLOT` or `PROVIDER:USER[/SLOT]` for the command `verb`
+/// (`rotate`, `import`); errors say that nothing was done.
+pub fn resolve_target(config: &Config, t: &str, verb: &str) -> anyhow::Result<plan::ForceTarget> {
+    let nothing = if verb == "rotate" {
+        "nothing was rotated"
+    } else {
+        "nothing was imported"
+    };
+    let (provider, rest) = match t.split_once(':') {
+        Some((p, r)) => (Some(p), r),
+        None => (None, t),
+    };
+    let (user, slot) = match rest.split_once('/') {
+        Some((u, s)) => (u, Some(s.to_string())),
+        None => (rest, None),
+    };
+    let matches: Vec<_> = config
+        .users
+        .iter()
+        .filter(|u| u.name == user && provider.is_none_or(|p| u.provider == p))
+        .collect();
+    let spec = match matches.as_slice() {
+        [] => anyhow::bail!(
+            "{verb} {t}: no user {user} in the config{}; {nothing}",
+            provider
+                .map(|p| format!(" under provider {p}"))
+                .unwrap_or_default()
+        ),
+        [one] => *one,
+        many => anyhow::bail!(
+            "{verb} {t}: user {user} is declared under several providers; pick one of: {}; {nothing}",
+            many.iter()
+                .map(|u| format!("{}:{}", u.provider, u.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    if let Some(s) = &slot
+        && !spec.slots.contains_key(s)
+    {
+        anyhow::bail!("{verb} {t}: user {user} has no slot {s}; {nothing}");
     }
-    Ok(out)
+    if spec.slots.is_empty() {
+        anyhow::bail!("{verb} {t}: user {user} declares no key slots; {nothing}");
+    }
+    Ok(plan::ForceTarget {
+        provider: spec.provider.clone(),
+        user: spec.name.clone(),
+        slot,
+    })
 }
 
 fn print_plan(plan: &Plan, json: bool) {

@@ -177,7 +177,7 @@ impl Engine {
     ) -> anyhow::Result<RunReport> {
         let apply = req.mode == RunMode::Apply;
         let _lock = if apply { Some(self.lock()?) } else { None };
-        let obs = self.observe_where(apply, req.include).await?;
+        let obs = self.observe_where(apply, req.include, false).await?;
         if req.every_account {
             every_account_answered(&obs.failures)?;
         }
@@ -221,16 +221,19 @@ impl Engine {
     /// interrupted earlier run left in the journal folded in (in memory only: see
     /// [`Engine::run`] for the run that writes it back). For `keyward status`.
     pub async fn observe(&self) -> anyhow::Result<Observation> {
-        self.observe_where(false, &|_| true).await
+        self.observe_where(false, &|_| true, false).await
     }
 
-    /// Observes the accounts `include` names. With `persist` (the caller holds the state lock)
-    /// the recovered state is written and the journal compacted: only operations of accounts
-    /// that did not answer stay in it, for a later run to finish.
+    /// Observes the accounts `include` names: the keys of the users that matter (declared or
+    /// recorded), or with `every_user` the keys of every user (`keyward import`). With
+    /// `persist` (the caller holds the state lock) the recovered state is written and the
+    /// journal compacted: only operations of accounts that did not answer stay in it, for a
+    /// later run to finish.
     async fn observe_where(
         &self,
         persist: bool,
         include: &(dyn Fn(&str) -> bool + Sync),
+        every_user: bool,
     ) -> anyhow::Result<Observation> {
         let mut state = self.store.load()?;
         // The users whose keys matter: declared ones, and those keyward recorded (prune).
@@ -252,7 +255,8 @@ impl Engine {
             futures::future::join_all(self.providers.iter().filter(|(name, _)| include(name)).map(
                 |(name, p)| {
                     let scope = managed.get(name.as_str()).unwrap_or(&empty);
-                    async move { (name.clone(), p.observe(Some(scope)).await) }
+                    let scope = (!every_user).then_some(scope);
+                    async move { (name.clone(), p.observe(scope).await) }
                 },
             ))
             .await;
@@ -328,6 +332,49 @@ impl Engine {
             recovery,
             failures,
         })
+    }
+
+    /// `keyward import`: under the state lock, observes the selected accounts (every user's
+    /// keys), writes the recovered state, and records the undeclared users `selection` names
+    /// with their keys as adopted. Returns the config document for them and how many users and
+    /// keys it recorded. Nothing remote changes.
+    pub async fn import(
+        &self,
+        selection: &crate::import::Selection,
+    ) -> anyhow::Result<(String, usize, usize)> {
+        let _lock = self.lock()?;
+        let wanted = |name: &str| {
+            selection.providers.is_empty() || selection.providers.iter().any(|p| p == name)
+        };
+        let mut obs = self.observe_where(true, &wanted, true).await?;
+        every_account_answered(&obs.failures)?;
+        let users = crate::import::select(&self.config, &obs.observed, selection)?;
+        let keys = crate::import::record(&mut obs.state, &users, Timestamp::now());
+        obs.state.serial += 1;
+        self.store.write(&obs.state)?;
+        Ok((crate::import::document(&users), users.len(), keys))
+    }
+
+    /// `keyward import [PROVIDER:]USER/SLOT KEY_ID`: under the state lock, adopts `key_id` as
+    /// the current key of the declared slot (see [`crate::import::adopt_one`] for what is
+    /// refused). Nothing remote changes.
+    pub async fn import_key(&self, target: (&str, &str, &str), key_id: &str) -> anyhow::Result<()> {
+        let _lock = self.lock()?;
+        let provider = target.0;
+        let mut obs = self
+            .observe_where(true, &|name: &str| name == provider, false)
+            .await?;
+        every_account_answered(&obs.failures)?;
+        crate::import::adopt_one(
+            &self.config,
+            &obs.observed,
+            &mut obs.state,
+            target,
+            key_id,
+            Timestamp::now(),
+        )?;
+        obs.state.serial += 1;
+        self.store.write(&obs.state)
     }
 
     /// The plan for `observation`, with the config's warnings (an inline secret, say) in it:

@@ -267,6 +267,26 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `bytes` to `path`, which must not exist yet (`O_CREAT|O_EXCL`: an existing file or a
+/// link is never replaced or followed), mode 0644, and syncs it and its directory. For
+/// documents people keep, such as the config `keyward import --out` writes.
+pub fn create_new_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
 /// Reads back a file keyward wrote into a private directory (a sink file), only if it is one
 /// keyward could have written: a regular file, not a link, owned by keyward's user, with no
 /// group or other permission bits, of bounded size. Anything else reads as `None`.

@@ -13,8 +13,9 @@
 //! - keyward's record: [`state`] (what it created, as data), [`store`] (where state, journal
 //!   and lock are kept), [`journal`] (the write-ahead log), [`oplog`] (its record types).
 //! - Decisions, all pure: [`plan`] (the planner, the plan, its text and its JSON document),
-//!   [`keys`] (current, retiring, orphan and unknown keys), [`rotation`] (due times),
-//!   [`recovery`] (what a crash left unfinished), [`status`] (the key table).
+//!   [`keys`] (current, retiring, orphan, untracked, foreign and unknown keys), [`rotation`]
+//!   (due times), [`recovery`] (what a crash or a lost state left), [`status`] (the key
+//!   table), [`import`] (taking over users and keys that existed before keyward).
 //! - Doing: [`engine`] (observe → plan → approve → execute), [`apply`] (the executor),
 //!   [`sinks`] (delivering a new secret), [`daemon`] (when to reconcile), [`cli`] (the
 //!   commands).
@@ -35,6 +36,7 @@ pub mod demo;
 pub mod duration;
 pub mod engine;
 pub mod files;
+pub mod import;
 pub mod journal;
 pub mod keys;
 pub mod model;

@@ -298,18 +298,19 @@ pub fn untracked<'a>(
             .providers
             .get(&spec.provider)
             .is_some_and(|a| a.kind == crate::model::ProviderType::OktaAsa);
-        if asa && let Some((name, slot_spec)) = spec.slots.iter().next() {
-            if !book.current.contains_key(name) {
-                for key in &book.unknown {
-                    out.push(Untracked {
-                        provider: &spec.provider,
-                        user: &spec.name,
-                        slot: name,
-                        spec: slot_spec,
-                        key,
-                        tagged: false,
-                    });
-                }
+        if asa
+            && let Some((name, slot_spec)) = spec.slots.iter().next()
+            && !book.current.contains_key(name)
+        {
+            for key in &book.unknown {
+                out.push(Untracked {
+                    provider: &spec.provider,
+                    user: &spec.name,
+                    slot: name,
+                    spec: slot_spec,
+                    key,
+                    tagged: false,
+                });
             }
         }
     }
@@ -333,7 +334,8 @@ fn settle_untracked(
     use crate::state::Delivery;
     let found = untracked(config, index, state);
     // By slot, in the config's order.
-    let mut by_slot: Vec<((&str, &str, &str), Vec<&Untracked>)> = Vec::new();
+    type SlotAt<'a> = (&'a str, &'a str, &'a str);
+    let mut by_slot: Vec<(SlotAt, Vec<&Untracked>)> = Vec::new();
     for u in &found {
         let at = (u.provider, u.user, u.slot);
         match by_slot.last_mut() {

@@ -318,6 +318,7 @@ fn plan_existing_user(
                     slot: target(config, slot),
                     from: key_ref(key),
                     forced: opts.forced(provider, &spec.name, &slot.name),
+                    adopted: false,
                     why: RotateReason::Unconfirmed,
                 },
             )),
@@ -329,6 +330,7 @@ fn plan_existing_user(
                         slot: target(config, slot),
                         from: key_ref(key),
                         forced: matches!(why, RotateReason::Forced),
+                        adopted: delivery(&slot.name) == Delivery::Adopted,
                         why,
                     },
                 )),
@@ -339,6 +341,7 @@ fn plan_existing_user(
                         slot: target(config, slot),
                         from: key_ref(key),
                         forced: false,
+                        adopted: delivery(&slot.name) == Delivery::Adopted,
                         why: RotateReason::Due(due),
                     },
                 )),
@@ -349,7 +352,15 @@ fn plan_existing_user(
                     slot: Some(slot.name.clone()),
                     key_id: Some(key.id.clone()),
                     at: due.at,
-                    reason: due.describe(Some(key.created_at), due.at),
+                    reason: if delivery(&slot.name) == Delivery::Adopted {
+                        format!(
+                            "{}; adopted key {}: keyward never held its secret, it retires for the overlap once replaced",
+                            due.describe(Some(key.created_at), due.at),
+                            key.id
+                        )
+                    } else {
+                        due.describe(Some(key.created_at), due.at)
+                    },
                 }),
                 Err(None) => {}
             },

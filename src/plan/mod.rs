@@ -192,6 +192,8 @@ pub enum Op {
         from: KeyRef,
         /// Forced by `keyward rotate` (journaled: a forced rotation cut short runs again).
         forced: bool,
+        /// The current key was adopted (`keyward import`): keyward never held its secret.
+        adopted: bool,
         /// Why now.
         why: RotateReason,
     },
@@ -345,18 +347,18 @@ impl Change {
                 ),
             },
             Op::UpdateKey { before, after, .. } => attrs_change(before, after),
-            Op::RotateKey { from, why, .. } => match why {
-                RotateReason::Forced => format!("{} rotation forced", short_id(&from.id)),
-                RotateReason::Unconfirmed => format!(
-                    "{} carries this installation's tag but no state records it and the sinks do not verifiably hold it; it retires for the slot's overlap",
-                    short_id(&from.id)
-                ),
-                RotateReason::Due(due) => format!(
-                    "{} {}",
-                    short_id(&from.id),
-                    due.describe(Some(from.created_at), now)
-                ),
-            },
+            Op::RotateKey {
+                from, why, adopted, ..
+            } => {
+                let reason = rotate_reason(from, why, now);
+                if *adopted && *why != RotateReason::Unconfirmed {
+                    format!(
+                        "{reason}; adopted key: it retires for the overlap once the new key is delivered"
+                    )
+                } else {
+                    reason
+                }
+            }
             Op::RevokeKey { why, slot, .. } => match why {
                 RevokeReason::OverlapEnded {
                     retired_until: Some(t),
@@ -377,6 +379,23 @@ impl Change {
                 }
             },
         }
+    }
+}
+
+/// Why `from` is rotated, in words.
+fn rotate_reason(from: &KeyRef, why: &RotateReason, now: Timestamp) -> String {
+    use crate::text::short_id;
+    match why {
+        RotateReason::Forced => format!("{} rotation forced", short_id(&from.id)),
+        RotateReason::Unconfirmed => format!(
+            "{} carries this installation's tag but no state records it and the sinks do not verifiably hold it; it retires for the slot's overlap",
+            short_id(&from.id)
+        ),
+        RotateReason::Due(due) => format!(
+            "{} {}",
+            short_id(&from.id),
+            due.describe(Some(from.created_at), now)
+        ),
     }
 }
 

@@ -27,10 +27,15 @@ fn upcoming_line(u: &Upcoming, now: jiff::Timestamp) -> String {
             u.key_id.as_deref().map(short_id).unwrap_or_default()
         ),
         _ => format!(
-            "{} / {}: next rotation of {} {when}",
+            "{} / {}: next rotation of {} {when}{}",
             u.provider,
             u.user,
-            u.slot.as_deref().unwrap_or("")
+            u.slot.as_deref().unwrap_or(""),
+            if u.reason.contains("adopted key") {
+                " (adopted key)"
+            } else {
+                ""
+            }
         ),
     }
 }
