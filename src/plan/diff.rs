@@ -493,8 +493,14 @@ fn plan_existing_user(
             user: Some(spec.name.clone()),
             key_id: Some(key.id.clone()),
             message: format!(
-                "{} {} was not created by keyward (prune.unknown_keys: {mode})",
-                key.kind, key.id
+                "{} {} was not created by keyward (prune.unknown_keys: {mode}): it carries no tag of this installation and no state records it; {}",
+                key.kind,
+                key.id,
+                if revoke_it {
+                    "keyward revokes it"
+                } else {
+                    "keyward reports it and never changes or revokes it; `keyward import USER/SLOT KEY_ID` adopts it into a slot"
+                }
             ),
             detail: format!("not created by keyward (prune.unknown_keys: {mode})"),
         });
