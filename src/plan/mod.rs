@@ -589,9 +589,11 @@ pub fn observed_digest(config: &Config, observed: &Observed, state: &State) -> S
             let mut keys = keys_by_owner.remove(u.id.as_str()).unwrap_or_default();
             keys.sort_by(|a, b| a.id.cmp(&b.id));
             for k in keys {
+                // Every attribute a decision reads: the tag (ownership, drift), the
+                // description and the ACL (drift), the times (rotation).
                 hasher.update(format!(
-                    "{provider}\0key\0{}\0{}\0{}\0{}\0{:?}\0{}\n",
-                    u.id, k.id, k.kind, k.created_at, k.expires_at, k.metadata
+                    "{provider}\0key\0{}\0{}\0{}\0{}\0{:?}\0{:?}\0{:?}\0{:?}\n",
+                    u.id, k.id, k.kind, k.created_at, k.expires_at, k.metadata, k.description, k.acl
                 ));
             }
         }
