@@ -638,4 +638,183 @@ mod tests {
         };
         assert!(lost_keys(&other, &user, &snapshot, &state, "keyward").is_empty());
     }
+
+    /// A config with one ngrok user `bot`, slot `main` (json file sink, overlap 1h), and
+    /// `owner: keyward`.
+    fn one_slot_config(dir: &std::path::Path) -> Config {
+        let path = dir.join("keyward.yaml");
+        std::fs::write(
+            &path,
+            "version: 1\nsettings:\n  state_dir: state\nproviders:\n  ng:\n    type: ngrok\n    api_key: x\n    base_url: http://127.0.0.1:1\nsinks:\n  local: {type: file, path: \"out/{user}.json\", format: json}\ndefaults:\n  sink: local\n  overlap: 1h\nusers:\n  - provider: ng\n    name: bot\n    keys:\n      main: {}\n",
+        )
+        .unwrap();
+        crate::config::load_with_env(&path, &|_| None)
+            .map(|l| l.config)
+            .expect("config loads")
+    }
+
+    #[test]
+    fn a_lost_state_adopts_what_the_sinks_hold_and_retires_the_rest_never_orphans() {
+        use crate::model::{AccountSnapshot, KeyTag, RemoteKey, RemoteUser};
+        use crate::state::Delivery;
+        let tmp = tempfile::tempdir().unwrap();
+        let config = one_slot_config(tmp.path());
+        let ts = |s: &str| s.parse::<Timestamp>().unwrap();
+        let now = ts("2026-11-30T12:00:00Z");
+        let key = |id: &str, at: &str, owner: Option<&str>| RemoteKey {
+            id: id.into(),
+            kind: KeyKind::ApiKey,
+            owner_id: Some("u1".into()),
+            description: String::new(),
+            metadata: owner
+                .map(|o| KeyTag::new(o, "main").to_metadata())
+                .unwrap_or_default(),
+            acl: Vec::new(),
+            created_at: ts(at),
+            expires_at: None,
+        };
+        let user = RemoteUser {
+            id: "u1".into(),
+            name: "bot".into(),
+            active: true,
+            deleted: false,
+            created_at: None,
+        };
+        let observed = |keys: Vec<RemoteKey>| -> Observed {
+            [(
+                "ng".to_string(),
+                AccountSnapshot {
+                    users: vec![user.clone()],
+                    keys,
+                },
+            )]
+            .into()
+        };
+        let keys = vec![
+            key("old", "2026-11-01T00:00:00Z", Some("keyward")),
+            key("new", "2026-11-20T00:00:00Z", Some("keyward")),
+            key("theirs", "2026-11-25T00:00:00Z", Some("elsewhere")),
+            key("manual", "2026-11-26T00:00:00Z", None),
+        ];
+        let probe = |id: &str| -> SinkProbes {
+            [("ng".into(), "bot".into(), "main".into(), id.to_string())].into()
+        };
+        let slot_of = |state: &State| state.slot("ng", "bot", "main").cloned().unwrap();
+
+        // The sinks hold `new`: adopted as current; `old` retires for the overlap.
+        let mut state = State::default();
+        let r = recover(
+            &[],
+            &config,
+            &observed(keys.clone()),
+            &probe("new"),
+            &mut state,
+            now,
+        );
+        let slot = slot_of(&state);
+        assert_eq!(slot.current().map(|c| c.id.as_str()), Some("new"));
+        assert_eq!(
+            slot.current().map(|c| c.delivery),
+            Some(Delivery::Delivered)
+        );
+        assert_eq!(slot.retiring().len(), 1);
+        assert_eq!(slot.retiring()[0].id, "old");
+        assert_eq!(
+            slot.retiring()[0].retire_after,
+            Some(ts("2026-11-30T13:00:00Z"))
+        );
+        assert!(slot.orphans().is_empty(), "nothing untracked is an orphan");
+        assert!(r.changed);
+        let kinds: Vec<_> = r
+            .explained
+            .iter()
+            .map(|w| (w.kind, w.key_id.clone()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (
+                    crate::plan::WarningKind::AdoptedKey,
+                    Some("new".to_string())
+                ),
+                (
+                    crate::plan::WarningKind::UntrackedKey,
+                    Some("old".to_string())
+                ),
+            ]
+        );
+
+        // The sinks hold nothing: the newest becomes the current key, `unconfirmed` (the plan
+        // rotates it), the other retires; another owner's key and an untagged key stay out.
+        let mut state = State::default();
+        recover(
+            &[],
+            &config,
+            &observed(keys.clone()),
+            &SinkProbes::new(),
+            &mut state,
+            now,
+        );
+        let slot = slot_of(&state);
+        assert_eq!(slot.current().map(|c| c.id.as_str()), Some("new"));
+        assert_eq!(
+            slot.current().map(|c| c.delivery),
+            Some(Delivery::Unconfirmed)
+        );
+        assert_eq!(
+            slot.retiring()
+                .iter()
+                .map(|k| k.id.as_str())
+                .collect::<Vec<_>>(),
+            ["old"]
+        );
+        let plan = crate::plan::plan(
+            &config,
+            &observed(keys.clone()),
+            &state,
+            now,
+            &Default::default(),
+        );
+        let actions: Vec<_> = plan
+            .changes
+            .iter()
+            .map(|c| (c.action(), c.key_id().map(str::to_string)))
+            .collect();
+        assert_eq!(
+            actions,
+            [(Action::RotateKey, Some("new".to_string()))],
+            "rotated, nothing revoked: {plan:#?}"
+        );
+
+        // The state records a current key the provider has: every untracked key retires.
+        let mut state = State::default();
+        state.slot_entry("ng", &user, "main");
+        let mut with_current = keys.clone();
+        with_current.push(key("recorded", "2026-11-27T00:00:00Z", Some("keyward")));
+        state.user_mut("ng", "bot").unwrap().slots.insert(
+            "main".into(),
+            crate::state::SlotRecord::with_current(KeyRecord {
+                id: "recorded".into(),
+                kind: KeyKind::ApiKey,
+                created_at: ts("2026-11-27T00:00:00Z"),
+                delivered_at: ts("2026-11-27T00:00:00Z"),
+                sinks: vec!["local".into()],
+                retire_after: None,
+                delivery: Delivery::Delivered,
+            }),
+        );
+        recover(
+            &[],
+            &config,
+            &observed(with_current),
+            &SinkProbes::new(),
+            &mut state,
+            now,
+        );
+        let slot = slot_of(&state);
+        assert_eq!(slot.current().map(|c| c.id.as_str()), Some("recorded"));
+        let mut retiring: Vec<_> = slot.retiring().iter().map(|k| k.id.as_str()).collect();
+        retiring.sort();
+        assert_eq!(retiring, ["new", "old"]);
+    }
 }

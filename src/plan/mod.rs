@@ -593,7 +593,14 @@ pub fn observed_digest(config: &Config, observed: &Observed, state: &State) -> S
                 // description and the ACL (drift), the times (rotation).
                 hasher.update(format!(
                     "{provider}\0key\0{}\0{}\0{}\0{}\0{:?}\0{:?}\0{:?}\0{:?}\n",
-                    u.id, k.id, k.kind, k.created_at, k.expires_at, k.metadata, k.description, k.acl
+                    u.id,
+                    k.id,
+                    k.kind,
+                    k.created_at,
+                    k.expires_at,
+                    k.metadata,
+                    k.description,
+                    k.acl
                 ));
             }
         }
