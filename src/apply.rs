@@ -256,6 +256,17 @@ struct UserRun {
     keys: Vec<RemoteKey>,
 }
 
+impl UserRun {
+    /// The user's key `id` as last seen, or an error saying it is gone.
+    fn key(&self, id: &str) -> anyhow::Result<RemoteKey> {
+        self.keys
+            .iter()
+            .find(|k| k.id == id)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("key {id} is not on this user any more"))
+    }
+}
+
 impl Executor {
     /// Runs `plan`; `observed` is the listing the plan was checked against.
     pub async fn run(self: &Arc<Self>, plan: &Plan, observed: &Observed) -> Report {
@@ -427,26 +438,12 @@ impl Executor {
                 slot, from, forced, ..
             } => self.mint(run, change, slot, Some(&from.id), *forced).await,
             Op::RevokeKey { key, .. } => {
-                let key = run
-                    .keys
-                    .iter()
-                    .find(|k| k.id == key.id)
-                    .cloned()
-                    .ok_or_else(|| {
-                        anyhow::anyhow!("key {} is not on this user any more", key.id)
-                    })?;
+                let key = run.key(&key.id)?;
                 self.revoke(run, &key, change).await?;
                 Ok(String::new())
             }
             Op::UpdateKey { key, after, .. } => {
-                let remote = run
-                    .keys
-                    .iter()
-                    .find(|k| k.id == key.id)
-                    .cloned()
-                    .ok_or_else(|| {
-                        anyhow::anyhow!("key {} is not on this user any more", key.id)
-                    })?;
+                let remote = run.key(&key.id)?;
                 let user_id = run.remote.as_ref().map(|u| u.id.clone());
                 let work = async {
                     let updated = run.provider.update_key(name, &remote, after).await?;

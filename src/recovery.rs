@@ -551,29 +551,10 @@ mod tests {
 
     #[test]
     fn a_key_whose_creation_was_never_journaled_is_found_by_time_and_absence_of_tag() {
-        use crate::model::{AccountSnapshot, KeyTag, RemoteKey, RemoteUser};
+        use crate::model::AccountSnapshot;
         let ts = |s: &str| s.parse::<Timestamp>().unwrap();
-        let key = |id: &str, at: &str, tagged: bool| RemoteKey {
-            id: id.into(),
-            kind: KeyKind::ApiKey,
-            owner_id: Some("u1".into()),
-            description: String::new(),
-            metadata: if tagged {
-                KeyTag::new("keyward", "main").to_metadata()
-            } else {
-                String::new()
-            },
-            acl: Vec::new(),
-            created_at: ts(at),
-            expires_at: None,
-        };
-        let user = RemoteUser {
-            id: "u1".into(),
-            name: "bot".into(),
-            active: true,
-            deleted: false,
-            created_at: None,
-        };
+        let key = |id: &str, at: &str, tagged: bool| test_key(id, at, tagged.then_some("keyward"));
+        let user = bot();
         let snapshot = AccountSnapshot {
             users: vec![user.clone()],
             keys: vec![
@@ -639,6 +620,34 @@ mod tests {
         assert!(lost_keys(&other, &user, &snapshot, &state, "keyward").is_empty());
     }
 
+    /// An API key of user `u1` created at `at`, tagged for slot `main` by `owner` (untagged
+    /// without one).
+    fn test_key(id: &str, at: &str, owner: Option<&str>) -> crate::model::RemoteKey {
+        crate::model::RemoteKey {
+            id: id.into(),
+            kind: KeyKind::ApiKey,
+            owner_id: Some("u1".into()),
+            description: String::new(),
+            metadata: owner
+                .map(|o| crate::model::KeyTag::new(o, "main").to_metadata())
+                .unwrap_or_default(),
+            acl: Vec::new(),
+            created_at: at.parse().unwrap(),
+            expires_at: None,
+        }
+    }
+
+    /// The service user `bot`, id `u1`.
+    fn bot() -> RemoteUser {
+        RemoteUser {
+            id: "u1".into(),
+            name: "bot".into(),
+            active: true,
+            deleted: false,
+            created_at: None,
+        }
+    }
+
     /// A config with one ngrok user `bot`, slot `main` (json file sink, overlap 1h), and
     /// `owner: keyward`.
     fn one_slot_config(dir: &std::path::Path) -> Config {
@@ -655,31 +664,14 @@ mod tests {
 
     #[test]
     fn a_lost_state_adopts_what_the_sinks_hold_and_retires_the_rest_never_orphans() {
-        use crate::model::{AccountSnapshot, KeyTag, RemoteKey, RemoteUser};
+        use crate::model::{AccountSnapshot, RemoteKey};
         use crate::state::Delivery;
         let tmp = tempfile::tempdir().unwrap();
         let config = one_slot_config(tmp.path());
         let ts = |s: &str| s.parse::<Timestamp>().unwrap();
         let now = ts("2026-11-30T12:00:00Z");
-        let key = |id: &str, at: &str, owner: Option<&str>| RemoteKey {
-            id: id.into(),
-            kind: KeyKind::ApiKey,
-            owner_id: Some("u1".into()),
-            description: String::new(),
-            metadata: owner
-                .map(|o| KeyTag::new(o, "main").to_metadata())
-                .unwrap_or_default(),
-            acl: Vec::new(),
-            created_at: ts(at),
-            expires_at: None,
-        };
-        let user = RemoteUser {
-            id: "u1".into(),
-            name: "bot".into(),
-            active: true,
-            deleted: false,
-            created_at: None,
-        };
+        let key = test_key;
+        let user = bot();
         let observed = |keys: Vec<RemoteKey>| -> Observed {
             [(
                 "ng".to_string(),
