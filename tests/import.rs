@@ -355,3 +355,39 @@ fn one_key_is_adopted_into_a_declared_slot_and_bad_targets_change_nothing() {
     let out = ws.keyward(&["import", "bot/main", &key]);
     expect_code(&out, 1, "import into a slot that has a key");
 }
+
+#[test]
+fn a_user_keyward_created_and_then_imported_is_never_pruned() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(
+        "",
+        "users:\n  - provider: ng\n    name: made-here\n    keys:\n      main: {}\nprune:\n  users: delete\n",
+    );
+    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "apply");
+    // Out of the file: keyward created it, so prune.users: delete would delete it ...
+    ws.write_config("", "users: []\nprune:\n  users: delete\n");
+    let plan = ws.plan_json();
+    assert!(
+        plan["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["action"] == "delete_user" && c["user"] == "made-here"),
+        "a user keyward created is pruned once it leaves the file: {plan}"
+    );
+    // ... until it is imported: then it is the team's, and never pruned.
+    let out = ws.keyward(&["import"]);
+    expect_code(&out, 0, "import");
+    assert!(
+        text(&out.stdout).contains("name: \"made-here\""),
+        "{}",
+        text(&out.stdout)
+    );
+    let plan = ws.plan_json();
+    assert!(
+        plan["changes"].as_array().unwrap().is_empty(),
+        "an imported user is never pruned: {plan}"
+    );
+    assert!(sb.user_by_name("made-here").is_some());
+}

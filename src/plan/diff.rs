@@ -685,9 +685,11 @@ fn plan_undeclared_users(
             if own_key(config, provider, owned).is_some() {
                 continue;
             }
+            // An imported user existed before keyward took it over: never pruned, even if
+            // keyward had created it once.
             let created_by_us = state
                 .user(provider, &remote.name)
-                .is_some_and(|r| r.id == remote.id && r.created_by_keyward);
+                .is_some_and(|r| r.id == remote.id && r.created_by_keyward && !r.imported);
             let warn = |kind, message: &str| Warning {
                 kind,
                 provider: Some(provider.clone()),
