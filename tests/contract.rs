@@ -85,8 +85,8 @@ fn a_user_never_loses_every_key_in_one_apply() {
 
 #[test]
 fn the_client_rate_budget_keeps_keyward_under_the_account_limit() {
-    // The account allows 12 requests in any second; keyward's own budget is 5 a second (a
-    // bucket of 5 that refills at 5 a second: never more than 10 in any second).
+    // The account allows 12 requests in any second; keyward's own budget is 5 a second, never
+    // more than 5 in any second.
     let sb = Sandbox::start(&["--rate-limit", "12/1s"]);
     let ws = Workspace::new(&sb);
     write_budgeted(&ws, "5/1s", 8, &many_users(12));
@@ -108,6 +108,24 @@ fn the_client_rate_budget_keeps_keyward_under_the_account_limit() {
         sb.stats()["rate_limited"].as_u64().unwrap() > 0,
         "{}",
         sb.stats()
+    );
+}
+
+#[test]
+fn a_budget_just_under_the_account_limit_draws_no_429_over_any_rolling_window() {
+    // The account counts 21 requests in any rolling second; keyward's budget is 20 a second.
+    // A bucket of 20 that refills at 20 a second would send up to 39 in the first second; the
+    // budget must hold over every window, the first one included, for several seconds of work.
+    let sb = Sandbox::start(&["--rate-limit", "21/1s"]);
+    let ws = Workspace::new(&sb);
+    write_budgeted(&ws, "20/1s", 16, &many_users(40));
+    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "apply");
+    let stats = sb.stats();
+    let sent = stats["requests"].as_u64().unwrap();
+    assert!(sent > 80, "enough work to span several windows: {stats}");
+    assert_eq!(
+        stats["rate_limited"], 0,
+        "keyward went past the account's rolling window: {stats}"
     );
 }
 
