@@ -14,6 +14,13 @@
 //! - provider expiry: due at `expires_at - overlap`, whatever the schedule says (waiting for a
 //!   window must never let a key expire);
 //! - the earliest of these wins.
+//!
+//! `spread` (product contract §10.4): each slot has a fixed share of the window, its
+//! `spread_offset` in `[0, spread)`, derived from provider, user and slot by a hash. The age due
+//! time is pushed back by it (`created_at + rotate_every + offset`: never later than
+//! `rotate_every + spread`), and the expiry due time is pulled forward by the rest of the window
+//! (`expires_at - overlap - (spread - offset)`: spread, but never later than without it), so
+//! slots whose keys were created, or expire, together come due spread over the window.
 
 use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
@@ -102,6 +109,37 @@ pub struct Policy<'a> {
     /// How long a replaced key stays valid; a key that expires at the provider rotates this long
     /// before it does.
     pub overlap: SignedDuration,
+    /// The window due times are spread over (`spread`; zero: none).
+    pub spread: SignedDuration,
+    /// This slot's share of `spread`, in `[0, spread)` ([`spread_offset`]).
+    pub spread_offset: SignedDuration,
+}
+
+/// The fixed share of `spread` for one slot: `spread × h / 2^64`, where `h` is the first 8 bytes
+/// of SHA-256 over provider, user and slot. Deterministic across runs, hosts and versions;
+/// roughly uniform over `[0, spread)`; whole seconds.
+pub fn spread_offset(
+    spread: SignedDuration,
+    provider: &str,
+    user: &str,
+    slot: &str,
+) -> SignedDuration {
+    use sha2::{Digest, Sha256};
+    if spread <= SignedDuration::ZERO {
+        return SignedDuration::ZERO;
+    }
+    let digest = Sha256::new()
+        .chain_update(provider.as_bytes())
+        .chain_update([0])
+        .chain_update(user.as_bytes())
+        .chain_update([0])
+        .chain_update(slot.as_bytes())
+        .finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    let h = u64::from_be_bytes(first);
+    let secs = spread.as_secs().max(0) as u128;
+    SignedDuration::from_secs(((secs * h as u128) >> 64) as i64)
 }
 
 /// What the due-time engine knows about a slot's current key.
@@ -127,10 +165,12 @@ pub enum DueReason {
         /// The slot's kind.
         want: KeyKind,
     },
-    /// The key reached `rotate_every`.
+    /// The key reached `rotate_every` (plus the slot's share of `spread`).
     Age {
         /// The slot's `rotate_every`.
         every: SignedDuration,
+        /// The slot's share of `spread`.
+        spread: SignedDuration,
     },
     /// A `schedule` time came (with `rotate_every`: the first one at or after the key reached
     /// that age).
@@ -164,12 +204,17 @@ impl Due {
             DueReason::KindChanged { have, want } => {
                 format!("is a {have}, the slot now wants a {want}")
             }
-            DueReason::Age { every } => format!(
-                "is {} old (rotate_every {})",
+            DueReason::Age { every, spread } => format!(
+                "is {} old (rotate_every {}{})",
                 created_at
                     .map(|c| duration::humanize(now.duration_since(c)))
                     .unwrap_or_else(|| "?".into()),
-                duration::format(*every)
+                duration::format(*every),
+                if spread.is_zero() {
+                    String::new()
+                } else {
+                    format!(" + {} spread", duration::humanize(*spread))
+                }
             ),
             DueReason::Schedule {
                 every: Some(every),
@@ -222,10 +267,17 @@ pub fn next_due(slot: &Policy<'_>, key: Option<KeyFacts>) -> Option<Due> {
     let mut candidates: Vec<Due> = Vec::new();
     match (slot.schedule, slot.rotate_every) {
         (None, Some(every)) => {
-            if let Ok(at) = key.created_at.checked_add(every) {
+            if let Ok(at) = key
+                .created_at
+                .checked_add(every)
+                .and_then(|t| t.checked_add(slot.spread_offset))
+            {
                 candidates.push(Due {
                     at,
-                    reason: DueReason::Age { every },
+                    reason: DueReason::Age {
+                        every,
+                        spread: slot.spread_offset,
+                    },
                 });
             }
         }
@@ -233,6 +285,7 @@ pub fn next_due(slot: &Policy<'_>, key: Option<KeyFacts>) -> Option<Due> {
             if let Some(at) = key
                 .created_at
                 .checked_add(every)
+                .and_then(|t| t.checked_add(slot.spread_offset))
                 .ok()
                 .and_then(|base| schedule.after(base, true))
             {
@@ -258,8 +311,11 @@ pub fn next_due(slot: &Policy<'_>, key: Option<KeyFacts>) -> Option<Due> {
         }
         (None, None) => {}
     }
+    let early = (slot.spread - slot.spread_offset).max(SignedDuration::ZERO);
     if let Some(expires_at) = key.expires_at
-        && let Ok(at) = expires_at.checked_sub(slot.overlap.max(SignedDuration::ZERO))
+        && let Ok(at) = expires_at
+            .checked_sub(slot.overlap.max(SignedDuration::ZERO))
+            .and_then(|t| t.checked_sub(early))
     {
         candidates.push(Due {
             at,
@@ -287,6 +343,8 @@ mod tests {
         rotate_every: Option<SignedDuration>,
         schedule: Option<Schedule>,
         overlap: SignedDuration,
+        spread: SignedDuration,
+        spread_offset: SignedDuration,
     }
 
     impl Slot {
@@ -296,6 +354,8 @@ mod tests {
                 rotate_every: self.rotate_every,
                 schedule: self.schedule.as_ref(),
                 overlap: self.overlap,
+                spread: self.spread,
+                spread_offset: self.spread_offset,
             }
         }
     }
@@ -306,6 +366,8 @@ mod tests {
             rotate_every: every.map(|e| duration::parse(e).unwrap()),
             schedule: schedule.map(|s| Schedule::parse(s, tz).unwrap()),
             overlap: duration::parse(overlap).unwrap(),
+            spread: SignedDuration::ZERO,
+            spread_offset: SignedDuration::ZERO,
         }
     }
 
@@ -432,7 +494,86 @@ mod tests {
         assert_eq!(d.at, ts("2024-03-10T07:00:00Z"), "03:00 EDT");
     }
 
+    #[test]
+    fn spread_offsets_are_deterministic_and_roughly_uniform() {
+        let spread = SignedDuration::from_hours(24);
+        let offsets: Vec<SignedDuration> = (0..10_000)
+            .map(|i| spread_offset(spread, "ng", &format!("fleet-{i:05}"), "agent"))
+            .collect();
+        // The same slot always gets the same share; another slot of the user another one.
+        assert_eq!(
+            offsets[42],
+            spread_offset(spread, "ng", "fleet-00042", "agent")
+        );
+        assert_ne!(
+            offsets[42],
+            spread_offset(spread, "ng", "fleet-00042", "api")
+        );
+        assert!(
+            offsets
+                .iter()
+                .all(|o| *o >= SignedDuration::ZERO && *o < spread)
+        );
+        // Ten buckets of 2.4 h each hold about a thousand slots (a uniform spread: within 15%).
+        let mut buckets = [0usize; 10];
+        for o in &offsets {
+            buckets[(o.as_secs() * 10 / spread.as_secs()) as usize] += 1;
+        }
+        for (i, n) in buckets.iter().enumerate() {
+            assert!(
+                (850..=1150).contains(n),
+                "bucket {i}: {n} of 10000 ({buckets:?})"
+            );
+        }
+        assert_eq!(
+            spread_offset(SignedDuration::ZERO, "ng", "a", "b"),
+            SignedDuration::ZERO
+        );
+    }
+
     proptest! {
+        #[test]
+        fn spread_pushes_age_back_within_the_window_and_expiry_only_earlier(
+            created in 1_700_000_000i64..1_900_000_000,
+            every in 1i64..10_000_000,
+            spread in 0i64..2_000_000,
+            sched in proptest::option::of(0usize..SCHEDULES.len()),
+            expires_in in proptest::option::of(1i64..20_000_000),
+            user in "[a-z]{1,8}",
+        ) {
+            let created = Timestamp::from_second(created).unwrap();
+            let expires_at = expires_in.map(|e| created + SignedDuration::from_secs(e));
+            let k = Some(KeyFacts { kind: KeyKind::ApiKey, created_at: created, expires_at });
+            let mut plain = slot(None, None, "UTC", "1h");
+            plain.rotate_every = Some(SignedDuration::from_secs(every));
+            plain.schedule = sched.map(|i| Schedule::parse(SCHEDULES[i], "UTC").unwrap());
+            let spread = SignedDuration::from_secs(spread);
+            let spread_slot = Slot {
+                spread,
+                spread_offset: spread_offset(spread, "ng", &user, "main"),
+                schedule: plain.schedule.clone(),
+                ..slot(None, None, "UTC", "1h")
+            };
+            let spread_slot = Slot { rotate_every: plain.rotate_every, ..spread_slot };
+            let without = next_due(&plain, k).map(|d| d.at);
+            let with = next_due(&spread_slot, k).map(|d| d.at);
+            prop_assert_eq!(with.is_some(), without.is_some());
+            let (Some(with), Some(_)) = (with, without) else { return Ok(()); };
+            // Never later than rotate_every + spread (with a schedule: the first window after
+            // it), and never later than the expiry due time without the spread.
+            let age_bound = created + SignedDuration::from_secs(every) + spread;
+            let age_bound = match &spread_slot.schedule {
+                Some(s) => s.after(age_bound, true).unwrap_or(age_bound),
+                None => age_bound,
+            };
+            prop_assert!(with <= age_bound, "due {with} after rotate_every + spread {age_bound}");
+            if let Some(e) = expires_at {
+                prop_assert!(with <= e - SignedDuration::from_hours(1), "due {with} after expiry - overlap");
+            }
+            // Deterministic per slot.
+            prop_assert_eq!(next_due(&spread_slot, k).map(|d| d.at), Some(with));
+        }
+
         #[test]
         fn due_time_is_never_before_the_last_rotation(
             created in 1_700_000_000i64..1_900_000_000,

@@ -588,3 +588,50 @@ fn an_exec_sink_past_its_timeout_fails_and_the_new_key_is_revoked() {
         "the undelivered key was revoked"
     );
 }
+
+// §10.4 ───────────────────────────────────────────────────────────────────────────────────────
+
+#[test]
+fn spread_pushes_each_slots_next_rotation_into_the_window_in_status_and_plan() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    let mut users = String::from("users:\n");
+    for i in 0..10 {
+        users.push_str(&format!(
+            "  - provider: ng\n    name: fleet-{i:02}\n    keys:\n      main: {{rotate_every: 30d, spread: 24h}}\n"
+        ));
+    }
+    ws.write_config("", &users);
+    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "apply");
+    let ts = |v: &Value| -> jiff::Timestamp { v.as_str().unwrap().parse().unwrap() };
+    let mut offsets = std::collections::BTreeSet::new();
+    for k in ws.status_keys() {
+        let pushed = ts(&k["next_rotation"]).duration_since(ts(&k["created_at"]));
+        let past = pushed - jiff::SignedDuration::from_hours(24 * 30);
+        assert!(
+            past >= jiff::SignedDuration::ZERO && past < jiff::SignedDuration::from_hours(24),
+            "next rotation {past:?} past rotate_every, outside the 24h spread: {k}"
+        );
+        offsets.insert(past.as_secs());
+    }
+    assert!(
+        offsets.len() >= 8,
+        "keys created together come due spread over the window: {offsets:?}"
+    );
+    // The plan's upcoming list shows the same spread due times.
+    let plan = ws.plan_json();
+    let status: std::collections::BTreeMap<String, String> = ws
+        .status_keys()
+        .into_iter()
+        .map(|k| {
+            (
+                k["user"].as_str().unwrap().to_string(),
+                k["next_rotation"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for u in plan["upcoming"].as_array().unwrap() {
+        let user = u["user"].as_str().unwrap();
+        assert_eq!(ts(&u["at"]), ts(&Value::from(status[user].clone())), "{u}");
+    }
+}

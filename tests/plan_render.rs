@@ -24,6 +24,8 @@ fn slot(name: &str, kind: KeyKind, rotate_days: Option<i64>) -> SlotSpec {
         schedule: None,
         timezone: "UTC".into(),
         overlap: SignedDuration::from_hours(48),
+        spread: SignedDuration::ZERO,
+        spread_offset: SignedDuration::ZERO,
         sinks: vec!["local".into()],
     }
 }

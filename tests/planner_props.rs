@@ -245,6 +245,8 @@ fn build(
                         schedule: None,
                         timezone: "UTC".into(),
                         overlap,
+                        spread: SignedDuration::ZERO,
+                        spread_offset: SignedDuration::ZERO,
                         sinks: vec!["local".into()],
                     },
                 );

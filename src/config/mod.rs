@@ -237,6 +237,11 @@ pub struct SlotSpec {
     pub timezone: String,
     /// Default 24h.
     pub overlap: SignedDuration,
+    /// `spread` (default 0s): the window due times are spread over.
+    pub spread: SignedDuration,
+    /// This slot's fixed share of `spread` (0 ≤ offset < spread), derived from provider, user
+    /// and slot: its due times are pushed back (provider expiry: pulled forward) by it.
+    pub spread_offset: SignedDuration,
     /// Sink names, at least one, all defined.
     pub sinks: Vec<String>,
 }
@@ -249,6 +254,8 @@ impl SlotSpec {
             rotate_every: self.rotate_every,
             schedule: self.schedule.as_ref(),
             overlap: self.overlap,
+            spread: self.spread,
+            spread_offset: self.spread_offset,
         }
     }
 }

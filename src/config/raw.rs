@@ -335,6 +335,10 @@ pub struct RawPolicy {
     pub timezone: Option<Sp<String>>,
     /// How long the replaced key stays valid after the new one is delivered (default `24h`).
     pub overlap: Option<Sp<String>>,
+    /// Spread due times over this window (default `0s`): each slot's due time is pushed back by
+    /// a fixed share of it, derived from provider, user and slot, so that keys created together
+    /// do not come due together.
+    pub spread: Option<Sp<String>>,
     /// One sink name or a list of them.
     pub sink: Option<Sp<SinkNames>>,
 }
@@ -375,6 +379,8 @@ pub struct RawSlot {
     pub timezone: Option<Sp<String>>,
     /// How long the replaced key stays valid after the new one is delivered (default `24h`).
     pub overlap: Option<Sp<String>>,
+    /// Spread due times over this window (default `0s`; see `defaults.spread`).
+    pub spread: Option<Sp<String>>,
     /// One sink name or a list of them (default: `defaults.sink`).
     pub sink: Option<Sp<SinkNames>>,
 }

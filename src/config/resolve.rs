@@ -92,6 +92,7 @@ struct Policy {
     schedule: Option<At<String>>,
     timezone: Option<At<String>>,
     overlap: Option<At<SignedDuration>>,
+    spread: Option<At<SignedDuration>>,
     /// Present (even if some names are undefined): the slot does not fall back to defaults.
     sinks: Option<At<Vec<String>>>,
 }
@@ -789,6 +790,12 @@ impl Ctx<'_> {
                     pos: s.pos(),
                 })
             }),
+            spread: p.spread.as_ref().and_then(|s| {
+                Some(At {
+                    value: self.duration(s, "spread")?,
+                    pos: s.pos(),
+                })
+            }),
             sinks: p.sink.as_ref().map(|s| At {
                 value: self.sink_names(s, sinks),
                 pos: s.pos(),
@@ -997,6 +1004,7 @@ impl Ctx<'_> {
                     schedule: raw.schedule.clone(),
                     timezone: raw.timezone.clone(),
                     overlap: raw.overlap.clone(),
+                    spread: raw.spread.clone(),
                     sink: raw.sink.clone(),
                 },
                 sinks,
@@ -1007,6 +1015,11 @@ impl Ctx<'_> {
             let schedule = own.schedule.or(defaults.schedule.clone());
             let timezone = own.timezone.or(defaults.timezone.clone());
             let overlap = own.overlap.or(defaults.overlap.clone());
+            let spread = own
+                .spread
+                .or(defaults.spread.clone())
+                .map(|s| s.value)
+                .unwrap_or(SignedDuration::ZERO);
             let slot_sinks = match own.sinks.or(defaults.sinks.clone()) {
                 Some(s) => s.value,
                 None => {
@@ -1070,6 +1083,10 @@ impl Ctx<'_> {
                     }),
                     timezone: zone,
                     overlap: overlap_value,
+                    spread,
+                    spread_offset: crate::rotation::spread_offset(
+                        spread, provider, user, slot_name,
+                    ),
                     sinks: slot_sinks,
                 },
             );
