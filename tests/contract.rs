@@ -635,3 +635,97 @@ fn spread_pushes_each_slots_next_rotation_into_the_window_in_status_and_plan() {
         assert_eq!(ts(&u["at"]), ts(&Value::from(status[user].clone())), "{u}");
     }
 }
+
+#[test]
+fn include_and_names_make_one_user_list_and_errors_name_the_file_that_has_them() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    std::fs::create_dir(ws.path("users.d")).unwrap();
+    ws.write_config(
+        "",
+        "include: [\"users.d/*.yaml\"]\nusers:\n  - provider: ng\n    name: core\n    keys:\n      main: {}\n",
+    );
+    std::fs::write(
+        ws.path("users.d/10-agents.yaml"),
+        "users:\n  - provider: ng\n    names: [agent-1, agent-2, agent-3]\n    active: false\n    keys:\n      tunnel: {kind: credential, acl: [\"bind:*.example.com\"]}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        ws.path("users.d/20-bots.yaml"),
+        "users:\n  - provider: ng\n    name: bot\n    keys:\n      main: {}\n",
+    )
+    .unwrap();
+    // Not matched by the pattern: never read.
+    std::fs::write(ws.path("users.d/notes.txt"), "not yaml: [").unwrap();
+    expect_code(&ws.keyward(&["validate"]), 0, "validate with includes");
+    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "apply");
+    for name in ["core", "agent-1", "agent-2", "agent-3", "bot"] {
+        let u = sb
+            .user_by_name(name)
+            .unwrap_or_else(|| panic!("{name} created"));
+        assert_eq!(u["active"], !name.starts_with("agent"), "{u}");
+    }
+    let agent = ws.sink("agent-2", "tunnel");
+    assert_eq!(agent["kind"], "credential");
+    let creds = sb.list("/credentials", "credentials");
+    assert_eq!(
+        creds
+            .iter()
+            .filter(|c| c["acl"] == json!(["bind:*.example.com"]))
+            .count(),
+        3
+    );
+    expect_code(
+        &ws.keyward(&["plan", "--detailed-exitcode"]),
+        0,
+        "nothing left to do",
+    );
+
+    // Errors name the included file, with line and column.
+    let bad = ws.path("users.d/30-bad.yaml");
+    std::fs::write(
+        &bad,
+        "users:\n  - provider: ng\n    names: [ok-name, core]\n    keys:\n      main: {rotate_every: 3x}\n",
+    )
+    .unwrap();
+    let out = ws.keyward(&["validate"]);
+    expect_code(&out, 1, "validate with a broken included file");
+    let err = text(&out.stderr);
+    let shown = bad.display().to_string();
+    assert!(
+        err.contains(&format!("{shown}:3:22: user `core` is declared twice")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{shown}:5:28: rotate_every")),
+        "{err}"
+    );
+    // An included file holds only users.
+    std::fs::write(&bad, "settings:\n  interval: 1m\nusers: []\n").unwrap();
+    let out = ws.keyward(&["validate"]);
+    expect_code(&out, 1, "validate with settings in an included file");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{shown}:1:1: an included file holds only `users:`; `settings`"
+        )),
+        "{err}"
+    );
+    // name and names together, and neither.
+    std::fs::write(
+        &bad,
+        "users:\n  - provider: ng\n    name: x\n    names: [y]\n  - provider: ng\n    keys: {}\n",
+    )
+    .unwrap();
+    let err = text(&ws.keyward(&["validate"]).stderr);
+    assert!(
+        err.contains(&format!(
+            "{shown}:3:11: a user entry has `name` or `names`, not both"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{shown}:5:5: a user entry needs `name`")),
+        "{err}"
+    );
+}

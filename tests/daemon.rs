@@ -942,3 +942,35 @@ fn the_daemon_refuses_more_deletions_than_max_deletions_and_counts_it() {
     assert!(d.log().contains("max_deletions"), "{}", d.log());
     assert_eq!(sb.key_ids_of("holder"), before, "nothing was revoked");
 }
+
+#[test]
+fn a_new_or_edited_included_file_is_applied_without_a_signal() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    std::fs::create_dir(ws.path("users.d")).unwrap();
+    ws.write_config(QUIET, "include: [\"users.d/*.yaml\"]\nusers: []\n");
+    std::fs::write(ws.path("users.d/a.yaml"), users(&["from-a"])).unwrap();
+    let d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(10), "converged at start", || {
+        sb.user_by_name("from-a").is_some()
+    });
+    // An edit of an included file.
+    std::fs::write(ws.path("users.d/a.yaml"), users(&["from-a", "edited-a"])).unwrap();
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "edit of an included file applied",
+        || sb.user_by_name("edited-a").is_some(),
+    );
+    // A new file the pattern matches, saved by rename as editors do.
+    let tmp = ws.path("users.d/.b.tmp");
+    std::fs::write(&tmp, users(&["from-b"])).unwrap();
+    std::fs::rename(&tmp, ws.path("users.d/b.yaml")).unwrap();
+    eventually(
+        &d,
+        Duration::from_secs(10),
+        "new included file applied",
+        || sb.user_by_name("from-b").is_some(),
+    );
+    assert!(d.log().contains("config reloaded"), "{}", d.log());
+}

@@ -36,6 +36,7 @@ fn user(provider: &str, name: &str, active: bool, slots: Vec<SlotSpec>) -> UserS
         name: name.into(),
         active,
         slots: slots.into_iter().map(|s| (s.name.clone(), s)).collect(),
+        file: std::sync::Arc::from(std::path::Path::new("keyward.yaml")),
         line: 1,
     }
 }
@@ -66,6 +67,8 @@ fn config(users: Vec<UserSpec>, prune: Prune) -> Config {
     Config {
         path: "keyward.yaml".into(),
         digest: String::new(),
+        included: Vec::new(),
+        include_patterns: Vec::new(),
         settings: Settings {
             state_dir: "/tmp/unused".into(),
             interval: SignedDuration::from_mins(5),

@@ -256,6 +256,7 @@ fn build(
                 name: name.clone(),
                 active: *active,
                 slots: map,
+                file: std::sync::Arc::from(std::path::Path::new("keyward.yaml")),
                 line: 1,
             });
         }
@@ -366,6 +367,8 @@ fn build(
     let config = Config {
         path: "test.yaml".into(),
         digest: String::new(),
+        included: Vec::new(),
+        include_patterns: Vec::new(),
         settings: Settings {
             state_dir: state_dir.to_path_buf(),
             interval: SignedDuration::from_mins(5),

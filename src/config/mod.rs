@@ -72,8 +72,13 @@ impl fmt::Display for Diagnostic {
 pub struct Config {
     /// The file it was read from.
     pub path: PathBuf,
-    /// SHA-256 of the file's bytes (hex): the daemon reloads only when this changes.
+    /// SHA-256 over the file's bytes and every included file's path and bytes (hex): the daemon
+    /// reloads only when this changes (see [`digest_of`]).
     pub digest: String,
+    /// The files `include:` matched, in the order their users were read.
+    pub included: Vec<PathBuf>,
+    /// The `include:` patterns, absolute: what the daemon watches for new and edited files.
+    pub include_patterns: Vec<String>,
     /// How keyward itself runs (`settings`).
     pub settings: Settings,
     /// Provider accounts by name.
@@ -213,6 +218,8 @@ pub struct UserSpec {
     pub active: bool,
     /// Key slots by name, with `defaults` applied.
     pub slots: BTreeMap<String, SlotSpec>,
+    /// The file the user is declared in (the config file, or an included one).
+    pub file: std::sync::Arc<Path>,
     /// Where the user is declared (for messages).
     pub line: usize,
 }
@@ -334,7 +341,6 @@ fn load_into(path: &Path, env: &dyn Fn(&str) -> Option<String>, d: &mut Diags) -
             return None;
         }
     };
-    let digest = hex::encode(Sha256::digest(&bytes));
     let text = match std::str::from_utf8(&bytes) {
         Ok(t) => t,
         Err(e) => {
@@ -376,14 +382,206 @@ fn load_into(path: &Path, env: &dyn Fn(&str) -> Option<String>, d: &mut Diags) -
         _ => Path::new("."),
     };
     let dir = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
+    let (patterns, included, included_ok) = includes(&parsed.raw, &dir, path, env, d);
+    let files: Vec<(&Path, &[u8])> = included
+        .iter()
+        .map(|i| (i.path.as_ref(), i.bytes.as_slice()))
+        .collect();
+    let digest = digest(&bytes, &files);
+    let users: Vec<(std::sync::Arc<Path>, Vec<raw::Sp<raw::RawUser>>)> =
+        included.into_iter().map(|i| (i.path, i.users)).collect();
     let mut ctx = Ctx {
         dir: &dir,
         env,
         broken: &parsed.broken,
         d,
     };
-    let config = ctx.config(&parsed.raw, path, digest);
-    (!parsed.broken.any).then_some(config)
+    let config = ctx.config(&parsed.raw, &users, patterns, path, digest);
+    (!parsed.broken.any && included_ok).then_some(config)
+}
+
+/// The most files `include:` may bring in, all patterns together.
+pub const MAX_INCLUDED_FILES: usize = 10_000;
+
+/// One file an `include:` pattern matched: its users, and its bytes (for the digest).
+struct Included {
+    path: std::sync::Arc<Path>,
+    bytes: Vec<u8>,
+    users: Vec<raw::Sp<raw::RawUser>>,
+}
+
+/// The files matched by `raw.include`'s patterns (relative to `dir`), read and parsed, each
+/// problem reported against the file that has it. Returns the absolute patterns, the files in
+/// order (the config file itself never includes itself), and whether all of them parsed.
+fn includes(
+    raw: &raw::RawConfig,
+    dir: &Path,
+    main: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    d: &mut Diags,
+) -> (Vec<String>, Vec<Included>, bool) {
+    let Some(list) = &raw.include else {
+        return (Vec::new(), Vec::new(), true);
+    };
+    let mut patterns = Vec::new();
+    let mut files: Vec<PathBuf> = Vec::new();
+    let mut ok = true;
+    for p in list.v() {
+        let text = match interp::expand(p.v(), env) {
+            Ok(e) => e.text,
+            Err(msg) => {
+                d.error(p.pos(), msg);
+                ok = false;
+                continue;
+            }
+        };
+        if text.trim().is_empty() {
+            d.error(p.pos(), "include pattern is empty");
+            ok = false;
+            continue;
+        }
+        let pattern = dir.join(&text).to_string_lossy().into_owned();
+        match expand_pattern(&pattern, main) {
+            Ok(found) if found.is_empty() => {
+                d.warn(p.pos(), format!("include `{text}` matches no file"))
+            }
+            Ok(found) => files.extend(found),
+            Err(e) => {
+                d.error(p.pos(), format!("include `{text}`: {e}"));
+                ok = false;
+            }
+        }
+        patterns.push(pattern);
+    }
+    if files.len() > MAX_INCLUDED_FILES {
+        d.error(
+            list.pos(),
+            format!(
+                "include matches {} files, more than {MAX_INCLUDED_FILES}",
+                files.len()
+            ),
+        );
+        return (patterns, Vec::new(), false);
+    }
+    let main_file = d.file().to_path_buf();
+    let mut out = Vec::new();
+    for file in files {
+        if out.iter().any(|i: &Included| *i.path == *file) {
+            continue;
+        }
+        d.set_file(&file);
+        match include_one(&file, d) {
+            Some((bytes, users)) => out.push(Included {
+                path: std::sync::Arc::from(file.as_path()),
+                bytes,
+                users,
+            }),
+            None => ok = false,
+        }
+        d.set_file(&main_file);
+    }
+    (patterns, out, ok)
+}
+
+/// The files `pattern` (absolute) matches, in name order, without `main` and without
+/// directories.
+fn expand_pattern(pattern: &str, main: &Path) -> Result<Vec<PathBuf>, String> {
+    let main = std::fs::canonicalize(main).ok();
+    let paths = glob::glob(pattern).map_err(|e| format!("invalid pattern: {}", e.msg))?;
+    let mut out = Vec::new();
+    for entry in paths {
+        let path = entry.map_err(|e| e.to_string())?;
+        if path.is_dir() || std::fs::canonicalize(&path).ok() == main {
+            continue;
+        }
+        out.push(path);
+    }
+    Ok(out)
+}
+
+/// Reads and parses one included file; problems are reported against it. `None` when it cannot
+/// be used.
+fn include_one(file: &Path, d: &mut Diags) -> Option<(Vec<u8>, Vec<raw::Sp<raw::RawUser>>)> {
+    let bytes = match crate::files::read_bounded(file, crate::files::MAX_CONFIG_BYTES, true) {
+        Ok(b) => b,
+        Err(e) => {
+            d.error(
+                Pos::new(1, 1),
+                format!("cannot read the included file: {e}"),
+            );
+            return None;
+        }
+    };
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        d.error(Pos::new(1, 1), "the included file is not valid UTF-8");
+        return None;
+    };
+    let (parsed, problems) = yaml::parse(text);
+    let broken = !problems.is_empty();
+    for p in problems {
+        d.error(p.pos, p.message);
+    }
+    let parsed = parsed?;
+    let r = &parsed.raw;
+    let extra: Vec<&str> = [
+        ("version", r.version.is_some()),
+        ("include", r.include.is_some()),
+        ("settings", r.settings.is_some()),
+        ("providers", r.providers.is_some()),
+        ("sinks", r.sinks.is_some()),
+        ("defaults", r.defaults.is_some()),
+        ("prune", r.prune.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, present)| present.then_some(name))
+    .collect();
+    if !extra.is_empty() {
+        d.error(
+            Pos::new(1, 1),
+            format!(
+                "an included file holds only `users:`; `{}` belongs in the config file",
+                extra.join("`, `")
+            ),
+        );
+        return None;
+    }
+    if broken || parsed.broken.any {
+        return None;
+    }
+    Some((bytes, parsed.raw.users.unwrap_or_default()))
+}
+
+/// The config's digest: SHA-256 over its bytes, then each included file's path and bytes.
+fn digest(main: &[u8], included: &[(&Path, &[u8])]) -> String {
+    let mut h = Sha256::new();
+    h.update(main);
+    for (path, bytes) in included {
+        h.update(b"\0include\0");
+        h.update(path.as_os_str().as_encoded_bytes());
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    }
+    hex::encode(h.finalize())
+}
+
+/// The digest [`load`] would give the config at `path` now, with the `include:` patterns of its
+/// last good load, without parsing anything: the daemon compares it after every event in a
+/// watched directory. `None` when the file cannot be read.
+pub fn digest_of(path: &Path, patterns: &[String]) -> Option<String> {
+    let main = crate::files::read_bounded(path, crate::files::MAX_CONFIG_BYTES, true).ok()?;
+    let mut files = Vec::new();
+    for p in patterns {
+        for f in expand_pattern(p, path).unwrap_or_default() {
+            let bytes = crate::files::read_bounded(&f, crate::files::MAX_CONFIG_BYTES, true)
+                .unwrap_or_default();
+            files.push((f, bytes));
+        }
+    }
+    let refs: Vec<(&Path, &[u8])> = files
+        .iter()
+        .map(|(p, b)| (p.as_path(), b.as_slice()))
+        .collect();
+    Some(digest(&main, &refs))
 }
 
 /// The JSON Schema of the config file, for editors.

@@ -192,6 +192,9 @@ impl JsonSchema for SinkNames {
 pub struct RawConfig {
     /// Format version of this file. Must be `1`.
     pub version: Option<Sp<u64>>,
+    /// More files whose `users:` lists join this one's: glob patterns relative to this file
+    /// (e.g. `users.d/*.yaml`), matched in name order. Each included file holds only `users:`.
+    pub include: Option<Sp<Vec<Sp<String>>>>,
     /// How keyward itself runs. Every field is optional.
     pub settings: Option<RawSettings>,
     /// Provider accounts by name (the names are free-form and referenced by `users[].provider`).
@@ -351,7 +354,10 @@ pub struct RawUser {
     /// The provider account (a name under `providers`).
     pub provider: Sp<String>,
     /// The user's name at the provider: unique per provider account.
-    pub name: Sp<String>,
+    pub name: Option<Sp<String>>,
+    /// Instead of `name`: one user per name, all with this entry's provider, `active` and
+    /// `keys` (fleets of agents or devices that share a key layout).
+    pub names: Option<Sp<Vec<Sp<String>>>>,
     /// `false` deactivates the user (ngrok `active=false`, ASA status `DISABLED`); default
     /// `true`. Its keys are still created and rotated.
     pub active: Option<Sp<bool>>,

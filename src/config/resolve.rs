@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use jiff::SignedDuration;
 use secrecy::SecretString;
@@ -57,6 +58,16 @@ impl Diags {
             severity,
             message,
         });
+    }
+
+    /// The file diagnostics name now.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Names `file` in the diagnostics from now on (an included file's problems).
+    pub fn set_file(&mut self, file: &Path) {
+        self.file = file.to_path_buf();
     }
 
     pub fn error(&mut self, pos: Pos, message: impl Into<String>) {
@@ -146,7 +157,16 @@ impl Ctx<'_> {
         Some(d)
     }
 
-    pub fn config(&mut self, raw: &RawConfig, path: &Path, digest: String) -> Config {
+    /// The resolved config: `raw` is the file at `path`; `included` the users of each file its
+    /// `include:` patterns matched (`patterns`, absolute, for the daemon to watch), in order.
+    pub fn config(
+        &mut self,
+        raw: &RawConfig,
+        included: &[(Arc<Path>, Vec<Sp<RawUser>>)],
+        patterns: Vec<String>,
+        path: &Path,
+        digest: String,
+    ) -> Config {
         self.version(raw);
         let settings = self.settings(raw);
         let providers = self.providers(raw.providers.as_ref());
@@ -155,12 +175,11 @@ impl Ctx<'_> {
             Some(p) => self.policy(p, &sinks),
             None => Policy::default(),
         };
-        let users = self.users(
-            raw.users.as_deref().unwrap_or(&[]),
-            &providers,
-            &sinks,
-            &defaults,
-        );
+        let main: Arc<Path> = Arc::from(path);
+        let mut sources: Vec<(Arc<Path>, &[Sp<RawUser>])> =
+            vec![(main, raw.users.as_deref().unwrap_or(&[]))];
+        sources.extend(included.iter().map(|(f, u)| (Arc::clone(f), u.as_slice())));
+        let users = self.users(&sources, &providers, &sinks, &defaults);
         let prune = Prune {
             users: match raw
                 .prune
@@ -185,6 +204,8 @@ impl Ctx<'_> {
         Config {
             path: path.to_path_buf(),
             digest,
+            included: included.iter().map(|(f, _)| f.to_path_buf()).collect(),
+            include_patterns: patterns,
             settings,
             providers,
             sinks,
@@ -710,7 +731,11 @@ impl Ctx<'_> {
 
     /// Reports each name that a placeholder of `sink`'s path or command cannot hold (a `/`,
     /// `..`): every delivery to it would fail, after a key was minted for nothing.
-    fn names_fit(&mut self, sink: &SinkConfig, names: [(&str, &str, &str, Pos); 3]) {
+    fn names_fit<const N: usize>(
+        &mut self,
+        sink: &SinkConfig,
+        names: [(&str, &str, &str, Pos); N],
+    ) {
         let templates: Vec<&String> = match &sink.kind {
             SinkKind::File { path, .. } => vec![path],
             SinkKind::Exec { command, .. } => command.iter().collect(),
@@ -880,66 +905,166 @@ impl Ctx<'_> {
         items.into_iter().map(|(n, _)| n).collect()
     }
 
+    /// Resolves the users of every source (the config file's own `users:`, then each included
+    /// file's), diagnostics naming the file each came from. Names are unique per provider
+    /// across all of them.
     fn users(
         &mut self,
-        raw: &[Sp<RawUser>],
+        sources: &[(Arc<Path>, &[Sp<RawUser>])],
         providers: &BTreeMap<String, ProviderAccount>,
         sinks: &BTreeMap<String, SinkConfig>,
         defaults: &Policy,
     ) -> Vec<UserSpec> {
-        let mut seen: HashMap<(String, String), usize> = HashMap::new();
+        let main = self.d.file().to_path_buf();
+        let mut seen: HashMap<(String, String), (Arc<Path>, usize)> = HashMap::new();
         let mut out = Vec::new();
-        for u in raw {
-            let pos = u.pos();
-            let u = u.v();
-            let provider = self.string(&u.provider).unwrap_or_default();
-            let kind = providers.get(&provider).map(|p| p.kind);
-            let provider_broken =
-                self.broken.all_providers || self.broken.providers.contains(&provider);
-            if kind.is_none() && !provider_broken && self.expand_ok(&u.provider) {
-                self.d.error(
-                    u.provider.pos(),
-                    undefined("provider", &provider, "providers", providers.keys()),
-                );
+        for (file, raw) in sources {
+            self.d.set_file(file);
+            for u in raw.iter() {
+                self.user(u, file, &mut seen, (providers, sinks, defaults), &mut out);
             }
-            let name = self.string(&u.name).unwrap_or_default();
-            if name.trim().is_empty() {
-                if self.expand_ok(&u.name) {
-                    self.d.error(u.name.pos(), "user name is empty");
+        }
+        self.d.set_file(&main);
+        out
+    }
+
+    /// One entry of `users`: one user, or one per name of `names`.
+    fn user(
+        &mut self,
+        entry: &Sp<RawUser>,
+        file: &Arc<Path>,
+        seen: &mut HashMap<(String, String), (Arc<Path>, usize)>,
+        (providers, sinks, defaults): (
+            &BTreeMap<String, ProviderAccount>,
+            &BTreeMap<String, SinkConfig>,
+            &Policy,
+        ),
+        out: &mut Vec<UserSpec>,
+    ) {
+        let pos = entry.pos();
+        let u = entry.v();
+        let provider = self.string(&u.provider).unwrap_or_default();
+        let kind = providers.get(&provider).map(|p| p.kind);
+        let provider_broken =
+            self.broken.all_providers || self.broken.providers.contains(&provider);
+        if kind.is_none() && !provider_broken && self.expand_ok(&u.provider) {
+            self.d.error(
+                u.provider.pos(),
+                undefined("provider", &provider, "providers", providers.keys()),
+            );
+        }
+        let names: Vec<&Sp<String>> = match (&u.name, &u.names) {
+            (Some(n), None) => vec![n],
+            (None, Some(list)) => {
+                if list.v().is_empty() {
+                    self.d
+                        .error(list.pos(), "`names` is empty: list at least one user name");
                 }
-            } else if let Some(first) = seen.get(&(provider.clone(), name.clone())) {
-                self.d.error(
-                    u.name.pos(),
-                    format!("user `{name}` is declared twice for provider `{provider}` (first at line {first}): names are unique per provider account"),
-                );
-            } else {
-                seen.insert((provider.clone(), name.clone()), u.name.pos().line);
+                list.v().iter().collect()
             }
-            if crate::text::has_control(&name) {
-                self.d.error(
-                    u.name.pos(),
-                    format!(
-                        "user name `{}` contains a control character",
-                        crate::text::escape(&name)
-                    ),
-                );
+            (Some(n), Some(_)) => {
+                self.d
+                    .error(n.pos(), "a user entry has `name` or `names`, not both");
+                vec![n]
             }
-            let slots = self.slots(u, (&provider, &name), kind, sinks, defaults);
+            (None, None) => {
+                self.d.error(
+                    pos,
+                    "a user entry needs `name` (one user) or `names` (one user per name)",
+                );
+                return;
+            }
+        };
+        // The slots are resolved once, for the first valid name; each further name shares them
+        // (its own share of `spread`, and its name checked against the sinks' templates).
+        let mut template: Option<BTreeMap<String, SlotSpec>> = None;
+        for n in names {
+            let Some(name) = self.user_name(n, &provider, file, seen) else {
+                continue;
+            };
+            let slots = match &template {
+                None => {
+                    let slots = self.slots(u, (&provider, &name, n.pos()), kind, sinks, defaults);
+                    template = Some(slots.clone());
+                    slots
+                }
+                Some(first) => {
+                    let mut slots = first.clone();
+                    for slot in slots.values_mut() {
+                        slot.spread_offset = crate::rotation::spread_offset(
+                            slot.spread,
+                            &provider,
+                            &name,
+                            &slot.name,
+                        );
+                        for sink in slot.sinks.iter().filter_map(|s| sinks.get(s)) {
+                            self.names_fit(sink, [("{user}", "user name", &name, n.pos())]);
+                        }
+                    }
+                    slots
+                }
+            };
             out.push(UserSpec {
-                provider,
+                provider: provider.clone(),
                 name,
                 active: u.active.as_ref().map(|a| *a.v()).unwrap_or(true),
                 slots,
-                line: pos.line,
+                file: Arc::clone(file),
+                line: n.pos().line,
             });
         }
-        out
+    }
+
+    /// A user name, checked: not empty, no control character, not declared before for the
+    /// same provider (in this file or another). `None` when it cannot be used.
+    fn user_name(
+        &mut self,
+        n: &Sp<String>,
+        provider: &str,
+        file: &Arc<Path>,
+        seen: &mut HashMap<(String, String), (Arc<Path>, usize)>,
+    ) -> Option<String> {
+        let name = self.string(n)?;
+        if name.trim().is_empty() {
+            self.d.error(n.pos(), "user name is empty");
+            return None;
+        }
+        if crate::text::has_control(&name) {
+            self.d.error(
+                n.pos(),
+                format!(
+                    "user name `{}` contains a control character",
+                    crate::text::escape(&name)
+                ),
+            );
+        }
+        match seen.get(&(provider.to_string(), name.clone())) {
+            Some((first_file, first_line)) => {
+                let at = if first_file == file {
+                    format!("line {first_line}")
+                } else {
+                    format!("{}:{first_line}", first_file.display())
+                };
+                self.d.error(
+                    n.pos(),
+                    format!("user `{name}` is declared twice for provider `{provider}` (first at {at}): names are unique per provider account"),
+                );
+                None
+            }
+            None => {
+                seen.insert(
+                    (provider.to_string(), name.clone()),
+                    (Arc::clone(file), n.pos().line),
+                );
+                Some(name)
+            }
+        }
     }
 
     fn slots(
         &mut self,
         u: &RawUser,
-        (provider, user): (&str, &str),
+        (provider, user, user_pos): (&str, &str, Pos),
         kind: Option<ProviderType>,
         sinks: &BTreeMap<String, SinkConfig>,
         defaults: &Policy,
@@ -1038,7 +1163,7 @@ impl Ctx<'_> {
                     sink,
                     [
                         ("{provider}", "provider name", provider, u.provider.pos()),
-                        ("{user}", "user name", user, u.name.pos()),
+                        ("{user}", "user name", user, user_pos),
                         ("{slot}", "slot name", slot_name, entry.pos),
                     ],
                 );

@@ -184,7 +184,7 @@ impl Daemon {
     /// Re-reads the config. Without `force`, does nothing unless the bytes changed. An invalid
     /// file is reported and ignored: the last good config stays in force.
     fn reload(&mut self, force: bool) -> bool {
-        let hash = watch::file_hash(&self.path);
+        let hash = config::digest_of(&self.path, &self.engine.config.include_patterns);
         if !force && hash == self.hash {
             return false;
         }
@@ -452,7 +452,7 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
     }
     metrics.set_config_valid(true);
     let mut daemon = Daemon {
-        hash: watch::file_hash(&path),
+        hash: config::digest_of(&path, &engine.config.include_patterns),
         path: path.clone(),
         text,
         metrics: Arc::clone(&metrics),
@@ -475,6 +475,7 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
     }
     let mut hup = signal(SignalKind::hangup())?;
     let mut watch = watch::watch(&path)?;
+    watch.include(&daemon.engine.config.include_patterns);
     let metrics_task = daemon.engine.config.settings.metrics.map(|addr| {
         let (m, stop) = (Arc::clone(&metrics), shutdown.clone());
         tokio::spawn(async move {
@@ -539,6 +540,7 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
                 // A symlink may point elsewhere now: watch where the file lives before reading it.
                 watch.refresh();
                 if daemon.reload(false) {
+                    watch.include(&daemon.engine.config.include_patterns);
                     run_now = Some(Wake::ConfigEdited);
                 } else {
                     systemd::status(&daemon.status_line());
@@ -548,7 +550,9 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
                 tracing::info!("SIGHUP: reloading the config");
                 systemd::reloading();
                 watch.refresh();
-                daemon.reload(true);
+                if daemon.reload(true) {
+                    watch.include(&daemon.engine.config.include_patterns);
+                }
                 run_now = Some(Wake::Hangup);
                 systemd::ready(&daemon.status_line());
             }

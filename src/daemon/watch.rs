@@ -28,6 +28,8 @@ pub struct Watch {
     watcher: notify::RecommendedWatcher,
     config: PathBuf,
     dirs: BTreeSet<PathBuf>,
+    /// The directories of the config's `include:` patterns.
+    include_dirs: BTreeSet<PathBuf>,
     /// One `()` per event that may have changed the file.
     pub events: mpsc::UnboundedReceiver<()>,
 }
@@ -56,6 +58,7 @@ pub fn watch(config: &Path) -> anyhow::Result<Watch> {
     let mut w = Watch {
         watcher,
         dirs: BTreeSet::new(),
+        include_dirs: BTreeSet::new(),
         events: rx,
         config,
     };
@@ -77,7 +80,8 @@ impl Watch {
     /// Resolves the config path's links again and moves the watches to where they lead now:
     /// call it after events (a link may have been re-pointed) and before re-reading the file.
     pub fn refresh(&mut self) {
-        let want = dirs_of(&self.config);
+        let mut want = dirs_of(&self.config);
+        want.extend(self.include_dirs.iter().cloned());
         let stale: Vec<PathBuf> = self.dirs.difference(&want).cloned().collect();
         for dir in stale {
             // A directory that is gone (an old Kubernetes `..2024_…` dir) has lost its watch.
@@ -102,10 +106,33 @@ impl Watch {
         Ok(())
     }
 
+    /// Also watches the directories the config's `include:` patterns (absolute) read from, so
+    /// that a new, edited or removed included file is noticed; applied by the next
+    /// [`Watch::refresh`], which this calls.
+    pub fn include(&mut self, patterns: &[String]) {
+        self.include_dirs = patterns.iter().map(|p| include_dir(p)).collect();
+        self.refresh();
+    }
+
     /// The directories watched now.
     pub fn dirs(&self) -> &BTreeSet<PathBuf> {
         &self.dirs
     }
+}
+
+/// The directory an `include:` pattern reads from: its longest leading part without a glob
+/// character (`*`, `?`, `[`), canonical when it exists.
+pub fn include_dir(pattern: &str) -> PathBuf {
+    let path = Path::new(pattern);
+    let mut dir = PathBuf::new();
+    for part in path.parent().into_iter().flat_map(|p| p.components()) {
+        let text = part.as_os_str().to_string_lossy();
+        if text.contains(['*', '?', '[']) {
+            break;
+        }
+        dir.push(part);
+    }
+    std::fs::canonicalize(&dir).unwrap_or(dir)
 }
 
 /// The directories where an event can change what `config` reads: the one holding the path

@@ -97,8 +97,10 @@ pub fn plan(
                     provider: spec.provider.clone(),
                     user: spec.name.clone(),
                     message: format!(
-                        "the name `{}` is held by a deleted Okta ASA service user, and ASA keeps deleted names reserved forever: a user of that name can never be created. Rename it in the file (line {})",
-                        spec.name, spec.line
+                        "the name `{}` is held by a deleted Okta ASA service user, and ASA keeps deleted names reserved forever: a user of that name can never be created. Rename it in the file ({}:{})",
+                        spec.name,
+                        spec.file.display(),
+                        spec.line
                     ),
                 });
             }
