@@ -707,6 +707,30 @@ fn plan_undeclared_users(
                 ));
                 continue;
             }
+            // Keys another installation tagged are never touched (contract §10.2): deleting
+            // or disabling the user they live on would revoke or suspend them, so a user that
+            // holds any is kept, whatever prune.users says.
+            let record = state.user(provider, &remote.name);
+            let foreign: BTreeSet<String> = owned
+                .iter()
+                .filter_map(
+                    |k| match crate::keys::class_of(record, k, &config.settings.owner) {
+                        crate::keys::KeyClass::Foreign { owner } => Some(owner),
+                        _ => None,
+                    },
+                )
+                .collect();
+            if config.prune.users != PruneUsers::Keep && !foreign.is_empty() {
+                let owners: Vec<String> = foreign.iter().map(|o| format!("`{o}`")).collect();
+                warnings.push(warn(
+                    WarningKind::PrunedUserKept,
+                    &format!(
+                        "created by keyward and no longer in the file, but it holds keys of installation {}, which keyward never touches; kept",
+                        owners.join(", ")
+                    ),
+                ));
+                continue;
+            }
             match config.prune.users {
                 PruneUsers::Keep => warnings.push(warn(
                     WarningKind::PrunedUserKept,
