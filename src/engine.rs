@@ -451,15 +451,20 @@ fn sinks_hold(
 /// delivery was never journaled: file I/O, so the caller runs it off the async threads.
 pub fn probe_sinks(unfinished: &[Unfinished], config: &Config) -> SinkProbes {
     let mut out = SinkProbes::new();
+    // Declared users by (provider, name), once: an interrupted fleet apply may leave thousands
+    // of operations.
+    let specs: std::collections::HashMap<(&str, &str), &crate::config::UserSpec> = config
+        .users
+        .iter()
+        .map(|u| ((u.provider.as_str(), u.name.as_str()), u))
+        .collect();
     for op in unfinished {
         let (Some(slot), Some((key_id, _, _)), None) = (&op.slot, &op.created, &op.delivered)
         else {
             continue;
         };
-        let Some(spec) = config
-            .users
-            .iter()
-            .find(|s| s.provider == op.provider && s.name == op.user)
+        let Some(spec) = specs
+            .get(&(op.provider.as_str(), op.user.as_str()))
             .and_then(|s| s.slots.get(slot))
         else {
             continue;

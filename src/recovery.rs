@@ -86,11 +86,23 @@ pub fn recover(
             }
         }
     }
+    // Declared slots by (provider, user), once: an interrupted fleet apply may leave thousands
+    // of operations.
+    let specs: std::collections::HashMap<(&str, &str), &crate::config::UserSpec> = config
+        .users
+        .iter()
+        .map(|u| ((u.provider.as_str(), u.name.as_str()), u))
+        .collect();
+    let slot_spec = |op: &Unfinished, slot: &str| {
+        specs
+            .get(&(op.provider.as_str(), op.user.as_str()))
+            .and_then(|u| u.slots.get(slot))
+    };
     for op in unfinished {
-        let Some(snapshot) = observed.get(&op.provider) else {
+        let Some(listing) = index.get(op.provider.as_str()) else {
             continue;
         };
-        let remote = snapshot.user_by_name(&op.user);
+        let remote = listing.users.get(op.user.as_str()).copied();
         match op.action {
             Action::CreateUser => {
                 if let Some(u) = remote
@@ -116,7 +128,8 @@ pub fn recover(
                     if let Some(u) = remote
                         && op.created.is_none()
                     {
-                        for key_id in lost_keys(op, u, snapshot, state, &config.settings.owner) {
+                        let owned = listing.keys_of(&u.id);
+                        for key_id in lost_keys(op, u, owned, state, &config.settings.owner) {
                             mark_orphan(state, op, u, &slot, &key_id);
                             r.changed = true;
                             r.notes.push(format!(
@@ -128,7 +141,8 @@ pub fn recover(
                     redo_if_forced(&mut r, op);
                     continue;
                 };
-                let exists = snapshot.keys_of(&u.id).any(|k| k.id == *key_id);
+                let owned = listing.keys_of(&u.id);
+                let exists = owned.iter().any(|k| k.id == *key_id);
                 let recorded = state
                     .slot(&op.provider, &op.user, &slot)
                     .is_some_and(|s| s.current().is_some_and(|c| c.id == *key_id));
@@ -143,8 +157,8 @@ pub fn recover(
                 if let Some((sinks, delivered_at)) = &op.delivered {
                     // The secret reached every sink: this key is what the consumers have now.
                     adopt(
-                        config,
-                        observed,
+                        slot_spec(op, &slot).map(|s| s.overlap),
+                        owned,
                         state,
                         op,
                         u,
@@ -158,12 +172,22 @@ pub fn recover(
                         "{} / {}: adopted key {key_id} for slot {slot}: an interrupted run delivered it",
                         op.provider, op.user
                     ));
-                } else if let Some(sinks) = held_by_every_sink(config, probes, op, &slot, key_id) {
+                } else if let Some(sinks) = slot_spec(op, &slot)
+                    .filter(|_| {
+                        probes.contains(&(
+                            op.provider.clone(),
+                            op.user.clone(),
+                            slot.clone(),
+                            key_id.clone(),
+                        ))
+                    })
+                    .map(|s| s.sinks.clone())
+                {
                     // Killed between writing the sinks and journaling it: the sinks say they
                     // have it, so it is what the consumers have now.
                     adopt(
-                        config,
-                        observed,
+                        slot_spec(op, &slot).map(|s| s.overlap),
+                        owned,
                         state,
                         op,
                         u,
@@ -208,7 +232,7 @@ pub fn recover(
 fn lost_keys(
     op: &Unfinished,
     user: &RemoteUser,
-    snapshot: &crate::model::AccountSnapshot,
+    owned: &[&crate::model::RemoteKey],
     state: &State,
     owner: &str,
 ) -> Vec<String> {
@@ -220,8 +244,9 @@ fn lost_keys(
     let record = state
         .user(&op.provider, &op.user)
         .filter(|rec| rec.id == user.id);
-    let fresh: Vec<(&crate::model::RemoteKey, KeyClass)> = snapshot
-        .keys_of(&user.id)
+    let fresh: Vec<(&crate::model::RemoteKey, KeyClass)> = owned
+        .iter()
+        .copied()
         .filter(|k| k.created_at >= since)
         .map(|k| (k, crate::keys::class_of(record, k, owner)))
         .collect();
@@ -464,30 +489,6 @@ fn settle_untracked(
     }
 }
 
-/// The slot's sinks, if every one of them verifiably holds `key_id` (as probed).
-fn held_by_every_sink(
-    config: &Config,
-    probes: &SinkProbes,
-    op: &Unfinished,
-    slot: &str,
-    key_id: &str,
-) -> Option<Vec<String>> {
-    let spec = config
-        .users
-        .iter()
-        .find(|s| s.provider == op.provider && s.name == op.user)?
-        .slots
-        .get(slot)?;
-    probes
-        .contains(&(
-            op.provider.clone(),
-            op.user.clone(),
-            slot.to_string(),
-            key_id.to_string(),
-        ))
-        .then(|| spec.sinks.clone())
-}
-
 /// A forced rotation cut short runs again on the next apply.
 fn redo_if_forced(r: &mut Recovery, op: &Unfinished) {
     if op.forced {
@@ -510,8 +511,8 @@ fn mark_orphan(state: &mut State, op: &Unfinished, user: &RemoteUser, slot: &str
 /// slot's overlap (unless the provider no longer has it).
 #[allow(clippy::too_many_arguments)]
 fn adopt(
-    config: &Config,
-    observed: &Observed,
+    overlap: Option<jiff::SignedDuration>,
+    owned: &[&crate::model::RemoteKey],
     state: &mut State,
     op: &Unfinished,
     user: &RemoteUser,
@@ -520,17 +521,8 @@ fn adopt(
     sinks: Vec<String>,
     delivered_at: Timestamp,
 ) {
-    let overlap = config
-        .users
-        .iter()
-        .find(|s| s.provider == op.provider && s.name == op.user)
-        .and_then(|s| s.slots.get(slot))
-        .map(|s| s.overlap)
-        .unwrap_or_default();
-    let remote: BTreeSet<&str> = observed
-        .get(&op.provider)
-        .map(|snap| snap.keys_of(&user.id).map(|k| k.id.as_str()).collect())
-        .unwrap_or_default();
+    let overlap = overlap.unwrap_or_default();
+    let remote: BTreeSet<&str> = owned.iter().map(|k| k.id.as_str()).collect();
     state.slot_entry(&op.provider, user, slot).promote(
         KeyRecord {
             id: key.0.clone(),
@@ -566,6 +558,7 @@ mod tests {
                 key("later", "2026-11-01T10:00:03Z", false),
             ],
         };
+        let owned: Vec<&crate::model::RemoteKey> = snapshot.keys.iter().collect();
         let mut state = State::default();
         state.record_user("asa", "bot", "u1", true, None);
         state.user_mut("asa", "bot").unwrap().slots.insert(
@@ -593,12 +586,12 @@ mod tests {
             delivered: None,
         };
         assert_eq!(
-            lost_keys(&op, &user, &snapshot, &state, "keyward"),
+            lost_keys(&op, &user, &owned, &state, "keyward"),
             ["tagged", "lost"],
             "every key tagged for the slot, and the earliest untagged, unrecorded key, from the intent's second on"
         );
         // Another owner's tag is not this installation's key: only the untagged one.
-        assert_eq!(lost_keys(&op, &user, &snapshot, &state, "other"), ["lost"]);
+        assert_eq!(lost_keys(&op, &user, &owned, &state, "other"), ["lost"]);
         // Claimed once: recorded as orphans, the next candidate is the later key.
         let slot = state
             .user_mut("asa", "bot")
@@ -609,7 +602,7 @@ mod tests {
         slot.add_orphan("lost");
         slot.add_orphan("tagged");
         assert_eq!(
-            lost_keys(&op, &user, &snapshot, &state, "keyward"),
+            lost_keys(&op, &user, &owned, &state, "keyward"),
             ["later"]
         );
         // Another user id (the user was re-created since): nothing.
@@ -617,7 +610,7 @@ mod tests {
             user_id: Some("u0".into()),
             ..op
         };
-        assert!(lost_keys(&other, &user, &snapshot, &state, "keyward").is_empty());
+        assert!(lost_keys(&other, &user, &owned, &state, "keyward").is_empty());
     }
 
     /// An API key of user `u1` created at `at`, tagged for slot `main` by `owner` (untagged

@@ -465,8 +465,10 @@ fn includes(
     }
     let main_file = d.file().to_path_buf();
     let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for file in files {
-        if out.iter().any(|i: &Included| *i.path == *file) {
+        // Two patterns may match the same file: it is read once.
+        if !seen.insert(file.clone()) {
             continue;
         }
         d.set_file(&file);
