@@ -601,10 +601,7 @@ mod tests {
             .unwrap();
         slot.add_orphan("lost");
         slot.add_orphan("tagged");
-        assert_eq!(
-            lost_keys(&op, &user, &owned, &state, "keyward"),
-            ["later"]
-        );
+        assert_eq!(lost_keys(&op, &user, &owned, &state, "keyward"), ["later"]);
         // Another user id (the user was re-created since): nothing.
         let other = Unfinished {
             user_id: Some("u0".into()),

@@ -395,6 +395,65 @@ fn metrics_show_each_keys_expiry_and_next_rotation() {
     assert!(text.contains("keyward_config_valid 1"));
     assert!(text.contains("keyward_provider_requests_total{provider=\"asa\"}"));
     assert!(text.contains("keyward_last_success_timestamp_seconds"));
+    // The aggregates: keys by state, the earliest expiry, the time until rotation.
+    assert!(
+        text.contains("keyward_keys{provider=\"asa\",state=\"retiring\"} 1")
+            && text.contains("keyward_keys{provider=\"asa\",state=\"current\"} 1")
+            && text.contains("keyward_keys{provider=\"ng\",state=\"current\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l
+            .starts_with("keyward_earliest_expiry_timestamp_seconds{provider=\"asa\"}")
+            && l.ends_with(expiry[0].rsplit(' ').next().unwrap())),
+        "{text}"
+    );
+    assert!(
+        text.contains("keyward_key_seconds_until_rotation_count{provider=\"ng\"} 1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn metrics_per_key_false_keeps_only_the_aggregates() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    ws.write_config(
+        &format!("  interval: 10m\n  metrics: 127.0.0.1:{port}\n  metrics_per_key: false\n"),
+        &users(&["a", "b", "c"]).replace("main: {}", "main: {rotate_every: 30d}"),
+    );
+    let d = Daemon::start(&ws);
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let mut text = String::new();
+    eventually(&d, Duration::from_secs(10), "three keys counted", || {
+        text = reqwest::blocking::get(&url)
+            .and_then(|r| r.text())
+            .unwrap_or_default();
+        text.contains("keyward_keys{provider=\"ng\",state=\"current\"} 3")
+    });
+    assert!(
+        !text.contains("keyward_key_created_timestamp_seconds{")
+            && !text.contains("keyward_key_next_rotation_timestamp_seconds{"),
+        "no per-key series:\n{text}"
+    );
+    assert!(
+        text.contains("keyward_key_seconds_until_rotation_count{provider=\"ng\"} 3"),
+        "{text}"
+    );
+    // All three come due in about 30 days: in the 90-day bucket, not in the 7-day one.
+    assert!(
+        text.contains(
+            "keyward_key_seconds_until_rotation_bucket{le=\"7776000.0\",provider=\"ng\"} 3"
+        ) && text.contains(
+            "keyward_key_seconds_until_rotation_bucket{le=\"604800.0\",provider=\"ng\"} 0"
+        ),
+        "{text}"
+    );
 }
 
 #[test]

@@ -76,6 +76,7 @@ fn config(users: Vec<UserSpec>, prune: Prune) -> Config {
             concurrency: 8,
             max_deletions: 10,
             metrics: None,
+            metrics_per_key: true,
             owner: "keyward".into(),
         },
         providers: BTreeMap::from([

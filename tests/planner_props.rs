@@ -376,6 +376,7 @@ fn build(
             concurrency: 4,
             max_deletions: 1000,
             metrics: None,
+            metrics_per_key: true,
             owner: "keyward".into(),
         },
         providers: BTreeMap::from([(

@@ -107,6 +107,8 @@ pub struct Settings {
     pub max_deletions: usize,
     /// Daemon: the `IP:PORT` of the Prometheus `/metrics` listener; `None`: no listener.
     pub metrics: Option<SocketAddr>,
+    /// `settings.metrics_per_key` (default true): one series per key besides the aggregates.
+    pub metrics_per_key: bool,
     /// `settings.owner`: the installation's name in the tag of the ngrok keys it creates
     /// (default [`crate::model::KeyTag::DEFAULT_OWNER`]).
     pub owner: String,

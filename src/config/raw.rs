@@ -229,6 +229,10 @@ pub struct RawSettings {
     /// Daemon: `IP:PORT` for the Prometheus `/metrics` listener, e.g. `127.0.0.1:9464`.
     /// Absent: no listener.
     pub metrics: Option<Sp<String>>,
+    /// Daemon: export one series per key (`keyward_key_*`) as well as the aggregates (default
+    /// `true`). `false` for fleets: the aggregates stay (`keyward_keys{provider,state}`, the
+    /// earliest expiry and rotation per provider, a histogram of the time until rotation).
+    pub metrics_per_key: Option<Sp<bool>>,
     /// The name of this installation, written into the metadata tag of every ngrok key keyward
     /// creates (default `keyward`). Installations that share an account with different owners
     /// never touch each other's keys. Letters, digits, `.`, `_` and `-`, at most 64.

@@ -336,6 +336,7 @@ impl Ctx<'_> {
             concurrency,
             max_deletions,
             metrics,
+            metrics_per_key: s.metrics_per_key.as_ref().is_none_or(|b| *b.v()),
             owner,
         }
     }

@@ -9,6 +9,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -41,7 +42,29 @@ pub struct ProviderLabels {
     pub provider: String,
 }
 
+/// The labels of `keyward_keys`: provider account and the key's state (`current`, `retiring`,
+/// `overdue`, `missing`, `unknown`, …).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// The provider account's name in the config.
+    pub provider: String,
+    /// The key's state, as `keyward status` shows it.
+    pub state: String,
+}
+
 type TimeGauge = Gauge<f64, AtomicU64>;
+
+/// Buckets of `keyward_key_seconds_until_rotation`: an hour, six hours, a day, a week, 30, 90
+/// and 365 days (a fleet's due times, spread or not, read at a glance).
+const UNTIL_ROTATION_BUCKETS: [f64; 7] = [
+    3_600.0,
+    21_600.0,
+    86_400.0,
+    604_800.0,
+    2_592_000.0,
+    7_776_000.0,
+    31_536_000.0,
+];
 
 /// Every metric the daemon exports.
 pub struct Metrics {
@@ -49,6 +72,10 @@ pub struct Metrics {
     key_created: Family<KeyLabels, TimeGauge>,
     key_expiry: Family<KeyLabels, TimeGauge>,
     key_next_rotation: Family<KeyLabels, TimeGauge>,
+    keys: Family<StateLabels, Gauge>,
+    earliest_expiry: Family<ProviderLabels, TimeGauge>,
+    earliest_rotation: Family<ProviderLabels, TimeGauge>,
+    until_rotation: Family<ProviderLabels, Histogram>,
     reconcile: Family<OutcomeLabels, Counter>,
     last_success: TimeGauge,
     pending_changes: Gauge,
@@ -73,6 +100,12 @@ impl Metrics {
             key_created: Family::default(),
             key_expiry: Family::default(),
             key_next_rotation: Family::default(),
+            keys: Family::default(),
+            earliest_expiry: Family::default(),
+            earliest_rotation: Family::default(),
+            until_rotation: Family::new_with_constructor(|| {
+                Histogram::new(UNTIL_ROTATION_BUCKETS.into_iter())
+            }),
             reconcile: Family::default(),
             last_success: TimeGauge::default(),
             pending_changes: Gauge::default(),
@@ -97,6 +130,26 @@ impl Metrics {
             "keyward_key_next_rotation_timestamp_seconds",
             "When each current key is next due for rotation (Unix time)",
             m.key_next_rotation.clone(),
+        );
+        registry.register(
+            "keyward_keys",
+            "Managed keys (and declared slots without one) by provider account and state",
+            m.keys.clone(),
+        );
+        registry.register(
+            "keyward_earliest_expiry_timestamp_seconds",
+            "The earliest provider expiry of any managed key, per provider account (Unix time)",
+            m.earliest_expiry.clone(),
+        );
+        registry.register(
+            "keyward_earliest_rotation_timestamp_seconds",
+            "The earliest next rotation of any slot, per provider account (Unix time)",
+            m.earliest_rotation.clone(),
+        );
+        registry.register(
+            "keyward_key_seconds_until_rotation",
+            "Seconds from the last reconcile until each current key's next rotation, per provider account",
+            m.until_rotation.clone(),
         );
         registry.register(
             "keyward_reconcile",
@@ -141,11 +194,60 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Replaces the per-key series with `entries` (rotated and revoked keys disappear).
-    pub fn set_keys(&self, entries: &[Entry]) {
+    /// Replaces the key series with `entries` as seen at `now` (rotated and revoked keys
+    /// disappear): the aggregates always, and with `per_key` (`settings.metrics_per_key`) one
+    /// series per key as well. O(entries).
+    pub fn set_keys(&self, entries: &[Entry], per_key: bool, now: jiff::Timestamp) {
         self.key_created.clear();
         self.key_expiry.clear();
         self.key_next_rotation.clear();
+        self.keys.clear();
+        self.earliest_expiry.clear();
+        self.earliest_rotation.clear();
+        self.until_rotation.clear();
+        let mut counts: std::collections::HashMap<(&str, &str), i64> =
+            std::collections::HashMap::new();
+        let mut earliest: std::collections::HashMap<&str, (Option<f64>, Option<f64>)> =
+            std::collections::HashMap::new();
+        for e in entries {
+            *counts.entry((&e.provider, &e.state)).or_default() += 1;
+            let first = earliest.entry(&e.provider).or_default();
+            let min = |a: Option<f64>, b: f64| Some(a.map_or(b, |a| a.min(b)));
+            if let Some(x) = e.expires_at {
+                first.0 = min(first.0, seconds(x));
+            }
+            if let Some(n) = e.next_rotation {
+                first.1 = min(first.1, seconds(n));
+                let provider = ProviderLabels {
+                    provider: e.provider.clone(),
+                };
+                self.until_rotation
+                    .get_or_create(&provider)
+                    .observe((seconds(n) - seconds(now)).max(0.0));
+            }
+        }
+        for ((provider, state), n) in counts {
+            self.keys
+                .get_or_create(&StateLabels {
+                    provider: provider.to_string(),
+                    state: state.to_string(),
+                })
+                .set(n);
+        }
+        for (provider, (expiry, rotation)) in earliest {
+            let labels = ProviderLabels {
+                provider: provider.to_string(),
+            };
+            if let Some(x) = expiry {
+                self.earliest_expiry.get_or_create(&labels).set(x);
+            }
+            if let Some(r) = rotation {
+                self.earliest_rotation.get_or_create(&labels).set(r);
+            }
+        }
+        if !per_key {
+            return;
+        }
         for e in entries {
             let Some(key_id) = &e.key_id else { continue };
             let labels = KeyLabels {
@@ -287,8 +389,9 @@ mod tests {
             revoke_after: None,
             delivery: Some("delivered"),
         };
-        m.set_keys(&[entry("ak_old")]);
-        m.set_keys(&[entry("ak_new")]);
+        let now: jiff::Timestamp = "2026-11-15T00:00:00Z".parse().unwrap();
+        m.set_keys(&[entry("ak_old")], true, now);
+        m.set_keys(&[entry("ak_new")], true, now);
         m.reconciled("ok");
         m.set_config_valid(true);
         m.provider_totals("ng", 7, 1, Some(true));

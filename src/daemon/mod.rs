@@ -385,12 +385,12 @@ impl Daemon {
 
         // Metrics from what was observed and the state as it is now on disk.
         let state = self.engine.store.load().unwrap_or(run.state);
-        self.metrics.set_keys(&crate::status::entries(
-            &self.engine.config,
-            &run.observed,
-            &state,
-            Timestamp::now(),
-        ));
+        let now = Timestamp::now();
+        self.metrics.set_keys(
+            &crate::status::entries(&self.engine.config, &run.observed, &state, now),
+            self.engine.config.settings.metrics_per_key,
+            now,
+        );
         for (name, p) in &self.engine.providers {
             let up = if run.observed.contains_key(name) {
                 Some(true)
