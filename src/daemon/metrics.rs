@@ -104,7 +104,7 @@ impl Metrics {
             earliest_expiry: Family::default(),
             earliest_rotation: Family::default(),
             until_rotation: Family::new_with_constructor(|| {
-                Histogram::new(UNTIL_ROTATION_BUCKETS.into_iter())
+                Histogram::new(UNTIL_ROTATION_BUCKETS)
             }),
             reconcile: Family::default(),
             last_success: TimeGauge::default(),
