@@ -270,6 +270,16 @@ impl UserRun {
 impl Executor {
     /// Runs `plan`; `observed` is the listing the plan was checked against.
     pub async fn run(self: &Arc<Self>, plan: &Plan, observed: &Observed) -> Report {
+        self.run_with(plan, observed, None).await
+    }
+
+    /// [`Executor::run`], telling `progress` of each change as it ends.
+    pub async fn run_with(
+        self: &Arc<Self>,
+        plan: &Plan,
+        observed: &Observed,
+        progress: Option<Arc<dyn crate::progress::Progress>>,
+    ) -> Report {
         // Group by user, keeping the plan's order (create user < update < keys < revoke < delete),
         // and remember each change's place so the report follows the plan.
         let mut slots: HashMap<(&str, &str), usize> = HashMap::new();
@@ -304,7 +314,11 @@ impl Executor {
                 .and_then(|u| keys.get(&(provider.as_str(), u.id.as_str())).cloned())
                 .unwrap_or_default();
             let this = Arc::clone(self);
-            async move { this.run_user(&provider, changes, remote, owned).await }
+            let progress = progress.clone();
+            async move {
+                this.run_user(&provider, changes, remote, owned, progress.as_deref())
+                    .await
+            }
         });
         let results: Vec<Vec<(usize, ChangeResult)>> = futures::stream::iter(runs)
             .buffer_unordered(concurrency)
@@ -333,6 +347,23 @@ impl Executor {
     }
 
     async fn run_user(
+        &self,
+        provider: &str,
+        changes: Numbered,
+        remote: Option<RemoteUser>,
+        keys: Vec<RemoteKey>,
+        progress: Option<&dyn crate::progress::Progress>,
+    ) -> Vec<(usize, ChangeResult)> {
+        let out = self.run_user_changes(provider, changes, remote, keys).await;
+        if let Some(p) = progress {
+            for (_, r) in &out {
+                p.ended(&r.change);
+            }
+        }
+        out
+    }
+
+    async fn run_user_changes(
         &self,
         provider: &str,
         changes: Numbered,

@@ -214,7 +214,8 @@ impl Write for OneLine {
             None => (buf, false),
         };
         if !body.iter().any(|&b| b == b'\n' || b == b'\r') {
-            self.0.write_all(buf)?;
+            // Above a progress bar, if one is drawn.
+            crate::progress::suspended(|| self.0.write_all(buf))?;
             return Ok(buf.len());
         }
         let mut out = Vec::with_capacity(buf.len() + 16);
@@ -228,7 +229,7 @@ impl Write for OneLine {
         if newline {
             out.push(b'\n');
         }
-        self.0.write_all(&out)?;
+        crate::progress::suspended(|| self.0.write_all(&out))?;
         Ok(buf.len())
     }
 
@@ -313,6 +314,7 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
             };
             let mut operator = Terminal {
                 confirm: false,
+                progress: None,
                 saved: None,
                 json: *json,
             };
@@ -621,12 +623,16 @@ fn print_plan(plan: &Plan, json: bool) {
 /// The engine for one command, with the command-line's printing around it.
 struct Context_ {
     engine: Engine,
+    /// `-q`: no progress bar either.
+    quiet: bool,
 }
 
 /// How the commands take part in a run: print the plan, ask for `yes`, hold a saved plan.
 struct Terminal<'a> {
     /// Ask for confirmation (apply without `--auto-approve`).
     confirm: bool,
+    /// Show progress on a terminal while the plan runs (apply and rotate, not with `-q`).
+    progress: Option<&'a Config>,
     /// A saved plan the computed one is held against.
     saved: Option<(&'a Path, &'a plan::view::PlanDocument)>,
     /// Print the plan as JSON instead of text (`plan --json`).
@@ -672,6 +678,12 @@ impl Operator for Terminal<'_> {
     fn approve(&mut self, _plan: &Plan) -> anyhow::Result<()> {
         if self.confirm { confirm() } else { Ok(()) }
     }
+
+    fn progress(&mut self, plan: &Plan) -> Option<std::sync::Arc<dyn crate::progress::Progress>> {
+        let config = self.progress?;
+        crate::progress::TerminalBar::for_plan(&plan.changes, config)
+            .map(|b| b as std::sync::Arc<dyn crate::progress::Progress>)
+    }
 }
 
 impl Context_ {
@@ -687,6 +699,7 @@ impl Context_ {
         print_diagnostics(&loaded.warnings);
         Ok(Context_ {
             engine: Engine::new(loaded, shutdown.clone())?,
+            quiet: cli.quiet,
         })
     }
 
@@ -724,6 +737,7 @@ impl Context_ {
     async fn apply(&self, opts: PlanOptions, auto_approve: bool) -> anyhow::Result<ExitCode> {
         let mut operator = Terminal {
             confirm: !auto_approve,
+            progress: (!self.quiet).then_some(self.config()),
             saved: None,
             json: false,
         };
@@ -746,6 +760,7 @@ impl Context_ {
         }
         let mut operator = Terminal {
             confirm: false,
+            progress: (!self.quiet).then_some(self.config()),
             saved: Some((path, &saved)),
             json: false,
         };

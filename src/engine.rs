@@ -69,6 +69,11 @@ pub trait Operator {
     fn approve(&mut self, _plan: &Plan) -> anyhow::Result<()> {
         Ok(())
     }
+
+    /// What shows the approved plan's progress while it runs (none by default).
+    fn progress(&mut self, _plan: &Plan) -> Option<Arc<dyn crate::progress::Progress>> {
+        None
+    }
 }
 
 /// An operator that shows nothing and approves everything (the daemon).
@@ -196,15 +201,15 @@ impl Engine {
             (RunOutcome::Refused(format!("{e:#}")), None)
         } else {
             operator.approve(&plan)?;
+            let progress = operator.progress(&plan);
             // The executor works on its own copy; the report keeps the state the plan read.
             let done = self
-                .execute(
-                    &plan,
-                    &obs.observed,
-                    obs.state.clone(),
-                    self.shutdown.clone(),
-                )
-                .await?;
+                .execute(&plan, &obs.observed, obs.state.clone(), progress.clone())
+                .await;
+            if let Some(p) = progress {
+                p.finish();
+            }
+            let done = done?;
             (RunOutcome::Executed, Some(done))
         };
         Ok(RunReport {
@@ -408,23 +413,24 @@ impl Engine {
         Ok(())
     }
 
-    /// Executes `plan`. Once `cancel` fires, the change in flight for each user finishes (a
-    /// minted secret is still delivered and recorded) and nothing new starts.
+    /// Executes `plan`, telling `progress` of each change that ends. Once the shutdown fires,
+    /// the change in flight for each user finishes (a minted secret is still delivered and
+    /// recorded) and nothing new starts.
     async fn execute(
         &self,
         plan: &Plan,
         observed: &Observed,
         state: State,
-        cancel: CancellationToken,
+        progress: Option<Arc<dyn crate::progress::Progress>>,
     ) -> anyhow::Result<Report> {
         let executor = Executor::with_cancel(
             Arc::clone(&self.config),
             self.providers.clone(),
             Arc::clone(&self.store),
             state,
-            cancel,
+            self.shutdown.clone(),
         )?;
-        Ok(executor.run(plan, observed).await)
+        Ok(executor.run_with(plan, observed, progress).await)
     }
 }
 

@@ -18,7 +18,7 @@
 //!   table), [`import`] (taking over users and keys that existed before keyward).
 //! - Doing: [`engine`] (observe → plan → approve → execute), [`apply`] (the executor),
 //!   [`sinks`] (delivering a new secret), [`daemon`] (when to reconcile), [`cli`] (the
-//!   commands).
+//!   commands), [`progress`] (a long apply's progress on a terminal).
 //! - Safety: [`files`] (private files and directories, bounded reads), [`text`] (escaping
 //!   outside text for display), [`redact`] (masking the credentials keyward holds).
 //!
@@ -42,6 +42,7 @@ pub mod keys;
 pub mod model;
 pub mod oplog;
 pub mod plan;
+pub mod progress;
 pub mod providers;
 pub mod recovery;
 pub mod redact;

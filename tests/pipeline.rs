@@ -278,3 +278,47 @@ fn colour_only_on_a_terminal_and_never_with_no_color() {
     let out = ws.keyward(&["plan"]);
     assert!(!text(&out.stdout).contains('\u{1b}'));
 }
+
+#[test]
+fn apply_shows_progress_on_a_terminal_and_never_on_a_pipe() {
+    let sb = Sandbox::start(&["--latency", "50ms"]);
+    let ws = Workspace::new(&sb);
+    let mut users = String::from("users:\n");
+    for i in 0..12 {
+        users.push_str(&format!(
+            "  - provider: ng\n    name: shown-{i:02}\n    keys:\n      main: {{}}\n"
+        ));
+    }
+    ws.write_config("  concurrency: 2\n", &users);
+    // On a terminal (`script`), the bar counts the changes and says what the budget leaves.
+    let cmd = format!(
+        "{} apply --auto-approve -c {}",
+        env!("CARGO_BIN_EXE_keyward"),
+        ws.config_path().display()
+    );
+    let mut c = Command::new("script");
+    c.args(["-qec", &cmd, "/dev/null"])
+        .current_dir(ws.dir.path());
+    for (k, v) in &ws.env {
+        c.env(k, v);
+    }
+    let out = c
+        .output()
+        .expect("script (util-linux) runs a command on a terminal");
+    let screen = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{screen}");
+    assert!(
+        screen.contains("/24 changes") && screen.contains("left at the rate budget"),
+        "progress on a terminal:\n{screen}"
+    );
+    assert!(screen.contains("Apply complete"), "{screen}");
+    // On a pipe, nothing of it.
+    ws.write_config("  concurrency: 2\n", &users.replace("shown-", "piped-"));
+    let out = ws.keyward(&["apply", "--auto-approve"]);
+    expect_code(&out, 0, "apply on a pipe");
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        !all.contains("changes ·") && !all.contains("rate budget"),
+        "no progress on a pipe:\n{all}"
+    );
+}

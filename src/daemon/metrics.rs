@@ -103,9 +103,7 @@ impl Metrics {
             keys: Family::default(),
             earliest_expiry: Family::default(),
             earliest_rotation: Family::default(),
-            until_rotation: Family::new_with_constructor(|| {
-                Histogram::new(UNTIL_ROTATION_BUCKETS)
-            }),
+            until_rotation: Family::new_with_constructor(|| Histogram::new(UNTIL_ROTATION_BUCKETS)),
             reconcile: Family::default(),
             last_success: TimeGauge::default(),
             pending_changes: Gauge::default(),
