@@ -154,6 +154,8 @@ pub struct Executor {
     pub state: Mutex<State>,
     /// The highest state serial known to be on disk (group commit).
     pub written: Mutex<u64>,
+    /// Users changed since the last write, by (provider, name): the next write records them.
+    dirty: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
     journal: Arc<dyn JournalLog>,
     /// Journal operations begun and not yet finished.
     open_ops: AtomicUsize,
@@ -187,6 +189,7 @@ impl Executor {
             providers,
             store,
             written: Mutex::new(state.serial),
+            dirty: std::sync::Mutex::default(),
             state: Mutex::new(state),
             journal,
             open_ops: AtomicUsize::new(0),
@@ -436,28 +439,66 @@ impl Executor {
         out
     }
 
-    /// Applies `update` to the state and returns once a state file containing it is durable.
-    /// Writes are group-committed: while one write is in flight, later updates queue up and the
-    /// next write carries all of them, so concurrent users share fsyncs.
-    async fn save(&self, update: impl FnOnce(&mut State)) -> anyhow::Result<()> {
+    /// Applies `update` (a change to the record of `user`, a (provider, name) pair) to the state
+    /// and returns once the store holds it durably. Only the users changed since the last write
+    /// are written, so a change costs the same whatever the size of the state. Writes are
+    /// group-committed: while one write is in flight, later updates queue up and the next write
+    /// carries all of them, so concurrent users share fsyncs.
+    async fn save(
+        &self,
+        user: (&str, &str),
+        update: impl FnOnce(&mut State),
+    ) -> anyhow::Result<()> {
         let my_generation = {
             let mut state = self.state.lock().await;
             update(&mut state);
             state.serial += 1;
+            if let Ok(mut dirty) = self.dirty.lock() {
+                dirty.insert((user.0.to_string(), user.1.to_string()));
+            }
             state.serial
         };
         let mut written = self.written.lock().await;
         if *written >= my_generation {
             return Ok(());
         }
-        let (snapshot, generation) = {
+        let (rows, generation) = {
             let state = self.state.lock().await;
-            (state.clone(), state.serial)
+            let dirty = self
+                .dirty
+                .lock()
+                .map(|mut d| std::mem::take(&mut *d))
+                .unwrap_or_default();
+            let rows: Vec<crate::store::UserRow> = dirty
+                .into_iter()
+                .map(|(p, n)| {
+                    let rec = state.user(&p, &n).cloned();
+                    (p, n, rec)
+                })
+                .collect();
+            (rows, state.serial)
         };
         let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || store.write(&snapshot)).await??;
-        *written = generation;
-        Ok(())
+        let written_rows = rows.clone();
+        match tokio::task::spawn_blocking(move || store.record_users(generation, &written_rows))
+            .await
+        {
+            Ok(Ok(())) => {
+                *written = generation;
+                Ok(())
+            }
+            failed => {
+                // Not recorded: the next write carries these users again.
+                if let Ok(mut dirty) = self.dirty.lock() {
+                    dirty.extend(rows.into_iter().map(|(p, n, _)| (p, n)));
+                }
+                match failed {
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(e.into()),
+                    Ok(Ok(())) => Ok(()),
+                }
+            }
+        }
     }
 
     async fn execute(&self, run: &mut UserRun, change: &Change) -> anyhow::Result<String> {
@@ -496,8 +537,10 @@ impl Executor {
                 let work = async {
                     let user = run.provider.create_user(name, *active).await?;
                     let id = user.id.clone();
-                    self.save(|s| s.record_user(provider, name, &user.id, true, user.created_at))
-                        .await?;
+                    self.save((provider, name), |s| {
+                        s.record_user(provider, name, &user.id, true, user.created_at)
+                    })
+                    .await?;
                     run.remote = Some(user);
                     run.keys.clear();
                     Ok(id)
@@ -524,7 +567,8 @@ impl Executor {
                     .ok_or_else(|| anyhow::anyhow!("the user no longer exists"))?;
                 let work = async {
                     run.provider.delete_user(&user).await?;
-                    self.save(|s| s.forget_user(provider, name)).await?;
+                    self.save((provider, name), |s| s.forget_user(provider, name))
+                        .await?;
                     run.remote = None;
                     Ok(String::new())
                 };
@@ -581,7 +625,10 @@ impl Executor {
         );
         run.provider.revoke_key(&name, key).await?;
         run.keys.retain(|k| k.id != key.id);
-        self.save(|s| s.forget_key(&provider, &name, &key.id)).await
+        self.save((&provider, &name), |s| {
+            s.forget_key(&provider, &name, &key.id)
+        })
+        .await
     }
 
     /// Creates a key for a slot, delivers it to every sink, records it as current, and (for a
@@ -676,7 +723,7 @@ impl Executor {
                 Err(r) => {
                     // Remember it, so the next run revokes it even where keys carry no tag.
                     if let Err(w) = self
-                        .save(|s| {
+                        .save((&provider, &user.name), |s| {
                             s.slot_entry(&provider, &user, &slot.name)
                                 .add_orphan(&key.id)
                         })
@@ -719,7 +766,7 @@ impl Executor {
         let remote_ids: std::collections::HashSet<String> =
             run.keys.iter().map(|k| k.id.clone()).collect();
         // If this write fails the journal still says "delivered": the next run adopts the key.
-        self.save(|s| {
+        self.save((&provider, &user.name), |s| {
             // A previous key that vanished remotely has nothing left to retire.
             replaced =
                 s.slot_entry(&provider, &user, &slot.name)

@@ -129,6 +129,13 @@ pub enum Command {
         #[arg(value_name = "KEY_ID")]
         key_id: Option<String>,
     },
+    /// Look inside keyward's state (what it created and adopted: ids and times, never a
+    /// secret).
+    State {
+        /// What to do with it.
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// Keep every account in the declared state: reconcile at start, on the interval, when a
     /// key comes due, on config edits and on SIGHUP. Stops on SIGTERM/SIGINT.
     Daemon,
@@ -142,6 +149,14 @@ pub enum Command {
     /// Run plan, apply and status against a built-in sandbox: no account needed.
     #[cfg_attr(not(feature = "demo"), command(hide = true))]
     Demo,
+}
+
+/// `keyward state` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum StateCommand {
+    /// Print the whole state as one JSON document (service users by provider account, each
+    /// with its slots' current, retiring and orphaned keys). Reads without taking the lock.
+    Show,
 }
 
 /// Entry point of the `keyward` binary.
@@ -436,6 +451,14 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
                     .map(|p| format!(" ({})", p.display()))
                     .unwrap_or_default()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::State {
+            command: StateCommand::Show,
+        } => {
+            let ctx = Context_::load(cli, shutdown)?;
+            let state = ctx.engine.store.load()?;
+            println!("{}", serde_json::to_string_pretty(&state)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Daemon => {

@@ -64,10 +64,12 @@ async fn steps(
     let loaded = config::load_with_env(config, &lookup).ok();
     // The sandbox is new, so any state from an earlier demo describes keys that are gone.
     if let Some(loaded) = &loaded {
-        let stale = loaded.config.settings.state_dir.join("state.json");
-        if stale.exists() {
-            std::fs::remove_file(&stale)
-                .with_context(|| format!("cannot remove {}", stale.display()))?;
+        for file in ["state.json", "state.db", "state.db-wal", "state.db-shm"] {
+            let stale = loaded.config.settings.state_dir.join(file);
+            if stale.exists() {
+                std::fs::remove_file(&stale)
+                    .with_context(|| format!("cannot remove {}", stale.display()))?;
+            }
         }
     }
     let first_user = loaded

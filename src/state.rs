@@ -13,7 +13,7 @@ use crate::model::KeyKind;
 /// The state file's layout version.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// keyward's record of what it created, across every provider account (`state.json` in the state
+/// keyward's record of what it created, across every provider account (`state.db` in the state
 /// directory).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {

@@ -1,8 +1,14 @@
 //! The state store boundary: where keyward keeps its [`State`], its journal and its lock. The
 //! engine, the executor and the daemon see only the [`Store`] and [`JournalLog`] traits (the
 //! planner and recovery see no store at all: they are given a [`State`]); [`StateDir`] is the
-//! default and only backend (files in `settings.state_dir`), and another one (a database shared
-//! by several hosts, say) would implement the same traits without touching them.
+//! default backend (`settings.state_dir`), and another one (a database shared by several
+//! hosts, say) implements the same traits without touching them.
+//!
+//! In the state directory: `state.db`, an SQLite database (WAL, `synchronous=FULL`) holding one
+//! row per service user record, so that recording one change writes that user's row, whatever
+//! the size of the state; `journal.jsonl`, the write-ahead log of remote writes; and `lock`.
+//! A `state.json` from an earlier keyward is migrated into `state.db` on the first write, and
+//! kept as `state.json.migrated`.
 
 use std::fs::File;
 use std::io::Write;
@@ -19,8 +25,12 @@ use crate::state::{FORMAT_VERSION, State};
 pub trait Store: Send + Sync {
     /// The state (empty when there is none yet; an error, never a reset, when unreadable).
     fn load(&self) -> anyhow::Result<State>;
-    /// Records `state` durably, as it is.
+    /// Records `state` durably, as it is, replacing what was recorded (O(size of the state)).
     fn write(&self, state: &State) -> anyhow::Result<()>;
+    /// Records durably, in one transaction, the records of the given users (`None`: the user
+    /// is forgotten) and the state's `serial`: what one change costs, whatever the size of the
+    /// state.
+    fn record_users(&self, serial: u64, users: &[UserRow]) -> anyhow::Result<()>;
     /// Takes the exclusive lock (an error of type [`Locked`] when another process holds it);
     /// held until the guard is dropped.
     fn lock(&self) -> anyhow::Result<StoreLock>;
@@ -40,6 +50,9 @@ pub trait JournalLog: Send + Sync {
     fn compact(&self, keep: &dyn Fn(&Unfinished) -> bool) -> anyhow::Result<()>;
 }
 
+/// One user's record to store: provider account, user name, and the record (`None`: forgotten).
+pub type UserRow = (String, String, Option<crate::state::UserRecord>);
+
 /// A held store lock; released when dropped.
 pub struct StoreLock(#[allow(dead_code)] Box<dyn Send + Sync>);
 
@@ -55,11 +68,13 @@ impl StoreLock {
 #[error("{0}")]
 pub struct Locked(pub String);
 
-/// The state directory: state file, journal and lock.
+/// The state directory: state database, journal and lock.
 #[derive(Debug, Clone)]
 pub struct StateDir {
     /// The directory (`settings.state_dir`).
     pub dir: PathBuf,
+    /// The open state database, once something was written (shared by clones).
+    db: Arc<std::sync::Mutex<Option<rusqlite::Connection>>>,
 }
 
 /// Holds the exclusive lock on a state directory until dropped.
@@ -71,11 +86,19 @@ pub struct StateLock {
 impl StateDir {
     /// The state directory at `dir`; nothing is checked or created yet.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        StateDir { dir: dir.into() }
+        StateDir {
+            dir: dir.into(),
+            db: Arc::default(),
+        }
     }
 
-    /// The state file: `state.json` in the directory.
-    pub fn state_path(&self) -> PathBuf {
+    /// The state database: `state.db` in the directory.
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("state.db")
+    }
+
+    /// The state file of keyward before the state database (migrated on the first write).
+    pub fn legacy_path(&self) -> PathBuf {
         self.dir.join("state.json")
     }
 
@@ -116,26 +139,29 @@ impl StateDir {
         Ok(StateLock { _file: file })
     }
 
-    /// Loads the state; a missing file is an empty state, a corrupt one an error (never
-    /// silently replaced: it is the only record of which keys keyward created).
+    /// Loads the state: from `state.db`; before the first write, from an earlier keyward's
+    /// `state.json`; an empty state when there is neither. A corrupt database or record is an
+    /// error, never silently replaced: it is the only record of which keys keyward created.
     pub fn load(&self) -> anyhow::Result<State> {
-        let path = self.state_path();
         if self.dir.exists() {
             self.ensure()?;
         }
+        let opened = self.db.lock().map(|g| g.is_some()).unwrap_or(false);
+        if opened || self.db_path().exists() {
+            return self.with_db(read_db);
+        }
+        self.load_legacy()
+    }
+
+    /// The `state.json` of an earlier keyward (empty when there is none).
+    fn load_legacy(&self) -> anyhow::Result<State> {
+        let path = self.legacy_path();
         match crate::files::read_bounded(&path, crate::files::MAX_STATE_BYTES, false) {
             Ok(bytes) => {
                 let state: State = serde_json::from_slice(&bytes).with_context(|| {
                     format!("the state file {} is not valid; fix or move it aside (keyward will not overwrite it)", path.display())
                 })?;
-                if state.format_version > FORMAT_VERSION {
-                    anyhow::bail!(
-                        "the state file {} has format version {}, newer than this keyward understands ({})",
-                        path.display(),
-                        state.format_version,
-                        FORMAT_VERSION
-                    );
-                }
+                check_version(state.format_version, &path)?;
                 Ok(state)
             }
             Err(e) if e.is_not_found() => Ok(State {
@@ -149,22 +175,171 @@ impl StateDir {
         }
     }
 
+    /// Runs `f` on the state database, opening it first if needed: created private (0600, its
+    /// WAL files take the same mode), WAL with `synchronous=FULL` (a committed change survives
+    /// a power cut), the schema created, and an earlier `state.json` migrated into it.
+    fn with_db<R>(
+        &self,
+        f: impl FnOnce(&mut rusqlite::Connection) -> anyhow::Result<R>,
+    ) -> anyhow::Result<R> {
+        let mut guard = self
+            .db
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the state database handle is poisoned"))?;
+        if guard.is_none() {
+            *guard = Some(self.open_db()?);
+        }
+        match guard.as_mut() {
+            Some(conn) => f(conn),
+            None => anyhow::bail!("the state database is not open"),
+        }
+    }
+
+    fn open_db(&self) -> anyhow::Result<rusqlite::Connection> {
+        self.ensure()?;
+        let path = self.db_path();
+        let fresh = !path.exists();
+        // Created here, private and never through a link, before SQLite opens it.
+        crate::files::open_private(&path, false)
+            .with_context(|| format!("opening the state database {}", path.display()))?;
+        let mut conn = rusqlite::Connection::open(&path)
+            .with_context(|| format!("opening the state database {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)
+            .with_context(|| format!("creating the tables of {}", path.display()))?;
+        let legacy = self.legacy_path();
+        if fresh && legacy.exists() {
+            let state = self.load_legacy()?;
+            write_db(&mut conn, &state)?;
+            let kept = self.dir.join("state.json.migrated");
+            std::fs::rename(&legacy, &kept)
+                .with_context(|| format!("keeping {} as {}", legacy.display(), kept.display()))?;
+            tracing::info!(
+                "state migrated from {} into {} (the old file is kept as {})",
+                legacy.display(),
+                path.display(),
+                kept.display()
+            );
+        }
+        Ok(conn)
+    }
+
     /// Writes the state durably; bumps its serial.
     pub fn save(&self, state: &mut State) -> anyhow::Result<()> {
         state.serial += 1;
-        self.write_file(state)
+        self.write_all(state)
     }
 
-    /// Writes the state durably as it is.
-    pub fn write_file(&self, state: &State) -> anyhow::Result<()> {
-        self.ensure()?;
-        let mut bytes = serde_json::to_vec_pretty(&State {
-            format_version: FORMAT_VERSION,
-            ..state.clone()
-        })?;
-        bytes.push(b'\n');
-        crate::files::write_private_file(&self.state_path(), &bytes)
+    /// Replaces the recorded state with `state` in one transaction.
+    pub fn write_all(&self, state: &State) -> anyhow::Result<()> {
+        self.with_db(|conn| write_db(conn, state))
     }
+}
+
+/// The state database's tables: `meta` (format version, serial) and `users`, one row per
+/// service user record (its JSON, as `state.json` held it). The PostgreSQL backend keeps the
+/// same two tables.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    provider TEXT NOT NULL,
+    name TEXT NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (provider, name)
+) WITHOUT ROWID;
+";
+
+fn check_version(version: u32, at: &std::path::Path) -> anyhow::Result<()> {
+    if version > FORMAT_VERSION {
+        anyhow::bail!(
+            "the state in {} has format version {version}, newer than this keyward understands ({FORMAT_VERSION})",
+            at.display()
+        );
+    }
+    Ok(())
+}
+
+/// The whole state from the database.
+fn read_db(conn: &mut rusqlite::Connection) -> anyhow::Result<State> {
+    let tx = conn.transaction()?;
+    let meta = |key: &str| -> anyhow::Result<Option<String>> {
+        use rusqlite::OptionalExtension as _;
+        Ok(tx
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    };
+    let version: u32 = meta("format_version")?
+        .map(|v| v.parse())
+        .transpose()
+        .context("the state database's format_version is not a number")?
+        .unwrap_or(FORMAT_VERSION);
+    check_version(version, std::path::Path::new("the state database"))?;
+    let serial: u64 = meta("serial")?
+        .map(|v| v.parse())
+        .transpose()
+        .context("the state database's serial is not a number")?
+        .unwrap_or(0);
+    let mut state = State {
+        format_version: FORMAT_VERSION,
+        serial,
+        ..State::default()
+    };
+    {
+        let mut rows = tx.prepare("SELECT provider, name, record FROM users")?;
+        let mut rows = rows.query([])?;
+        while let Some(row) = rows.next()? {
+            let (provider, name, record): (String, String, String) =
+                (row.get(0)?, row.get(1)?, row.get(2)?);
+            let rec = serde_json::from_str(&record).with_context(|| {
+                format!(
+                    "the state database's record of {} / {} is not valid; keyward will not overwrite it",
+                    crate::text::escape(&provider),
+                    crate::text::escape(&name)
+                )
+            })?;
+            state
+                .accounts
+                .entry(provider)
+                .or_default()
+                .users
+                .insert(name, rec);
+        }
+    }
+    tx.commit()?;
+    Ok(state)
+}
+
+/// Replaces every row with `state`'s, in one transaction.
+fn write_db(conn: &mut rusqlite::Connection, state: &State) -> anyhow::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute("DELETE FROM users", [])?;
+    {
+        let mut insert =
+            tx.prepare("INSERT INTO users (provider, name, record) VALUES (?1, ?2, ?3)")?;
+        for (provider, account) in &state.accounts {
+            for (name, rec) in &account.users {
+                insert.execute(rusqlite::params![
+                    provider,
+                    name,
+                    serde_json::to_string(rec)?
+                ])?;
+            }
+        }
+    }
+    set_meta(&tx, state.serial)?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn set_meta(tx: &rusqlite::Transaction<'_>, serial: u64) -> anyhow::Result<()> {
+    let mut put = tx.prepare(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?;
+    put.execute(["format_version", &FORMAT_VERSION.to_string()])?;
+    put.execute(["serial", &serial.to_string()])?;
+    Ok(())
 }
 
 impl Store for StateDir {
@@ -173,7 +348,36 @@ impl Store for StateDir {
     }
 
     fn write(&self, state: &State) -> anyhow::Result<()> {
-        self.write_file(state)
+        self.write_all(state)
+    }
+
+    fn record_users(&self, serial: u64, users: &[UserRow]) -> anyhow::Result<()> {
+        self.with_db(|conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut put = tx.prepare(
+                    "INSERT INTO users (provider, name, record) VALUES (?1, ?2, ?3) ON CONFLICT (provider, name) DO UPDATE SET record = excluded.record",
+                )?;
+                let mut forget = tx.prepare("DELETE FROM users WHERE provider = ?1 AND name = ?2")?;
+                for (provider, name, rec) in users {
+                    match rec {
+                        Some(rec) => {
+                            put.execute(rusqlite::params![
+                                provider,
+                                name,
+                                serde_json::to_string(rec)?
+                            ])?;
+                        }
+                        None => {
+                            forget.execute(rusqlite::params![provider, name])?;
+                        }
+                    }
+                }
+            }
+            set_meta(&tx, serial)?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn lock(&self) -> anyhow::Result<StoreLock> {
@@ -219,7 +423,7 @@ mod tests {
         let back = dir.load().unwrap();
         assert_eq!(back, st);
         assert_eq!(back.serial, 1);
-        let mode = std::fs::metadata(dir.state_path())
+        let mode = std::fs::metadata(dir.db_path())
             .unwrap()
             .permissions()
             .mode();
@@ -232,9 +436,55 @@ mod tests {
     fn corrupt_state_is_an_error_not_a_reset() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::new(tmp.path());
-        std::fs::write(dir.state_path(), b"{not json").unwrap();
+        std::fs::write(dir.legacy_path(), b"{not json").unwrap();
         let err = dir.load().unwrap_err().to_string();
         assert!(err.contains("not valid"), "{err}");
+        // A database that is not one is an error too, and stays as it is.
+        let dir = StateDir::new(tmp.path().join("db"));
+        dir.ensure().unwrap();
+        std::fs::write(dir.db_path(), b"this is not an SQLite database, not at all").unwrap();
+        assert!(dir.load().is_err());
+        assert!(
+            std::fs::read(dir.db_path())
+                .unwrap()
+                .starts_with(b"this is not")
+        );
+    }
+
+    #[test]
+    fn a_json_state_migrates_on_the_first_write_and_one_user_is_recorded_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        dir.ensure().unwrap();
+        let mut old = State {
+            format_version: FORMAT_VERSION,
+            serial: 7,
+            ..State::default()
+        };
+        old.record_user("ng", "a", "bot_a", true, None);
+        old.record_user("ng", "b", "bot_b", false, None);
+        std::fs::write(dir.legacy_path(), serde_json::to_vec(&old).unwrap()).unwrap();
+        // Read before any write: from the JSON file, and nothing is created.
+        assert_eq!(dir.load().unwrap(), old);
+        assert!(!dir.db_path().exists());
+        // The first write migrates, then records only what it names.
+        let mut c = old.user("ng", "b").cloned().unwrap();
+        c.id = "bot_c".into();
+        dir.record_users(
+            8,
+            &[
+                ("ng".into(), "c".into(), Some(c)),
+                ("ng".into(), "a".into(), None),
+            ],
+        )
+        .unwrap();
+        let now = StateDir::new(tmp.path()).load().unwrap();
+        assert_eq!(now.serial, 8);
+        assert!(now.user("ng", "a").is_none());
+        assert_eq!(now.user("ng", "b"), old.user("ng", "b"));
+        assert_eq!(now.user("ng", "c").map(|u| u.id.as_str()), Some("bot_c"));
+        assert!(!dir.legacy_path().exists());
+        assert!(tmp.path().join("state.json.migrated").exists());
     }
 
     #[test]

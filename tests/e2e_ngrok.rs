@@ -143,7 +143,7 @@ fn fresh_account_converges_and_every_secret_works() {
     let state = ws.state_text();
     assert!(state.contains(deploy["key_id"].as_str().unwrap()));
     assert_eq!(
-        std::fs::metadata(ws.path("state/state.json"))
+        std::fs::metadata(ws.path("state/state.db"))
             .unwrap()
             .permissions()
             .mode()
@@ -449,4 +449,54 @@ fn partial_failure_is_reported_and_a_rerun_finishes() {
         .unwrap()
         .to_string();
     assert!(sb.secret_works("api_key", &secret));
+}
+
+#[test]
+fn a_json_state_of_an_earlier_keyward_migrates_into_the_state_database() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(
+        "",
+        "users:\n  - provider: ng\n    name: old-one\n    keys:\n      main: {rotate_every: 30d}\n",
+    );
+    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "apply");
+    let recorded = ws.state_text();
+    assert!(recorded.contains("old-one"), "{recorded}");
+    // What an earlier keyward left: state.json, and no database.
+    for f in ["state.db", "state.db-wal", "state.db-shm"] {
+        let _ = std::fs::remove_file(ws.path(&format!("state/{f}")));
+    }
+    std::fs::write(ws.path("state/state.json"), &recorded).unwrap();
+    // Read as it is: nothing to do, nothing written.
+    expect_code(
+        &ws.keyward(&["plan", "--detailed-exitcode"]),
+        0,
+        "plan on a JSON state",
+    );
+    assert!(!ws.path("state/state.db").exists());
+    // The first write migrates it; the old file is kept aside.
+    ws.write_config(
+        "",
+        "users:\n  - provider: ng\n    name: old-one\n    keys:\n      main: {rotate_every: 30d}\n  - provider: ng\n    name: new-one\n    keys:\n      main: {}\n",
+    );
+    expect_code(
+        &ws.keyward(&["apply", "--auto-approve"]),
+        0,
+        "apply after migration",
+    );
+    assert!(ws.path("state/state.db").exists());
+    assert!(!ws.path("state/state.json").exists());
+    assert!(ws.path("state/state.json.migrated").exists());
+    let now: serde_json::Value = serde_json::from_str(&ws.state_text()).unwrap();
+    let users = &now["accounts"]["ng"]["users"];
+    assert!(
+        users["old-one"].is_object() && users["new-one"].is_object(),
+        "{now}"
+    );
+    // The migrated record still counts: the old user's key was neither replaced nor revoked.
+    let before: serde_json::Value = serde_json::from_str(&recorded).unwrap();
+    assert_eq!(
+        users["old-one"]["slots"]["main"]["current"]["id"],
+        before["accounts"]["ng"]["users"]["old-one"]["slots"]["main"]["current"]["id"]
+    );
 }

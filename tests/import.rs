@@ -323,7 +323,7 @@ fn one_key_is_adopted_into_a_declared_slot_and_bad_targets_change_nothing() {
         "",
         "users:\n  - provider: ng\n    name: bot\n    keys:\n      main: {description: old}\n",
     );
-    let state_before = || std::fs::read_to_string(ws.path("state/state.json")).ok();
+    let state_before = || ws.state_text();
     for (target, key_id, says) in [
         ("bot/main", foreign.as_str(), "owns no key"),
         (

@@ -253,8 +253,14 @@ impl Workspace {
         serde_json::from_str(&text).unwrap()
     }
 
+    /// The state as one JSON document (`keyward state show`); empty when it cannot be read.
     pub fn state_text(&self) -> String {
-        std::fs::read_to_string(self.path("state/state.json")).unwrap_or_default()
+        let out = self.keyward(&["state", "show"]);
+        if out.status.success() {
+            text(&out.stdout)
+        } else {
+            String::new()
+        }
     }
 
     /// Every file under the workspace except the sinks, for leak checks.
