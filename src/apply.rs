@@ -137,6 +137,13 @@ impl Report {
     }
 }
 
+/// A delivery that failed for good: the error, and the first sink that received the key and
+/// cannot be put back (an exec sink that ran to success), if any.
+struct DeliveryFailure {
+    error: anyhow::Error,
+    reached: Option<String>,
+}
+
 /// One line naming a change, for progress and reports.
 pub fn describe(c: &Change) -> String {
     crate::plan::describe_change(c.action(), &c.provider, &c.user, c.slot(), c.key_id())
@@ -711,7 +718,38 @@ impl Executor {
                 .rotate_every
                 .and_then(|d| key.created_at.checked_add(d).ok()),
         };
-        if let Err(e) = self.deliver_all(&target.sinks, &doc).await {
+        // From here on a sink may hold the secret: recovery must not revoke it at once.
+        self.log(seq, Event::Delivering, true).await?;
+        if let Err(failure) = self.deliver_all(&target.sinks, &doc).await {
+            let e = failure.error;
+            if let Some(sink) = failure.reached {
+                // A sink that cannot be put back (an exec program ran to success) holds the
+                // new key: revoking it would cut that sink's consumers off. It is kept until a
+                // later key reaches every sink (the next run rotates the slot), and the current
+                // key stays.
+                let pending = KeyRecord {
+                    id: key.id.clone(),
+                    kind: key.kind,
+                    created_at: key.created_at,
+                    delivered_at: Timestamp::now(),
+                    sinks: Vec::new(),
+                    retire_after: None,
+                    delivery: crate::state::Delivery::Delivered,
+                };
+                let saved = self
+                    .save((&provider, &user.name), |s| {
+                        s.slot_entry(&provider, &user, &slot.name)
+                            .add_pending(pending)
+                    })
+                    .await;
+                self.finish(seq).await;
+                run.keys.push(key.clone());
+                saved?;
+                return Err(e.context(format!(
+                    "delivery failed after sink {sink} received the new key {}; it is kept (not revoked) until a new key reaches every sink: the next run rotates the slot again",
+                    key.id
+                )));
+            }
             // The secret exists nowhere else: without delivery the key is useless, so it goes,
             // and the key it would have replaced stays.
             let revoked = run.provider.revoke_key(&user.name, &key).await;
@@ -762,7 +800,7 @@ impl Executor {
             delivery: crate::state::Delivery::Delivered,
         };
         let retire_after = crate::rotation::revoke_after(now, slot.overlap);
-        let mut replaced: Option<String> = None;
+        let mut replaced: Vec<String> = Vec::new();
         let remote_ids: std::collections::HashSet<String> =
             run.keys.iter().map(|k| k.id.clone()).collect();
         // If this write fails the journal still says "delivered": the next run adopts the key.
@@ -776,7 +814,7 @@ impl Executor {
         self.finish(seq).await;
         run.keys.push(key.clone());
         let mut detail = format!("{} delivered to {}", key.id, slot.sinks.join(", "));
-        if let Some(old) = replaced {
+        for old in replaced {
             if slot.overlap <= jiff::SignedDuration::ZERO {
                 if let Some(old_key) = run.keys.iter().find(|k| k.id == old).cloned() {
                     self.revoke(run, &old_key, change).await?;
@@ -797,9 +835,16 @@ impl Executor {
     /// file sinks already written are put back as they were (the previous document, or no file),
     /// so that no sink is left holding the new key the caller is about to revoke: the key left
     /// in place must still be what every sink holds.
-    async fn deliver_all(&self, sinks: &[SinkConfig], doc: &SinkDocument) -> anyhow::Result<()> {
+    async fn deliver_all(
+        &self,
+        sinks: &[SinkConfig],
+        doc: &SinkDocument,
+    ) -> Result<(), DeliveryFailure> {
         let mut written: Vec<(std::path::PathBuf, Option<Zeroizing<Vec<u8>>>)> = Vec::new();
-        let result = self.deliver_each(sinks, doc, &mut written).await;
+        let mut reached = None;
+        let result = self
+            .deliver_each(sinks, doc, &mut written, &mut reached)
+            .await;
         if result.is_err() {
             for (path, previous) in written.into_iter().rev() {
                 let shown = path.display().to_string();
@@ -815,7 +860,7 @@ impl Executor {
                 }
             }
         }
-        result
+        result.map_err(|error| DeliveryFailure { error, reached })
     }
 
     /// [`Self::deliver_all`]'s loop; records each file sink it wrote with what the file held
@@ -825,6 +870,7 @@ impl Executor {
         sinks: &[SinkConfig],
         doc: &SinkDocument,
         written: &mut Vec<(std::path::PathBuf, Option<Zeroizing<Vec<u8>>>)>,
+        reached: &mut Option<String>,
     ) -> anyhow::Result<()> {
         for sink in sinks {
             let name = &sink.name;
@@ -849,7 +895,13 @@ impl Executor {
                 })
                 .await
                 .map_err(|e| e.error.context(format!("sink {name}")))?;
-            written.extend(before);
+            match before {
+                Some(b) => written.push(b),
+                // A sink that cannot be put back (an exec program) now holds the key.
+                None => {
+                    reached.get_or_insert_with(|| name.clone());
+                }
+            }
         }
         Ok(())
     }

@@ -632,6 +632,15 @@ pub fn resolve_target(config: &Config, t: &str, verb: &str) -> anyhow::Result<pl
 }
 
 fn print_plan(plan: &Plan, json: bool) {
+    let rendering = std::time::Instant::now();
+    print_plan_now(plan, json);
+    tracing::debug!(
+        "plan rendered in {:.1} ms",
+        rendering.elapsed().as_secs_f64() * 1000.0
+    );
+}
+
+fn print_plan_now(plan: &Plan, json: bool) {
     if json {
         print!("{}", plan::render::json(plan));
     } else {

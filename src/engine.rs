@@ -192,7 +192,15 @@ impl Engine {
                 opts.force.push(f.clone());
             }
         }
-        let plan = operator.review(self.plan(&obs, &opts, Timestamp::now()))?;
+        let planning = std::time::Instant::now();
+        let computed = self.plan(&obs, &opts, Timestamp::now());
+        tracing::debug!(
+            "planned {} change(s) and {} warning(s) in {:.1} ms",
+            computed.changes.len(),
+            computed.warnings.len(),
+            planning.elapsed().as_secs_f64() * 1000.0
+        );
+        let plan = operator.review(computed)?;
         let (outcome, report) = if !plan.has_changes() {
             (RunOutcome::Unchanged, None)
         } else if !apply {

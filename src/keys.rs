@@ -22,6 +22,8 @@ pub struct KeyBook<'a> {
     pub retiring: BTreeMap<String, Vec<(&'a RemoteKey, Option<Timestamp>)>>,
     /// Keys keyward minted and never delivered (recorded as orphans), with their slot.
     pub orphans: Vec<(String, &'a RemoteKey)>,
+    /// Keys whose delivery was cut short (some sink may hold them), with their slot.
+    pub pending: Vec<(String, &'a RemoteKey)>,
     /// Keys tagged by this installation for a slot, recorded nowhere, with that slot.
     pub untracked: Vec<(String, &'a RemoteKey)>,
     /// Keys tagged by another installation, with its owner.
@@ -50,6 +52,12 @@ pub enum KeyClass {
         /// The slot.
         slot: String,
     },
+    /// Its delivery was cut short: some sink may hold it; kept until a later key reaches every
+    /// sink of the slot.
+    Pending {
+        /// The slot.
+        slot: String,
+    },
     /// Tagged by this installation for `slot`, but neither the state nor the journal records
     /// it: it may be what the slot's consumers hold, so it is never revoked at once.
     Untracked {
@@ -72,6 +80,7 @@ impl KeyClass {
             KeyClass::Current { .. } => "current",
             KeyClass::Retiring { .. } => "retiring",
             KeyClass::Orphan { .. } => "orphan",
+            KeyClass::Pending { .. } => "pending",
             KeyClass::Untracked { .. } => "untracked",
             KeyClass::Foreign { .. } => "foreign",
             KeyClass::Unknown => "unknown",
@@ -100,6 +109,7 @@ pub fn classify<'a>(
                 book.retiring.entry(slot).or_default().push((key, until))
             }
             KeyClass::Orphan { slot } => book.orphans.push((slot, key)),
+            KeyClass::Pending { slot } => book.pending.push((slot, key)),
             KeyClass::Untracked { slot } => book.untracked.push((slot, key)),
             KeyClass::Foreign { owner } => book.foreign.push((owner, key)),
             KeyClass::Unknown => book.unknown.push(key),
@@ -128,6 +138,9 @@ pub fn class_of(
             }
             if srec.orphans().contains(&key.id) {
                 return KeyClass::Orphan { slot: slot.clone() };
+            }
+            if srec.pending().iter().any(|p| p.id == key.id) {
+                return KeyClass::Pending { slot: slot.clone() };
             }
         }
     }

@@ -50,6 +50,9 @@ pub enum Event {
         /// When the provider created it.
         created_at: Timestamp,
     },
+    /// Delivery to the slot's sinks begins: from here on a sink may hold the secret, so the key
+    /// is never revoked at once (durable before the first sink is written).
+    Delivering,
     /// Every sink of the slot has the secret.
     Delivered {
         /// The slot's sink names.
@@ -80,6 +83,8 @@ pub struct Unfinished {
     pub forced: bool,
     /// The key the provider created, if it got that far: id, kind, creation time.
     pub created: Option<(String, KeyKind, Timestamp)>,
+    /// Whether delivery to the sinks began (some sink may hold the secret).
+    pub delivering: bool,
     /// The sinks that received the secret and when, if it got that far.
     pub delivered: Option<(Vec<String>, Timestamp)>,
 }
@@ -110,6 +115,7 @@ pub fn unfinished(entries: &[Entry]) -> Vec<Unfinished> {
                         slot: slot.clone(),
                         forced: *forced,
                         created: None,
+                        delivering: false,
                         delivered: None,
                     },
                 );
@@ -121,6 +127,11 @@ pub fn unfinished(entries: &[Entry]) -> Vec<Unfinished> {
             } => {
                 if let Some(u) = open.get_mut(&e.seq) {
                     u.created = Some((key_id.clone(), *kind, *created_at));
+                }
+            }
+            Event::Delivering => {
+                if let Some(u) = open.get_mut(&e.seq) {
+                    u.delivering = true;
                 }
             }
             Event::Delivered { sinks } => {

@@ -201,6 +201,28 @@ pub fn recover(
                         "{} / {}: adopted key {key_id} for slot {slot}: an interrupted run delivered it",
                         op.provider, op.user
                     ));
+                } else if op.delivering {
+                    // Delivery began and was cut short: some sink may hold it (a file written
+                    // before the kill, an exec program still running), so it is not revoked at
+                    // once. It is kept until a later key reaches every sink of the slot (the
+                    // plan rotates the slot now), then retires for the overlap.
+                    state
+                        .slot_entry(&op.provider, u, &slot)
+                        .add_pending(KeyRecord {
+                            id: key_id.clone(),
+                            kind: *kind,
+                            created_at: *created_at,
+                            delivered_at: op.started_at,
+                            sinks: Vec::new(),
+                            retire_after: None,
+                            delivery: crate::state::Delivery::Delivered,
+                        });
+                    r.changed = true;
+                    r.notes.push(format!(
+                        "{} / {}: key {key_id} for slot {slot} was being delivered when a run was interrupted; some sink may hold it, so it is kept until a new key reaches every sink, then retires for the overlap",
+                        op.provider, op.user
+                    ));
+                    redo_if_forced(&mut r, op);
                 } else {
                     // Never delivered: nobody has its secret. Revoke it; rotate again.
                     mark_orphan(state, op, u, &slot, key_id);
@@ -218,7 +240,60 @@ pub fn recover(
         }
     }
     settle_untracked(config, &index, probes, state, now, &mut r);
+    retire_left_slots(config, &index, state, now, &mut r);
     r
+}
+
+/// A declared user's slot that left the file keeps its keys for `defaults.overlap` from now
+/// (its consumers may still hold them), then the plan revokes them: its current and pending
+/// keys move into retiring.
+fn retire_left_slots(
+    config: &Config,
+    index: &std::collections::HashMap<&str, crate::model::AccountIndex>,
+    state: &mut State,
+    now: Timestamp,
+    r: &mut Recovery,
+) {
+    let until = crate::rotation::revoke_after(now, config.default_overlap);
+    for spec in &config.users {
+        let Some(user) = index
+            .get(spec.provider.as_str())
+            .and_then(|l| l.users.get(spec.name.as_str()))
+        else {
+            continue;
+        };
+        let Some(rec) = state
+            .user_mut(&spec.provider, &spec.name)
+            .filter(|rec| rec.id == user.id)
+        else {
+            continue;
+        };
+        for (slot, srec) in rec.slots.iter_mut() {
+            if spec.slots.contains_key(slot) {
+                continue;
+            }
+            for key_id in srec.retire_all(until) {
+                r.changed = true;
+                let message = format!(
+                    "key {key_id} of slot {slot}: the slot is no longer declared; it stays valid for the overlap (until {}) and is revoked then",
+                    until.strftime("%Y-%m-%d %H:%M UTC")
+                );
+                r.notes
+                    .push(format!("{} / {}: {message}", spec.provider, spec.name));
+                r.explained.push(crate::plan::Warning {
+                    kind: crate::plan::WarningKind::RetiringKey,
+                    provider: Some(spec.provider.clone()),
+                    user: Some(spec.name.clone()),
+                    key_id: Some(key_id.clone()),
+                    detail: format!(
+                        "slot {slot} left the file; revoked when the overlap ends ({})",
+                        until.strftime("%Y-%m-%d %H:%M UTC")
+                    ),
+                    message,
+                });
+            }
+        }
+    }
 }
 
 /// The keys an unfinished create/rotate made when the process died between the provider's
@@ -583,6 +658,7 @@ mod tests {
             slot: Some("main".into()),
             forced: true,
             created: None,
+            delivering: false,
             delivered: None,
         };
         assert_eq!(

@@ -65,6 +65,10 @@ pub struct SlotRecord {
     /// run): nobody holds them, so they are revoked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     orphans: Vec<String>,
+    /// Keys whose delivery was cut short (an interrupted run): some sink may hold them, so they
+    /// are kept until a later key reaches every sink, and then retire for the overlap.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pending: Vec<KeyRecord>,
 }
 
 impl SlotRecord {
@@ -83,32 +87,64 @@ impl SlotRecord {
         &self.orphans
     }
 
-    /// Makes `new` (delivered to every sink) the current key. The key it replaces retires until
-    /// `retire_after`, unless `still_there` says the provider no longer has it (then there is
-    /// nothing left to retire). Returns the id of the key that retires.
+    /// Keys whose delivery was cut short, kept until a later key reaches every sink.
+    pub fn pending(&self) -> &[KeyRecord] {
+        &self.pending
+    }
+
+    /// Makes `new` (delivered to every sink) the current key. The key it replaces, and any key
+    /// whose delivery was cut short before, retire until `retire_after`, unless `still_there`
+    /// says the provider no longer has them (then there is nothing left to retire). Returns the
+    /// ids of the keys that retire.
     pub fn promote(
         &mut self,
         new: KeyRecord,
         retire_after: Timestamp,
         still_there: impl Fn(&str) -> bool,
-    ) -> Option<String> {
-        let mut replaced = None;
-        if let Some(mut old) = self.current.take().filter(|o| o.id != new.id)
-            && still_there(&old.id)
-        {
-            old.retire_after = Some(retire_after);
-            replaced = Some(old.id.clone());
-            self.retiring.push(old);
+    ) -> Vec<String> {
+        let mut replaced = Vec::new();
+        let old = self.current.take().filter(|o| o.id != new.id);
+        let pending = std::mem::take(&mut self.pending);
+        for mut k in old.into_iter().chain(pending) {
+            if k.id != new.id && still_there(&k.id) {
+                k.retire_after = Some(retire_after);
+                replaced.push(k.id.clone());
+                self.retiring.push(k);
+            }
         }
         self.orphans.retain(|o| *o != new.id);
         self.current = Some(new);
         replaced
     }
 
+    /// Records a key whose delivery was cut short: kept (never revoked at once) until a later
+    /// key of the slot reaches every sink.
+    pub fn add_pending(&mut self, key: KeyRecord) {
+        if !self.pending.iter().any(|k| k.id == key.id) {
+            self.orphans.retain(|o| *o != key.id);
+            self.pending.push(key);
+        }
+    }
+
+    /// Moves the current and pending keys into retiring, until `retire_after` (the slot left
+    /// the file: its consumers get the overlap to stop using them). Returns their ids.
+    pub fn retire_all(&mut self, retire_after: Timestamp) -> Vec<String> {
+        let mut moved = Vec::new();
+        let current = self.current.take();
+        let pending = std::mem::take(&mut self.pending);
+        for mut k in current.into_iter().chain(pending) {
+            k.retire_after = Some(retire_after);
+            moved.push(k.id.clone());
+            self.retiring.push(k);
+        }
+        moved
+    }
+
     /// Forgets a key that was revoked (or is gone), whatever its role.
     pub fn forget(&mut self, key_id: &str) {
         self.retiring.retain(|k| k.id != key_id);
         self.orphans.retain(|o| o != key_id);
+        self.pending.retain(|k| k.id != key_id);
         if self.current.as_ref().is_some_and(|c| c.id == key_id) {
             self.current = None;
         }
@@ -124,10 +160,11 @@ impl SlotRecord {
     /// Keeps only the retiring and orphaned keys `exists` says the provider still has; returns
     /// how many were dropped (revoked by a run whose completion was never recorded).
     pub fn drop_gone(&mut self, exists: impl Fn(&str) -> bool) -> usize {
-        let before = self.retiring.len() + self.orphans.len();
+        let before = self.retiring.len() + self.orphans.len() + self.pending.len();
         self.retiring.retain(|k| exists(&k.id));
         self.orphans.retain(|k| exists(k));
-        before - self.retiring.len() - self.orphans.len()
+        self.pending.retain(|k| exists(&k.id));
+        before - self.retiring.len() - self.orphans.len() - self.pending.len()
     }
 
     /// A slot holding `current` (tests and imports build records this way).
@@ -281,7 +318,7 @@ impl State {
         }
     }
 
-    /// Every key id keyward recorded for a user, current and retiring.
+    /// Every key id keyward recorded for a user: current, retiring and pending.
     pub fn key_ids<'a>(
         &'a self,
         provider: &str,
@@ -294,6 +331,7 @@ impl State {
                 rec.current
                     .iter()
                     .chain(rec.retiring.iter())
+                    .chain(rec.pending.iter())
                     .map(move |k| (slot.as_str(), k.id.as_str()))
             })
     }
@@ -316,21 +354,24 @@ mod tests {
         };
         let until = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
         let mut slot = SlotRecord::default();
-        assert_eq!(slot.promote(key("a"), until, |_| true), None);
+        assert!(slot.promote(key("a"), until, |_| true).is_empty());
         slot.add_orphan("b");
         // Promoting the orphan itself (recovered as delivered) clears it from the orphans.
-        assert_eq!(
-            slot.promote(key("b"), until, |_| true).as_deref(),
-            Some("a")
-        );
+        assert_eq!(slot.promote(key("b"), until, |_| true), ["a"]);
         assert!(slot.orphans().is_empty());
         assert_eq!(slot.retiring()[0].retire_after, Some(until));
         // A replaced key the provider no longer has does not retire.
-        assert_eq!(slot.promote(key("c"), until, |id| id != "b"), None);
+        assert!(slot.promote(key("c"), until, |id| id != "b").is_empty());
         assert_eq!(slot.retiring().len(), 1);
         slot.forget("a");
         slot.forget("c");
         assert!(slot.current().is_none() && slot.retiring().is_empty());
         assert!(slot.orphans().is_empty());
+        // A key whose delivery was cut short is kept, then retires with the next promotion.
+        slot.add_pending(key("p"));
+        assert_eq!(slot.pending().len(), 1);
+        assert_eq!(slot.promote(key("d"), until, |_| true), ["p"]);
+        assert!(slot.pending().is_empty());
+        assert_eq!(slot.retiring()[0].id, "p");
     }
 }

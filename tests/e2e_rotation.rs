@@ -885,3 +885,63 @@ fn saved_plan_with_a_due_rotation_applies_once() {
     );
     assert_eq!(sb.key_ids_of("planned"), after);
 }
+
+#[test]
+fn a_slot_that_leaves_the_file_keeps_its_key_for_the_overlap() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(
+        "",
+        "users:\n  - provider: ng\n    name: renamed\n    keys:\n      old-name: {}\n",
+    );
+    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "apply");
+    let old = ws.sink("renamed", "old-name");
+    // The slot is renamed in the file: a new key for the new slot, and the old slot's key, which
+    // its consumers still hold, is not revoked at once.
+    ws.write_config(
+        "",
+        "users:\n  - provider: ng\n    name: renamed\n    keys:\n      new-name: {}\n",
+    );
+    let plan = ws.plan_json();
+    let changes = plan["changes"].as_array().unwrap();
+    assert!(
+        !changes.iter().any(|c| c["action"] == "revoke_key"),
+        "no revoke at once: {plan}"
+    );
+    assert!(
+        plan["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["kind"] == "retiring_key" && w["key_id"] == old["key_id"]),
+        "{plan}"
+    );
+    expect_code(
+        &ws.keyward(&["apply", "--auto-approve"]),
+        0,
+        "apply the rename",
+    );
+    assert!(sb.secret_works("api_key", old["secret"].as_str().unwrap()));
+    assert!(sb.secret_works(
+        "api_key",
+        ws.sink("renamed", "new-name")["secret"].as_str().unwrap()
+    ));
+    let status = ws.status_keys();
+    let ts = |v: &serde_json::Value| v.as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
+    let retiring = status
+        .iter()
+        .find(|k| k["key_id"] == old["key_id"])
+        .unwrap_or_else(|| panic!("old key listed: {status:?}"));
+    assert_eq!(retiring["state"], "retiring", "{retiring}");
+    let left = ts(&retiring["revoke_after"]).duration_since(jiff::Timestamp::now());
+    assert!(
+        left > jiff::SignedDuration::from_hours(23) && left <= jiff::SignedDuration::from_hours(24),
+        "revoked when the default 24h overlap ends: {retiring}"
+    );
+    // Nothing more to do until then.
+    expect_code(
+        &ws.keyward(&["plan", "--detailed-exitcode"]),
+        0,
+        "plan during the overlap",
+    );
+}

@@ -84,8 +84,9 @@ fn plan_shows_the_forced_rotation_an_interrupted_rotate_left() {
     let _ = rotate.kill();
     let _ = rotate.wait();
 
-    // `plan` (which writes nothing) shows what `apply` will do: rotate again (forced) before the
-    // undelivered key goes.
+    // `plan` (which writes nothing) shows what `apply` will do: rotate again (forced). The key
+    // whose delivery was cut short is not revoked: the file sink holds it, and a consumer may
+    // already have read it.
     let plan = ws.plan_json();
     let changes = plan["changes"].as_array().expect("changes");
     let rotate = changes
@@ -94,11 +95,15 @@ fn plan_shows_the_forced_rotation_an_interrupted_rotate_left() {
         .unwrap_or_else(|| panic!("no forced re-rotation in the plan: {plan}"));
     assert_eq!(rotate["after"]["forced"], true, "{plan}");
     assert!(
-        changes
+        !changes
             .iter()
             .any(|c| c["action"] == "revoke_key" && c["key_id"] == held),
-        "{plan}"
+        "a key a sink holds is never revoked at once: {plan}"
     );
+    let held_secret = ws.sink("cut", "main")["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // A saved plan holds the same: applied, every sink ends with a working key.
     std::fs::write(
@@ -123,6 +128,16 @@ fn plan_shows_the_forced_rotation_an_interrupted_rotate_left() {
     assert!(
         sb.secret_works("api_key", doc["secret"].as_str().unwrap()),
         "the file sink's key works"
+    );
+    // The key the file held before keeps working for the overlap: it retires, it is not
+    // revoked.
+    assert!(sb.secret_works("api_key", &held_secret));
+    let status = ws.status_keys();
+    assert!(
+        status
+            .iter()
+            .any(|k| k["key_id"] == held && k["state"] == "retiring"),
+        "{status:?}"
     );
 }
 
@@ -320,5 +335,93 @@ fn apply_shows_progress_on_a_terminal_and_never_on_a_pipe() {
     assert!(
         !all.contains("changes ·") && !all.contains("rate budget"),
         "no progress on a pipe:\n{all}"
+    );
+}
+
+#[test]
+fn a_key_an_exec_sink_received_is_kept_when_a_later_sink_fails() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    // The exec sink hands the document to its consumer (a file it writes); the file sink after
+    // it lives in a directory that can be made unusable.
+    let handed = ws.path("handed.json");
+    ws.write_config_with_sinks(
+        "",
+        &format!(
+            "  hand:\n    type: exec\n    command: [\"/bin/sh\", \"-c\", \"cat > {}\"]\n  later:\n    type: file\n    path: later/{{user}}.json\n    format: json\n",
+            handed.display()
+        ),
+        "users:\n  - provider: ng\n    name: two-sinks\n    keys:\n      main: {sink: [hand, later], overlap: 1h}\n",
+    );
+    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "first apply");
+    let first: Value = serde_json::from_slice(&std::fs::read(&handed).unwrap()).unwrap();
+    // The file sink's target becomes a directory: writing there fails, after the exec sink
+    // ran.
+    let target = ws.path("later/two-sinks.json");
+    std::fs::remove_file(&target).unwrap();
+    std::fs::create_dir(&target).unwrap();
+    let out = ws.keyward(&["rotate", "two-sinks", "--auto-approve"]);
+    expect_code(&out, 1, "rotate with the second sink failing");
+    let err = text(&out.stderr);
+    assert!(err.contains("kept (not revoked)"), "{err}");
+    // The exec sink's consumer holds the new key: it must work, and so must the old one.
+    let handed_now: Value = serde_json::from_slice(&std::fs::read(&handed).unwrap()).unwrap();
+    assert_ne!(handed_now["key_id"], first["key_id"]);
+    for doc in [&handed_now, &first] {
+        assert!(
+            sb.secret_works("api_key", doc["secret"].as_str().unwrap()),
+            "{} was revoked while a consumer holds it",
+            doc["key_id"]
+        );
+    }
+    // Once the sink is usable again, the next run gives every sink one new key; the key the
+    // exec sink got retires for the overlap instead of being revoked.
+    std::fs::remove_dir(&target).unwrap();
+    let plan = ws.plan_json();
+    assert!(
+        plan["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["action"] == "rotate_key"),
+        "{plan}"
+    );
+    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "the next run");
+    let last: Value = serde_json::from_slice(&std::fs::read(&handed).unwrap()).unwrap();
+    assert_ne!(last["key_id"], handed_now["key_id"]);
+    assert!(sb.secret_works("api_key", handed_now["secret"].as_str().unwrap()));
+    let status = ws.status_keys();
+    assert!(
+        status
+            .iter()
+            .any(|k| k["key_id"] == handed_now["key_id"] && k["state"] == "retiring"),
+        "{status:?}"
+    );
+}
+
+#[test]
+fn an_exec_sink_program_dies_with_a_killed_keyward() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    let started = ws.path("hook-started");
+    let late = ws.path("late.json");
+    ws.write_config_with_sinks(
+        "",
+        &format!(
+            "  slow:\n    type: exec\n    command: [\"/bin/sh\", \"-c\", \"cat > {late}.tmp; touch {started}; sleep 3; mv {late}.tmp {late}\"]\n    timeout: 60s\n",
+            late = late.display(),
+            started = started.display()
+        ),
+        "users:\n  - provider: ng\n    name: orphaned-hook\n    keys:\n      main: {sink: slow}\n",
+    );
+    let mut apply = spawn(&ws, &["apply", "--auto-approve"]);
+    wait_for("the sink program started", || started.exists());
+    let _ = apply.kill();
+    let _ = apply.wait();
+    // Had it lived on, it would hand over a key the next run revokes as never delivered.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        !late.exists(),
+        "the sink program outlived keyward and delivered after it died"
     );
 }

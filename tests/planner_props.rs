@@ -405,6 +405,7 @@ fn build(
             },
         )]),
         users,
+        default_overlap: SignedDuration::from_hours(24),
         prune: Prune {
             users: [PruneUsers::Keep, PruneUsers::Disable, PruneUsers::Delete]
                 [w.prune_users as usize],

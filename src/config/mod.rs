@@ -89,6 +89,9 @@ pub struct Config {
     pub users: Vec<UserSpec>,
     /// What to do with managed objects that left the file (`prune`).
     pub prune: Prune,
+    /// `defaults.overlap` (default 24h): how long the keys of a slot that left the file stay
+    /// valid before they are revoked.
+    pub default_overlap: SignedDuration,
 }
 
 /// How keyward itself runs: the `settings` section, defaults applied.

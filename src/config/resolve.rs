@@ -202,6 +202,11 @@ impl Ctx<'_> {
             },
         };
         Config {
+            default_overlap: defaults
+                .overlap
+                .as_ref()
+                .map(|o| o.value)
+                .unwrap_or(SignedDuration::from_hours(24)),
             path: path.to_path_buf(),
             digest,
             included: included.iter().map(|(f, _)| f.to_path_buf()).collect(),

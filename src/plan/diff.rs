@@ -367,9 +367,33 @@ fn plan_existing_user(
                 Err(None) => {}
             },
         }
-        let rotated = changes[first_change..]
+        let interrupted = sorted.pending.iter().any(|(s, _)| *s == slot.name);
+        let mut rotated = changes[first_change..]
             .iter()
             .any(|c| c.action() == Action::RotateKey && c.slot() == Some(slot.name.as_str()));
+        if let (Some(key), true, false) = (current, interrupted, rotated) {
+            // A delivery was cut short: some sinks may hold the pending key, the others the
+            // current one. A new key for every sink ends that; both then retire.
+            changes.push(change(
+                provider,
+                &spec.name,
+                Op::RotateKey {
+                    slot: target(config, slot),
+                    from: key_ref(key),
+                    forced: false,
+                    adopted: delivery(&slot.name) == Delivery::Adopted,
+                    why: RotateReason::Interrupted,
+                },
+            ));
+            // The pending key is not yet retiring: no upcoming revoke for it.
+            upcoming.retain(|u| {
+                !(u.action == Action::RotateKey
+                    && u.provider == provider
+                    && u.user == spec.name
+                    && u.slot.as_deref() == Some(slot.name.as_str()))
+            });
+            rotated = true;
+        }
         if let Some(key) = current.filter(|_| !rotated) {
             let kind = config.providers.get(provider).map(|a| a.kind);
             let (before, after) = drift(kind, slot, key, delivery(&slot.name), owner);
@@ -413,24 +437,35 @@ fn plan_existing_user(
         }
     }
 
-    // Keys keyward owns on slots that left the file: the slot is gone, so are its keys.
+    // Keys keyward owns on slots that left the file: the slot is gone, so are its keys, once
+    // their overlap has passed (crash recovery moves a left slot's current key into retiring,
+    // until the overlap from when it noticed: a consumer may still hold it).
     let declared: BTreeSet<&str> = spec.slots.keys().map(String::as_str).collect();
-    let current = sorted.current.iter().map(|(slot, key)| (slot, *key));
-    let retiring = sorted
-        .retiring
-        .iter()
-        .flat_map(|(slot, keys)| keys.iter().map(move |(key, _)| (slot, *key)));
-    for (slot, key) in current.chain(retiring) {
-        if !declared.contains(slot.as_str()) {
-            changes.push(change(
-                provider,
-                &spec.name,
-                Op::RevokeKey {
-                    key: key_ref(key),
+    for (slot, keys) in &sorted.retiring {
+        if declared.contains(slot.as_str()) {
+            continue;
+        }
+        for (key, until) in keys {
+            match until.filter(|t| *t > now) {
+                Some(t) => upcoming.push(Upcoming {
+                    action: Action::RevokeKey,
+                    provider: provider.to_string(),
+                    user: spec.name.clone(),
                     slot: Some(slot.clone()),
-                    why: RevokeReason::SlotUndeclared,
-                },
-            ));
+                    key_id: Some(key.id.clone()),
+                    at: t,
+                    reason: format!("slot {slot} is no longer declared; overlap ends"),
+                }),
+                None => changes.push(change(
+                    provider,
+                    &spec.name,
+                    Op::RevokeKey {
+                        key: key_ref(key),
+                        slot: Some(slot.clone()),
+                        why: RevokeReason::SlotUndeclared,
+                    },
+                )),
+            }
         }
     }
     for (slot, key) in &sorted.orphans {

@@ -251,6 +251,9 @@ pub enum RotateReason {
     /// do not verifiably hold it: nobody can say who holds it, so a new key is delivered and it
     /// retires for the slot's overlap.
     Unconfirmed,
+    /// A delivery to the slot's sinks was cut short (an interrupted run): some sinks may hold
+    /// the key being delivered, the others the current one; a new key for every sink ends that.
+    Interrupted,
 }
 
 /// Why a key is revoked.
@@ -396,6 +399,10 @@ fn rotate_reason(from: &KeyRef, why: &RotateReason, now: Timestamp) -> String {
             short_id(&from.id),
             due.describe(Some(from.created_at), now)
         ),
+        RotateReason::Interrupted => format!(
+            "{}: a delivery to this slot's sinks was cut short; a new key for every sink, then the keys they hold retire for the overlap",
+            short_id(&from.id)
+        ),
     }
 }
 
@@ -440,6 +447,8 @@ pub enum WarningKind {
     OwnCredential,
     /// A user keyward created that left the file, kept (`prune.users: keep`).
     PrunedUserKept,
+    /// A key whose slot left the file: valid for the overlap, then revoked.
+    RetiringKey,
     /// A key of this installation that no state recorded and the sinks do not verifiably hold
     /// (rotated, retiring for the overlap), or that names a slot the file no longer declares
     /// (left alone).
@@ -458,6 +467,7 @@ impl WarningKind {
             WarningKind::ForeignKey => "foreign_key",
             WarningKind::AdoptedKey => "adopted_key",
             WarningKind::UntrackedKey => "untracked_key",
+            WarningKind::RetiringKey => "retiring_key",
             WarningKind::UnmanagedUser => "unmanaged_user",
             WarningKind::PrunedUserKept => "pruned_user_kept",
             WarningKind::OwnCredential => "own_credential",

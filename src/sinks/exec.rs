@@ -88,6 +88,24 @@ pub async fn deliver(
     if std::env::var_os("PATH").is_none() {
         cmd.env("PATH", DEFAULT_PATH);
     }
+    // If keyward dies (kill -9), the sink program dies with it: left running, it could deliver
+    // a key the next run has already decided about (product contract §4: a key is revoked at
+    // once only if no sink can hold it).
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure runs in the child between fork and exec and only makes two
+    // async-signal-safe system calls (prctl, getppid); it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            // The parent may have died before the line above took effect.
+            if rustix::process::getppid() != Some(parent) {
+                return Err(std::io::Error::other(
+                    "keyward exited before the sink program started",
+                ));
+            }
+            Ok(())
+        });
+    }
     cmd.env("KEYWARD_PROVIDER", &doc.provider)
         .env("KEYWARD_USER", &doc.user)
         .env("KEYWARD_SLOT", &doc.slot)
