@@ -427,23 +427,37 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            if let Some(path) = out
-                && std::fs::symlink_metadata(path).is_ok()
-            {
-                anyhow::bail!(
-                    "import: {} exists; keyward never overwrites it: name a new file; nothing was imported",
-                    path.display()
-                );
-            }
+            // The file is made first (never over an existing one): if it cannot be, nothing is
+            // recorded; if the import fails, it goes again.
+            let reserved = match out {
+                Some(path) => Some(
+                    crate::files::reserve_new_file(path)
+                        .map_err(|e| e.context("import: nothing was imported"))?,
+                ),
+                None => None,
+            };
             let selection = crate::import::Selection {
                 providers: providers.clone(),
                 users: users.clone(),
             };
-            let (doc, n_users, n_keys) = ctx.engine.import(&selection).await?;
-            match out {
-                Some(path) => crate::files::create_new_file(path, doc.as_bytes())
-                    .with_context(|| format!("writing {}", path.display()))?,
-                None => print!("{doc}"),
+            let (doc, n_users, n_keys) = match ctx.engine.import(&selection).await {
+                Ok(done) => done,
+                Err(e) => {
+                    if let Some(path) = out {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(e);
+                }
+            };
+            match (out, reserved) {
+                (Some(path), Some(file)) => crate::files::fill_new_file(file, path, doc.as_bytes())
+                    .with_context(|| {
+                        format!(
+                            "writing {} (the users are recorded in the state; `keyward import` again prints the document)",
+                            path.display()
+                        )
+                    })?,
+                _ => print!("{doc}"),
             }
             eprintln!(
                 "imported {n_users} service user(s); {n_keys} key(s) recorded as adopted. Add the document to the config{}: `keyward plan` then leaves them as they are until their policy rotates them.",

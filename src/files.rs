@@ -267,16 +267,22 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `path`, which must not exist yet (`O_CREAT|O_EXCL`: an existing file or a
-/// link is never replaced or followed), mode 0644, and syncs it and its directory. For
-/// documents people keep, such as the config `keyward import --out` writes.
-pub fn create_new_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut file = std::fs::OpenOptions::new()
+/// Creates `path`, which must not exist yet (`O_CREAT|O_EXCL`: an existing file or a link is
+/// never replaced or followed), mode 0644, empty: the caller fills it with [`fill_new_file`]
+/// once it has the content, or removes it. For documents people keep, such as the config
+/// `keyward import --out` writes.
+pub fn reserve_new_file(path: &Path) -> anyhow::Result<File> {
+    std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o644)
         .open(path)
-        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))
+}
+
+/// Writes `bytes` into `file` (created at `path` by [`reserve_new_file`]) and syncs it and its
+/// directory.
+pub fn fill_new_file(mut file: File, path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     file.write_all(bytes)?;
     file.sync_all()?;
     let dir = match path.parent() {

@@ -95,6 +95,19 @@ pub fn select(
             }
             seen_names.insert(user.name.clone());
             if declared.contains(&(provider.as_str(), user.name.as_str())) {
+                if selection.users.contains(&user.name) {
+                    tracing::warn!(
+                        "import: {provider} / {} is declared in the config already; nothing to import for it",
+                        crate::text::escape(&user.name)
+                    );
+                }
+                continue;
+            }
+            if let Some(why) = undeclarable(config, &user.name) {
+                tracing::warn!(
+                    "import: {provider} / {}: skipped, {why}; rename it at the provider to manage it",
+                    crate::text::escape(&user.name)
+                );
                 continue;
             }
             let keys = index.keys_of(&user.id);
@@ -121,6 +134,37 @@ pub fn select(
         }
     }
     Ok(out)
+}
+
+/// Why a service user of this name cannot be declared in the config as it is (so `validate`
+/// would refuse the document): a control character, or a name that cannot stand in for
+/// `{user}` in a default sink's template. `None` when it can.
+fn undeclarable(config: &Config, name: &str) -> Option<String> {
+    if name.trim().is_empty() {
+        return Some("its name is empty".to_string());
+    }
+    if crate::text::has_control(name) {
+        return Some("its name holds a control character, which a config cannot declare".into());
+    }
+    if crate::text::fits_placeholder(name) {
+        return None;
+    }
+    config
+        .default_sinks
+        .iter()
+        .filter_map(|s| config.sinks.get(s))
+        .find(|sink| match &sink.kind {
+            crate::config::SinkKind::File { path, .. } => path.contains("{user}"),
+            crate::config::SinkKind::Exec { command, .. } => {
+                command.iter().any(|a| a.contains("{user}"))
+            }
+        })
+        .map(|sink| {
+            format!(
+                "its name cannot stand in for {{user}} in sink `{}` (it is `.` or `..` or holds `/`)",
+                sink.name
+            )
+        })
 }
 
 /// The slot each key of one user becomes (see [`select`]).
@@ -197,7 +241,8 @@ pub fn document(users: &[ImportedUser]) -> String {
         }
         out.push_str("    keys:\n");
         for (slot, key) in &u.slots {
-            out.push_str(&format!("      {slot}:\n"));
+            // Quoted: a slot named `null`, `true` or `1e3` is a string, not a YAML scalar.
+            out.push_str(&format!("      {}:\n", quoted(slot)));
             out.push_str(&format!("        kind: {}\n", key.kind));
             if u.provider_type == ProviderType::Ngrok {
                 out.push_str(&format!(
@@ -411,7 +456,7 @@ mod tests {
         let doc = document(&users);
         assert_eq!(
             doc,
-            "users:\n  - provider: \"ng\"\n    name: \"we\\\"ird: name\\n- x\"\n    active: false\n    keys:\n      tunnel:\n        kind: credential\n        description: \"a: b\"\n        acl: [\"bind:*.example.com\"]\n"
+            "users:\n  - provider: \"ng\"\n    name: \"we\\\"ird: name\\n- x\"\n    active: false\n    keys:\n      \"tunnel\":\n        kind: credential\n        description: \"a: b\"\n        acl: [\"bind:*.example.com\"]\n"
         );
         assert_eq!(document(&[]), "users: []\n");
     }

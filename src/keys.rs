@@ -150,3 +150,56 @@ pub fn class_of(
         None => KeyClass::Unknown,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(metadata: &str) -> RemoteKey {
+        RemoteKey {
+            id: "ak_1".into(),
+            kind: crate::model::KeyKind::ApiKey,
+            owner_id: Some("u".into()),
+            description: String::new(),
+            metadata: metadata.into(),
+            acl: Vec::new(),
+            created_at: Timestamp::UNIX_EPOCH,
+            expires_at: None,
+        }
+    }
+
+    #[test]
+    fn a_tag_names_its_owner_whatever_else_it_holds() {
+        for (metadata, class) in [
+            (
+                r#"{"managed_by":"keyward","owner":"b","slot":"x"}"#,
+                KeyClass::Foreign { owner: "b".into() },
+            ),
+            // No slot, fields in another order, an extra field: still another installation's.
+            (
+                r#"{"managed_by":"keyward","owner":"b"}"#,
+                KeyClass::Foreign { owner: "b".into() },
+            ),
+            (
+                r#"{"owner":"b","x":1,"managed_by":"keyward","slot":"s"}"#,
+                KeyClass::Foreign { owner: "b".into() },
+            ),
+            // No owner: the default installation's.
+            (
+                r#"{"managed_by":"keyward","slot":"s"}"#,
+                KeyClass::Untracked { slot: "s".into() },
+            ),
+            (
+                r#"{"managed_by":"other","owner":"keyward"}"#,
+                KeyClass::Unknown,
+            ),
+            ("", KeyClass::Unknown),
+        ] {
+            assert_eq!(
+                class_of(None, &key(metadata), "keyward"),
+                class,
+                "{metadata}"
+            );
+        }
+    }
+}

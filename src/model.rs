@@ -175,7 +175,8 @@ pub struct KeyTag {
     /// The installation that created the key (`settings.owner`).
     #[serde(default = "default_owner")]
     pub owner: String,
-    /// The key slot the key was minted for.
+    /// The key slot the key was minted for (empty in a tag that names none).
+    #[serde(default)]
     pub slot: String,
 }
 

@@ -101,13 +101,14 @@ fn an_ngrok_estate_is_imported_adopted_and_rotated_with_overlap() {
         credentials.len()
     );
     assert!(
-        document
-            .contains("      deploy:\n        kind: api_key\n        description: \"deploy\"\n"),
+        document.contains(
+            "      \"deploy\":\n        kind: api_key\n        description: \"deploy\"\n"
+        ),
         "{document}"
     );
     assert!(
         document.contains(
-            "      key-1:\n        kind: api_key\n        description: \"CI deploys, v2\"\n"
+            "      \"key-1\":\n        kind: api_key\n        description: \"CI deploys, v2\"\n"
         ),
         "{document}"
     );
@@ -230,7 +231,7 @@ fn an_okta_asa_estate_is_imported_with_the_newest_key_in_slot_main() {
     assert_eq!(document.matches("active: false").count(), 5, "{document}");
     let with_keys = (0..20).filter(|i| i % 3 != 0).count();
     assert_eq!(
-        document.matches("      main:\n").count(),
+        document.matches("      \"main\":\n").count(),
         with_keys,
         "{document}"
     );
@@ -390,4 +391,70 @@ fn a_user_keyward_created_and_then_imported_is_never_pruned() {
         "an imported user is never pruned: {plan}"
     );
     assert!(sb.user_by_name("made-here").is_some());
+}
+
+#[test]
+fn import_leaves_out_what_a_config_cannot_declare_and_records_nothing_it_could_not_write() {
+    let sb = Sandbox::start(&[]);
+    sb.seed(json!({
+        "service_users": [
+            {"name": "fine"}, {"name": ".."}, {"name": "a/b"}, {"name": "tab\tbot"}
+        ],
+        "api_keys": [
+            {"owner_name": "fine", "description": "null"},
+            {"owner_name": "fine", "description": "true"},
+            {"owner_name": ".."}, {"owner_name": "a/b"}, {"owner_name": "tab\tbot"}
+        ],
+    }));
+    let ws = Workspace::new(&sb);
+    ws.write_config("", "");
+    // An --out in a directory that does not exist: refused before anything is recorded.
+    let missing = ws.path("no/such/dir/users.yaml");
+    let out = ws.keyward(&["import", "--out", missing.to_str().unwrap()]);
+    expect_code(&out, 1, "import into a missing directory");
+    assert!(
+        text(&out.stderr).contains("nothing was imported"),
+        "{}",
+        text(&out.stderr)
+    );
+    let state = ws.state_text();
+    assert!(!state.contains("\"fine\""), "nothing recorded: {state}");
+
+    let out = ws.keyward(&["import"]);
+    expect_code(&out, 0, "import");
+    let document = text(&out.stdout);
+    let err = text(&out.stderr);
+    // Names the sink path `secrets/{provider}/{user}/{slot}.json` cannot hold, and a control
+    // character, are left out with a reason; slot names YAML would read as null or a boolean
+    // are quoted.
+    for skipped in ["\"..\"", "\"a/b\"", "tab"] {
+        assert!(
+            !document.contains(&format!("name: {skipped}")),
+            "{document}"
+        );
+    }
+    assert!(err.contains("a/b") && err.contains("skipped"), "{err}");
+    assert!(err.contains("control character"), "{err}");
+    assert!(
+        document.contains("\"null\":") && document.contains("\"true\":"),
+        "{document}"
+    );
+    let state = ws.state_text();
+    assert!(
+        !state.contains("\"a/b\""),
+        "a skipped user is not recorded: {state}"
+    );
+    // The document is the config's user list as it is.
+    let config = std::fs::read_to_string(ws.config_path()).unwrap();
+    std::fs::write(ws.config_path(), format!("{config}{document}")).unwrap();
+    expect_code(
+        &ws.keyward(&["validate"]),
+        0,
+        "validate the imported document",
+    );
+    expect_code(
+        &ws.keyward(&["plan", "--detailed-exitcode"]),
+        0,
+        "nothing to do for the imported users",
+    );
 }

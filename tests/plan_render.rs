@@ -99,6 +99,7 @@ fn config(users: Vec<UserSpec>, prune: Prune) -> Config {
         users,
         prune,
         default_overlap: SignedDuration::from_hours(24),
+        default_sinks: vec!["local".into()],
     }
 }
 

@@ -406,6 +406,7 @@ fn build(
         )]),
         users,
         default_overlap: SignedDuration::from_hours(24),
+        default_sinks: vec!["local".into()],
         prune: Prune {
             users: [PruneUsers::Keep, PruneUsers::Disable, PruneUsers::Delete]
                 [w.prune_users as usize],

@@ -92,6 +92,8 @@ pub struct Config {
     /// `defaults.overlap` (default 24h): how long the keys of a slot that left the file stay
     /// valid before they are revoked.
     pub default_overlap: SignedDuration,
+    /// `defaults.sink`: the sinks of a slot that names none (what `keyward import`'s slots get).
+    pub default_sinks: Vec<String>,
 }
 
 /// How keyward itself runs: the `settings` section, defaults applied.

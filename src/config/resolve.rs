@@ -202,6 +202,11 @@ impl Ctx<'_> {
             },
         };
         Config {
+            default_sinks: defaults
+                .sinks
+                .as_ref()
+                .map(|s| s.value.clone())
+                .unwrap_or_default(),
             default_overlap: defaults
                 .overlap
                 .as_ref()
@@ -323,10 +328,12 @@ impl Ctx<'_> {
             Some(o) => match self.string(o) {
                 Some(text) if crate::model::KeyTag::valid_owner(&text) => text,
                 Some(text) => {
+                    let shown: String = text.chars().take(64).collect();
+                    let more = if text.chars().count() > 64 { "…" } else { "" };
                     self.d.error(
                         o.pos(),
                         format!(
-                            "invalid owner `{text}`: use 1 to 64 letters, digits, `.`, `_` or `-`"
+                            "invalid owner `{shown}{more}`: use 1 to 64 letters, digits, `.`, `_` or `-`"
                         ),
                     );
                     crate::model::KeyTag::DEFAULT_OWNER.to_string()

@@ -521,23 +521,34 @@ fn plan_existing_user(
             detail,
         });
     }
+    // While a declared slot has no current key (a new slot, or a state that was lost), an
+    // unknown key may be the one its consumers hold: the plan says how to adopt it instead.
+    let slot_without_key = spec
+        .slots
+        .keys()
+        .find(|s| !sorted.current.contains_key(s.as_str()));
     for key in &sorted.unknown {
         let revoke_it = config.prune.unknown_keys == PruneKeys::Revoke;
         let mode = if revoke_it { "revoke" } else { "report" };
+        let what = match (revoke_it, slot_without_key) {
+            (true, None) => "keyward revokes it".to_string(),
+            (true, Some(slot)) => format!(
+                "keyward revokes it; if it is the key of slot {slot}, which has no current key, `keyward import {}/{slot} {}` adopts it instead",
+                spec.name, key.id
+            ),
+            (false, _) => format!(
+                "keyward reports it and never changes or revokes it; `keyward import {}/SLOT {}` adopts it into a declared slot",
+                spec.name, key.id
+            ),
+        };
         warnings.push(Warning {
             kind: WarningKind::UnknownKey,
             provider: Some(provider.to_string()),
             user: Some(spec.name.clone()),
             key_id: Some(key.id.clone()),
             message: format!(
-                "{} {} was not created by keyward (prune.unknown_keys: {mode}): it carries no tag of this installation and no state records it; {}",
-                key.kind,
-                key.id,
-                if revoke_it {
-                    "keyward revokes it"
-                } else {
-                    "keyward reports it and never changes or revokes it; `keyward import USER/SLOT KEY_ID` adopts it into a slot"
-                }
+                "{} {} was not created by keyward (prune.unknown_keys: {mode}): it carries no tag of this installation and no state records it; {what}",
+                key.kind, key.id,
             ),
             detail: format!("not created by keyward (prune.unknown_keys: {mode})"),
         });

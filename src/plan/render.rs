@@ -177,6 +177,12 @@ pub fn text(plan: &Plan, colored: bool) -> String {
             colored,
         ));
         out.push('\n');
+    } else if !plan.errors.is_empty() {
+        out.push_str(&bold(
+            "No changes can be planned until the errors below are fixed in the file.",
+            colored,
+        ));
+        out.push('\n');
     } else {
         out.push_str(&bold(
             "No changes. The provider accounts match the configuration.",
