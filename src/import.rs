@@ -118,6 +118,13 @@ pub fn select(
                 );
                 continue;
             }
+            if account.kind == ProviderType::OktaAsa && keys.len() > 1 {
+                tracing::warn!(
+                    "import: {provider} / {}: {} older key(s) besides the newest stay unknown to keyward: reported, left to ASA (which expires them 2 days after keyward's first rotation), and revoked at once under prune.unknown_keys: revoke",
+                    crate::text::escape(&user.name),
+                    keys.len() - 1
+                );
+            }
             out.push(ImportedUser {
                 provider: provider.clone(),
                 provider_type: account.kind,

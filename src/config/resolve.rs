@@ -1130,10 +1130,42 @@ impl Ctx<'_> {
                 );
             }
             let description = raw.description.as_ref().and_then(|d| self.string(d));
-            let acl = raw
+            // ngrok refuses a description over 255 bytes (ERR_NGROK_604) and any ACL rule but
+            // `bind:` (ngrok-api.md, "API keys" and "Credentials"): said here, with the line,
+            // rather than by a 400 on every apply.
+            if let (Some(d), Some(text)) = (raw.description.as_ref(), description.as_ref())
+                && text.len() > 255
+            {
+                self.d.error(
+                    d.pos(),
+                    format!(
+                        "description is {} bytes; ngrok allows at most 255",
+                        text.len()
+                    ),
+                );
+            }
+            let acl: Vec<String> = raw
                 .acl
                 .as_ref()
-                .map(|a| a.v().iter().filter_map(|r| self.string(r)).collect())
+                .map(|a| {
+                    a.v()
+                        .iter()
+                        .filter_map(|r| {
+                            let rule = self.string(r)?;
+                            let bound = rule.strip_prefix("bind:").is_some_and(|t| !t.is_empty());
+                            if !bound {
+                                self.d.error(
+                                    r.pos(),
+                                    format!(
+                                        "ACL rule `{}` is not `bind:<hostname pattern>`: ngrok allows only bind rules (e.g. `bind:*.example.com`)",
+                                        crate::text::escape(&rule)
+                                    ),
+                                );
+                            }
+                            Some(rule)
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
 
             let own = self.policy(
