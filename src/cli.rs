@@ -774,6 +774,7 @@ impl Context_ {
                     opts,
                     include: &|_| true,
                     every_account: true,
+                    scope: None,
                 },
                 operator,
             )

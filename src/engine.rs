@@ -20,6 +20,23 @@ use crate::recovery::{self, Recovery, SinkProbes};
 use crate::state::State;
 use crate::store::{StateDir, Store, StoreLock};
 
+/// What an observation reads at each account.
+#[derive(Clone, Copy)]
+enum Observe<'a> {
+    /// Every user, and the keys of the users that matter (declared or recorded).
+    Managed,
+    /// Every user and every user's keys (`keyward import`).
+    EveryUser,
+    /// Only these users and their keys; accounts not named are not read.
+    Users(&'a Scope),
+}
+
+impl<'a> From<Option<&'a Scope>> for Observe<'a> {
+    fn from(scope: Option<&'a Scope>) -> Self {
+        scope.map_or(Observe::Managed, Observe::Users)
+    }
+}
+
 /// What one observation found.
 pub struct Observation {
     /// The accounts that answered.
@@ -95,6 +112,9 @@ pub fn every_account_answered(failures: &[ProviderError]) -> anyhow::Result<()> 
     }
 }
 
+/// The service users a targeted run reads, by provider account: (name, id at the provider).
+pub type Scope = BTreeMap<String, Vec<(String, String)>>;
+
 /// One run's request.
 pub struct RunRequest<'a> {
     /// Plan only, or apply.
@@ -106,6 +126,9 @@ pub struct RunRequest<'a> {
     /// Whether an account that does not answer fails the run (the commands) or only its own
     /// part (the daemon).
     pub every_account: bool,
+    /// Read and plan only these users (the daemon's run for the keys that came due); `None`:
+    /// every account in full. A journal left by an interrupted run makes it a full run.
+    pub scope: Option<&'a Scope>,
 }
 
 /// How a run ended.
@@ -182,11 +205,24 @@ impl Engine {
     ) -> anyhow::Result<RunReport> {
         let apply = req.mode == RunMode::Apply;
         let _lock = if apply { Some(self.lock()?) } else { None };
-        let obs = self.observe_where(apply, req.include, false).await?;
+        let scope = match req.scope {
+            Some(s) if self.store.journal_entries()?.is_empty() => Some(s),
+            _ => None,
+        };
+        let obs = self
+            .observe_where(apply, req.include, Observe::from(scope))
+            .await?;
         if req.every_account {
             every_account_answered(&obs.failures)?;
         }
         let mut opts = req.opts;
+        if let Some(scope) = scope {
+            opts.only.extend(
+                scope
+                    .iter()
+                    .flat_map(|(p, users)| users.iter().map(move |(n, _)| format!("{p}:{n}"))),
+            );
+        }
         for f in &obs.recovery.force {
             if !opts.force.contains(f) {
                 opts.force.push(f.clone());
@@ -234,7 +270,7 @@ impl Engine {
     /// interrupted earlier run left in the journal folded in (in memory only: see
     /// [`Engine::run`] for the run that writes it back). For `keyward status`.
     pub async fn observe(&self) -> anyhow::Result<Observation> {
-        self.observe_where(false, &|_| true, false).await
+        self.observe_where(false, &|_| true, Observe::Managed).await
     }
 
     /// Observes the accounts `include` names: the keys of the users that matter (declared or
@@ -246,7 +282,7 @@ impl Engine {
         &self,
         persist: bool,
         include: &(dyn Fn(&str) -> bool + Sync),
-        every_user: bool,
+        what: Observe<'_>,
     ) -> anyhow::Result<Observation> {
         let mut state = self.store.load()?;
         // The users whose keys matter: declared ones, and those keyward recorded (prune).
@@ -264,15 +300,29 @@ impl Engine {
                 .extend(account.users.keys().cloned());
         }
         let empty = BTreeSet::new();
-        let lists =
-            futures::future::join_all(self.providers.iter().filter(|(name, _)| include(name)).map(
-                |(name, p)| {
+        let targeted = match what {
+            Observe::Users(s) => Some(s),
+            _ => None,
+        };
+        let lists = futures::future::join_all(
+            self.providers
+                .iter()
+                .filter(|(name, _)| include(name))
+                .filter(|(name, _)| targeted.is_none_or(|s| s.contains_key(name.as_str())))
+                .map(|(name, p)| {
                     let scope = managed.get(name.as_str()).unwrap_or(&empty);
-                    let scope = (!every_user).then_some(scope);
-                    async move { (name.clone(), p.observe(scope).await) }
-                },
-            ))
-            .await;
+                    let users = targeted.and_then(|s| s.get(name.as_str()));
+                    let every_user = matches!(what, Observe::EveryUser);
+                    async move {
+                        let listed = match users {
+                            Some(users) => p.observe_users(users).await,
+                            None => p.observe((!every_user).then_some(scope)).await,
+                        };
+                        (name.clone(), listed)
+                    }
+                }),
+        )
+        .await;
         let mut observed = Observed::new();
         let mut failures = Vec::new();
         for (name, result) in lists {
@@ -359,7 +409,9 @@ impl Engine {
         let wanted = |name: &str| {
             selection.providers.is_empty() || selection.providers.iter().any(|p| p == name)
         };
-        let mut obs = self.observe_where(true, &wanted, true).await?;
+        let mut obs = self
+            .observe_where(true, &wanted, Observe::EveryUser)
+            .await?;
         every_account_answered(&obs.failures)?;
         let users = crate::import::select(&self.config, &obs.observed, selection)?;
         let keys = crate::import::record(&mut obs.state, &users, Timestamp::now());
@@ -375,7 +427,7 @@ impl Engine {
         let _lock = self.lock()?;
         let provider = target.0;
         let mut obs = self
-            .observe_where(true, &|name: &str| name == provider, false)
+            .observe_where(true, &|name: &str| name == provider, Observe::Managed)
             .await?;
         every_account_answered(&obs.failures)?;
         crate::import::adopt_one(

@@ -11,7 +11,7 @@ pub mod metrics;
 pub mod systemd;
 pub mod watch;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,6 +116,13 @@ struct Daemon {
     next_interval: Instant,
     next_due: Option<Instant>,
     requeue: Option<Next>,
+    /// The accounts as last seen: the last full listing with every targeted read since merged
+    /// in. `None` until a full run: targeted runs need it.
+    seen: Option<crate::model::Observed>,
+    /// Work to come, from the last plan over `seen`: what a `Due` wake reads.
+    upcoming: Vec<crate::plan::Upcoming>,
+    /// The users the last run changed: what a `Requeue` wake reads.
+    changed: BTreeSet<(String, String)>,
     last_outcome: String,
     shutdown: CancellationToken,
 }
@@ -260,6 +267,20 @@ impl Daemon {
                 .and_then(|h| h.retry_at)
                 .is_none_or(|t| t <= started)
         };
+        // A wake for keys that came due, or to look again at what the last run changed, reads
+        // only those users; everything else (start, interval, edits, signals, retries) reads
+        // every account in full.
+        let scope = match why {
+            Wake::Due => self.due_scope(),
+            Wake::Requeue => self.scope_of(self.changed.iter().cloned().collect()),
+            _ => None,
+        };
+        if let Some(scope) = &scope {
+            tracing::debug!(
+                "targeted run: {} user(s)",
+                scope.values().map(Vec::len).sum::<usize>()
+            );
+        }
         let run = self
             .engine
             .run(
@@ -271,6 +292,7 @@ impl Daemon {
                     opts: PlanOptions::default(),
                     include: &include,
                     every_account: false,
+                    scope: scope.as_ref(),
                 },
                 &mut DaemonOperator,
             )
@@ -309,14 +331,47 @@ impl Daemon {
             self.health.remove(name);
         }
         let plan = &run.plan;
-        self.metrics.set_pending(plan.changes.len());
+        // What is known of every account now: a full listing replaces it, a targeted one is
+        // merged into it; the work to come is planned over all of it (no request).
+        let state_now = self
+            .engine
+            .store
+            .load()
+            .unwrap_or_else(|_| run.state.clone());
         let now_ts = Timestamp::now();
-        self.next_due = plan
+        let whole = match (&scope, self.seen.take()) {
+            (Some(scope), Some(mut seen)) => {
+                merge(&mut seen, &run.observed, scope);
+                seen
+            }
+            _ => run.observed.clone(),
+        };
+        let overall = if scope.is_some() {
+            crate::plan::plan(
+                &self.engine.config,
+                &whole,
+                &state_now,
+                now_ts,
+                &PlanOptions::default(),
+            )
+        } else {
+            plan.clone()
+        };
+        self.metrics.set_pending(overall.changes.len());
+        self.next_due = overall
             .upcoming
             .iter()
             .map(|u| u.at)
             .min()
             .map(|at| after(Instant::now(), until(at, now_ts)));
+        self.upcoming = overall.upcoming;
+        self.changed = run
+            .report
+            .iter()
+            .flat_map(|r| r.results.iter())
+            .filter(|r| matches!(r.outcome, crate::apply::Outcome::Done(_)))
+            .map(|r| (r.change.provider.clone(), r.change.user.clone()))
+            .collect();
 
         for e in &plan.errors {
             tracing::error!("{e}");
@@ -383,14 +438,14 @@ impl Daemon {
             outcome
         };
 
-        // Metrics from what was observed and the state as it is now on disk.
-        let state = self.engine.store.load().unwrap_or(run.state);
+        // Metrics from what is known of every account and the state as it is now on disk.
         let now = Timestamp::now();
         self.metrics.set_keys(
-            &crate::status::entries(&self.engine.config, &run.observed, &state, now),
+            &crate::status::entries(&self.engine.config, &whole, &state_now, now),
             self.engine.config.settings.metrics_per_key,
             now,
         );
+        self.seen = Some(whole);
         for (name, p) in &self.engine.providers {
             let up = if run.observed.contains_key(name) {
                 Some(true)
@@ -404,6 +459,46 @@ impl Daemon {
         }
         self.finish(outcome, summary);
         self.next()
+    }
+
+    /// The users whose work has come due (from the last plan's upcoming list), to read alone;
+    /// `None` when a full run is needed instead.
+    fn due_scope(&self) -> Option<crate::engine::Scope> {
+        // A second of slack: the timer fires at the due time, not after it.
+        let now = Timestamp::now() + jiff::SignedDuration::from_secs(1);
+        let users: BTreeSet<(String, String)> = self
+            .upcoming
+            .iter()
+            .filter(|u| u.at <= now)
+            .map(|u| (u.provider.clone(), u.user.clone()))
+            .collect();
+        self.scope_of(users)
+    }
+
+    /// A scope of `users` with their ids from the state; `None` (read everything) when there is
+    /// nothing to go on: no full listing yet, no user, or a user the state has no id for.
+    fn scope_of(&self, users: BTreeSet<(String, String)>) -> Option<crate::engine::Scope> {
+        let seen = self.seen.as_ref()?;
+        if users.is_empty() {
+            return None;
+        }
+        // Reading users one by one costs about three requests each (the user, its API keys,
+        // its credentials); a full listing one per hundred objects. The cheaper one is used.
+        let pages = |n: usize| n.div_ceil(100).max(1);
+        let listing: usize = seen
+            .values()
+            .map(|snap| pages(snap.users.len()) + 2 * pages(snap.keys.len()))
+            .sum();
+        if users.len() * 3 >= listing {
+            return None;
+        }
+        let state = self.engine.store.load().ok()?;
+        let mut scope = crate::engine::Scope::new();
+        for (provider, user) in users {
+            let id = state.user(&provider, &user)?.id.clone();
+            scope.entry(provider).or_default().push((user, id));
+        }
+        Some(scope)
     }
 
     /// Counts the run and says how it went.
@@ -421,6 +516,32 @@ impl Daemon {
         let wake = self.next().at;
         let secs = wake.saturating_duration_since(Instant::now()).as_secs();
         crate::text::escape(&format!("{}; next run in {secs}s", self.last_outcome)).into_owned()
+    }
+}
+
+/// Folds a targeted read into what is known of the accounts: the scoped users and the keys
+/// they own are replaced by what `fresh` says of them (a user absent there is gone). One pass
+/// over each touched account.
+fn merge(
+    seen: &mut crate::model::Observed,
+    fresh: &crate::model::Observed,
+    scope: &crate::engine::Scope,
+) {
+    for (provider, users) in scope {
+        let Some(new) = fresh.get(provider) else {
+            // The account did not answer: what was known stays.
+            continue;
+        };
+        let snap = seen.entry(provider.clone()).or_default();
+        let names: BTreeSet<&str> = users.iter().map(|(n, _)| n.as_str()).collect();
+        let mut ids: BTreeSet<String> = users.iter().map(|(_, id)| id.clone()).collect();
+        ids.extend(new.users.iter().map(|u| u.id.clone()));
+        snap.users
+            .retain(|u| !names.contains(u.name.as_str()) && !ids.contains(&u.id));
+        snap.keys
+            .retain(|k| k.owner_id.as_ref().is_none_or(|o| !ids.contains(o)));
+        snap.users.extend(new.users.iter().cloned());
+        snap.keys.extend(new.keys.iter().cloned());
     }
 }
 
@@ -460,6 +581,9 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
         next_interval: Instant::now(),
         next_due: None,
         requeue: None,
+        seen: None,
+        upcoming: Vec::new(),
+        changed: BTreeSet::new(),
         last_outcome: "starting".to_string(),
         shutdown: shutdown.clone(),
         engine,

@@ -65,6 +65,17 @@ pub trait Provider: Send + Sync {
         &self,
         managed: Option<&BTreeSet<String>>,
     ) -> Result<AccountSnapshot, ProviderError>;
+    /// Reads only the given service users (name, id at the provider) and the keys they own:
+    /// what a daemon run for the keys that came due needs, at a cost in requests that follows
+    /// the number of users, not the size of the account. A user the provider no longer has is
+    /// absent from the snapshot. By default, [`Provider::observe`] scoped to those names.
+    async fn observe_users(
+        &self,
+        users: &[(String, String)],
+    ) -> Result<AccountSnapshot, ProviderError> {
+        let names: BTreeSet<String> = users.iter().map(|(n, _)| n.clone()).collect();
+        self.observe(Some(&names)).await
+    }
     /// Creates the service user `name`, deactivated right after when `active` is false (ASA creates
     /// users active).
     async fn create_user(&self, name: &str, active: bool) -> Result<RemoteUser, ProviderError>;

@@ -27,6 +27,8 @@ pub struct NgrokProvider {
     base_url: String,
     api_key: SecretString,
     http: Arc<HttpClient>,
+    /// Requests in flight at most (`settings.concurrency`).
+    concurrency: usize,
 }
 
 impl NgrokProvider {
@@ -51,6 +53,7 @@ impl NgrokProvider {
                 decode_error,
                 shutdown,
             )?,
+            concurrency,
         })
     }
 
@@ -93,8 +96,23 @@ impl NgrokProvider {
         path: &str,
         list_key: &str,
     ) -> Result<Vec<T>, ProviderError> {
+        self.list_filtered(path, list_key, None).await
+    }
+
+    /// Every item of a list, optionally narrowed by a `filter` (ngrok's CEL subset, e.g.
+    /// `obj.owner_id == "bot_…"`; ngrok-api.md §0.2), following `next_page_uri`.
+    async fn list_filtered<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        list_key: &str,
+        filter: Option<&str>,
+    ) -> Result<Vec<T>, ProviderError> {
         let op = Op::new(format!("list {path}"), None);
         let mut url = format!("{}{path}?limit={PAGE_LIMIT}", self.base_url);
+        if let Some(f) = filter {
+            url.push_str("&filter=");
+            url.push_str(&url::form_urlencoded::byte_serialize(f.as_bytes()).collect::<String>());
+        }
         let mut items = Vec::new();
         loop {
             let answer = self.call(&op, Method::GET, &url, None).await?;
@@ -126,6 +144,36 @@ impl NgrokProvider {
             }
         }
         Ok(items)
+    }
+
+    /// One service user by id and the keys it owns (`None` when the provider no longer has it).
+    async fn read_user(
+        &self,
+        name: String,
+        id: String,
+    ) -> Result<(Option<RemoteUser>, Vec<RemoteKey>), ProviderError> {
+        let op = Op::new("read service user", Some(&name));
+        let url = format!("{}/service_users/{id}", self.base_url);
+        let user = match self.call(&op, Method::GET, &url, None).await {
+            Ok(answer) => RemoteUser::from(self.decode::<WireUser>(&op, &answer)?),
+            Err(e) if e.status == Some(404) => return Ok((None, Vec::new())),
+            Err(e) => return Err(e),
+        };
+        let filter = format!("obj.owner_id == \"{}\"", user.id);
+        let (api_keys, credentials) = tokio::try_join!(
+            self.list_filtered::<WireKey>("/api_keys", "keys", Some(&filter)),
+            self.list_filtered::<WireKey>("/credentials", "credentials", Some(&filter)),
+        )?;
+        let mut keys: Vec<RemoteKey> = api_keys
+            .into_iter()
+            .map(|k| k.into_remote(KeyKind::ApiKey).0)
+            .collect();
+        keys.extend(
+            credentials
+                .into_iter()
+                .map(|k| k.into_remote(KeyKind::Credential).0),
+        );
+        Ok((Some(user), keys))
     }
 
     /// The API key goes only to the configured host: a `next_page_uri` elsewhere is refused.
@@ -314,6 +362,29 @@ impl Provider for NgrokProvider {
                 .into_iter()
                 .map(|k| k.into_remote(KeyKind::Credential).0),
         );
+        Ok(snapshot)
+    }
+
+    async fn observe_users(
+        &self,
+        users: &[(String, String)],
+    ) -> Result<AccountSnapshot, ProviderError> {
+        use futures::StreamExt as _;
+        // Three reads per user: the user by id, and its API keys and credentials through
+        // `filter=obj.owner_id == "…"` — what comes due costs requests in proportion to it, not
+        // to the account.
+        let reads: Vec<_> = users
+            .iter()
+            .map(|(name, id)| self.read_user(name.clone(), id.clone()))
+            .collect();
+        let reads = futures::stream::iter(reads).buffer_unordered(self.concurrency.max(1));
+        let mut snapshot = AccountSnapshot::default();
+        let results: Vec<Result<_, ProviderError>> = reads.collect().await;
+        for r in results {
+            let (user, keys) = r?;
+            snapshot.users.extend(user);
+            snapshot.keys.extend(keys);
+        }
         Ok(snapshot)
     }
 
