@@ -163,11 +163,7 @@ fn converges_at_start_and_applies_edits_in_place_and_by_rename() {
 fn invalid_edit_is_reported_and_the_last_good_config_keeps_working() {
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     ws.write_config(
         &format!("  interval: 10m\n  metrics: 127.0.0.1:{port}\n"),
         &users(&["keep"]),
@@ -326,11 +322,7 @@ fn sigterm_during_an_apply_exits_0_and_loses_nothing() {
 fn metrics_show_each_keys_expiry_and_next_rotation() {
     let sb = Sandbox::start(&[]);
     let ws = common::asa::workspace(&sb);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     common::asa::write_config(
         &ws,
         &format!("  interval: 10m\n  metrics: 127.0.0.1:{port}\n"),
@@ -418,11 +410,7 @@ fn metrics_show_each_keys_expiry_and_next_rotation() {
 fn metrics_per_key_false_keeps_only_the_aggregates() {
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     ws.write_config(
         &format!("  interval: 10m\n  metrics: 127.0.0.1:{port}\n  metrics_per_key: false\n"),
         &users(&["a", "b", "c"]).replace("main: {}", "main: {rotate_every: 30d}"),
@@ -485,11 +473,7 @@ fn idle_daemon_sends_no_request_and_observe_mode_never_writes() {
 
     // observe mode: plans and reports, never writes remotely.
     let ws2 = Workspace::new(&sb);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     ws2.write_config(
         &format!("  interval: 10m\n  mode: observe\n  metrics: 127.0.0.1:{port}\n"),
         &users(&["watched-only"]),
@@ -974,11 +958,7 @@ fn sigint_stops_the_daemon_with_exit_0() {
 fn the_daemon_refuses_more_deletions_than_max_deletions_and_counts_it() {
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     ws.write_config(
         &format!("  interval: 1s\n  max_deletions: 1\n  metrics: 127.0.0.1:{port}\n"),
         "users:\n  - provider: ng\n    name: holder\n    keys:\n      main: {}\nprune:\n  unknown_keys: revoke\n",

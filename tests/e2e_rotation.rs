@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::asa;
-use common::{Sandbox, Workspace, expect_code, text};
+use common::{Sandbox, Workspace, changes, expect_code, text, warnings};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use serde_json::{Value, json};
@@ -42,20 +42,6 @@ fn id(doc: &Value) -> String {
 
 fn secret(doc: &Value) -> String {
     doc["secret"].as_str().expect("secret").to_string()
-}
-
-fn changes(plan: &Value) -> Vec<Value> {
-    plan["changes"]
-        .as_array()
-        .cloned()
-        .unwrap_or_else(|| panic!("the plan has no `changes` array: {plan}"))
-}
-
-fn warnings(plan: &Value) -> Vec<Value> {
-    plan["warnings"]
-        .as_array()
-        .cloned()
-        .unwrap_or_else(|| panic!("the plan has no `warnings` array: {plan}"))
 }
 
 fn status_of(ws: &Workspace, key_id: &str) -> Option<Value> {

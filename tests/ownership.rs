@@ -20,7 +20,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{Sandbox, Workspace, expect_code, text};
+use common::{Sandbox, Workspace, changes, expect_code, text, warnings};
 use jiff::Timestamp;
 use serde_json::{Value, json};
 
@@ -38,20 +38,6 @@ fn secret(doc: &Value) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no secret in {doc}"))
         .to_string()
-}
-
-fn changes(plan: &Value) -> Vec<Value> {
-    plan["changes"]
-        .as_array()
-        .cloned()
-        .unwrap_or_else(|| panic!("the plan has no `changes` array: {plan}"))
-}
-
-fn warnings(plan: &Value) -> Vec<Value> {
-    plan["warnings"]
-        .as_array()
-        .cloned()
-        .unwrap_or_else(|| panic!("the plan has no `warnings` array: {plan}"))
 }
 
 fn actions(plan: &Value, action: &str) -> Vec<Value> {

@@ -294,6 +294,19 @@ fn plan_existing_user(
 
     for slot in spec.slots.values() {
         let current = sorted.current.get(&slot.name).copied();
+        let rotate = |key: &RemoteKey, forced: bool, why: RotateReason| {
+            change(
+                provider,
+                &spec.name,
+                Op::RotateKey {
+                    slot: target(config, slot),
+                    from: key_ref(key),
+                    forced,
+                    adopted: delivery(&slot.name) == Delivery::Adopted,
+                    why,
+                },
+            )
+        };
         match current {
             None => {
                 let lost = recorded
@@ -313,40 +326,16 @@ fn plan_existing_user(
                     },
                 ));
             }
-            Some(key) if delivery(&slot.name) == Delivery::Unconfirmed => changes.push(change(
-                provider,
-                &spec.name,
-                Op::RotateKey {
-                    slot: target(config, slot),
-                    from: key_ref(key),
-                    forced: opts.forced(provider, &spec.name, &slot.name),
-                    adopted: false,
-                    why: RotateReason::Unconfirmed,
-                },
+            Some(key) if delivery(&slot.name) == Delivery::Unconfirmed => changes.push(rotate(
+                key,
+                opts.forced(provider, &spec.name, &slot.name),
+                RotateReason::Unconfirmed,
             )),
             Some(key) => match rotation_due(provider, &spec.name, slot, key, opts) {
-                Ok(why) => changes.push(change(
-                    provider,
-                    &spec.name,
-                    Op::RotateKey {
-                        slot: target(config, slot),
-                        from: key_ref(key),
-                        forced: matches!(why, RotateReason::Forced),
-                        adopted: delivery(&slot.name) == Delivery::Adopted,
-                        why,
-                    },
-                )),
-                Err(Some(due)) if due.at <= now => changes.push(change(
-                    provider,
-                    &spec.name,
-                    Op::RotateKey {
-                        slot: target(config, slot),
-                        from: key_ref(key),
-                        forced: false,
-                        adopted: delivery(&slot.name) == Delivery::Adopted,
-                        why: RotateReason::Due(due),
-                    },
-                )),
+                Ok(why) => changes.push(rotate(key, matches!(why, RotateReason::Forced), why)),
+                Err(Some(due)) if due.at <= now => {
+                    changes.push(rotate(key, false, RotateReason::Due(due)))
+                }
                 Err(Some(due)) => upcoming.push(Upcoming {
                     action: Action::RotateKey,
                     provider: provider.to_string(),
@@ -374,17 +363,7 @@ fn plan_existing_user(
         if let (Some(key), true, false) = (current, interrupted, rotated) {
             // A delivery was cut short: some sinks may hold the pending key, the others the
             // current one. A new key for every sink ends that; both then retire.
-            changes.push(change(
-                provider,
-                &spec.name,
-                Op::RotateKey {
-                    slot: target(config, slot),
-                    from: key_ref(key),
-                    forced: false,
-                    adopted: delivery(&slot.name) == Delivery::Adopted,
-                    why: RotateReason::Interrupted,
-                },
-            ));
+            changes.push(rotate(key, false, RotateReason::Interrupted));
             // The pending key is not yet retiring: no upcoming revoke for it.
             upcoming.retain(|u| {
                 !(u.action == Action::RotateKey

@@ -348,3 +348,27 @@ impl Sandbox {
             .collect()
     }
 }
+
+/// A plan document's `changes`.
+pub fn changes(plan: &Value) -> Vec<Value> {
+    plan["changes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| panic!("the plan has no `changes` array: {plan}"))
+}
+
+/// A plan document's `warnings`.
+pub fn warnings(plan: &Value) -> Vec<Value> {
+    plan["warnings"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| panic!("the plan has no `warnings` array: {plan}"))
+}
+
+/// A loopback port nobody listens on now (for a metrics listener).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
