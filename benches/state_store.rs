@@ -26,7 +26,7 @@ fn state_of(n: usize) -> State {
         if let Some(rec) = state.user_mut("ng", &name) {
             rec.slots.insert(
                 "agent".into(),
-                SlotRecord::with_current(KeyRecord {
+                Box::new(SlotRecord::with_current(KeyRecord {
                     id: format!("cr_{i:024}"),
                     kind: KeyKind::Credential,
                     created_at: at,
@@ -34,7 +34,7 @@ fn state_of(n: usize) -> State {
                     sinks: vec!["local".into()],
                     retire_after: None,
                     delivery: Delivery::Delivered,
-                }),
+                })),
             );
         }
     }

@@ -302,8 +302,10 @@ pub fn record(state: &mut State, users: &[ImportedUser], now: Timestamp) -> usiz
                 if known.contains(&key.id) {
                     continue;
                 }
-                rec.slots
-                    .insert(slot.clone(), SlotRecord::with_current(adopted(key, now)));
+                rec.slots.insert(
+                    slot.clone(),
+                    Box::new(SlotRecord::with_current(adopted(key, now))),
+                );
                 recorded += 1;
             }
         }

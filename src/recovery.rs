@@ -638,7 +638,7 @@ mod tests {
         state.record_user("asa", "bot", "u1", true, None);
         state.user_mut("asa", "bot").unwrap().slots.insert(
             "main".into(),
-            crate::state::SlotRecord::with_current(KeyRecord {
+            Box::new(crate::state::SlotRecord::with_current(KeyRecord {
                 id: "current".into(),
                 kind: KeyKind::ApiKey,
                 created_at: ts("2026-11-01T10:00:00Z"),
@@ -646,7 +646,7 @@ mod tests {
                 sinks: vec!["local".into()],
                 retire_after: None,
                 delivery: crate::state::Delivery::Delivered,
-            }),
+            })),
         );
         let op = Unfinished {
             seq: 1,
@@ -851,7 +851,7 @@ mod tests {
         with_current.push(key("recorded", "2026-11-27T00:00:00Z", Some("keyward")));
         state.user_mut("ng", "bot").unwrap().slots.insert(
             "main".into(),
-            crate::state::SlotRecord::with_current(KeyRecord {
+            Box::new(crate::state::SlotRecord::with_current(KeyRecord {
                 id: "recorded".into(),
                 kind: KeyKind::ApiKey,
                 created_at: ts("2026-11-27T00:00:00Z"),
@@ -859,7 +859,7 @@ mod tests {
                 sinks: vec!["local".into()],
                 retire_after: None,
                 delivery: Delivery::Delivered,
-            }),
+            })),
         );
         recover(
             &[],

@@ -48,7 +48,8 @@ pub struct UserRecord {
     pub created_at: Option<Timestamp>,
     /// By slot name.
     #[serde(default)]
-    pub slots: BTreeMap<String, SlotRecord>,
+    /// (Boxed: a map node holds room for eleven entries, and a fleet has a map per user.)
+    pub slots: BTreeMap<String, Box<SlotRecord>>,
 }
 
 /// One key slot's lifecycle: the key whose secret the sinks hold now, the keys it replaced
@@ -247,7 +248,7 @@ impl State {
 
     /// The record of `slot` on `user` at the provider account `provider`.
     pub fn slot(&self, provider: &str, user: &str, slot: &str) -> Option<&SlotRecord> {
-        self.user(provider, user)?.slots.get(slot)
+        self.user(provider, user)?.slots.get(slot).map(|s| &**s)
     }
 
     /// Records a user (created or adopted); keeps existing slot records if the id is unchanged.

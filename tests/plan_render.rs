@@ -35,7 +35,10 @@ fn user(provider: &str, name: &str, active: bool, slots: Vec<SlotSpec>) -> UserS
         provider: provider.into(),
         name: name.into(),
         active,
-        slots: slots.into_iter().map(|s| (s.name.clone(), s)).collect(),
+        slots: slots
+            .into_iter()
+            .map(|s| (s.name.clone(), Box::new(s)))
+            .collect(),
         file: std::sync::Arc::from(std::path::Path::new("keyward.yaml")),
         line: 1,
     }
@@ -201,7 +204,7 @@ fn contract_example() -> keyward::plan::Plan {
         slots: BTreeMap::new(),
     };
     let s = rec.slots.entry("deploy".into()).or_default();
-    *s = SlotRecord::with_current(record("ak_2abcK1vQ9fX3mZpL0aB7cD4eFwxyz", 31, None));
+    **s = SlotRecord::with_current(record("ak_2abcK1vQ9fX3mZpL0aB7cD4eFwxyz", 31, None));
     s.push_retiring(record(
         "ak_2xyzR8tY2uI6oP0aS5dF9gH3jklm",
         62,
@@ -329,7 +332,7 @@ fn unknown_key_is_revoked_only_with_prune_revoke() {
         };
         rec.slots.insert(
             "deploy".into(),
-            SlotRecord::with_current(record("ak_cur", 2, None)),
+            Box::new(SlotRecord::with_current(record("ak_cur", 2, None))),
         );
         state
             .accounts
@@ -510,7 +513,7 @@ fn upcoming_work_is_shown_when_nothing_is_due() {
         slots: BTreeMap::new(),
     };
     let s = rec.slots.entry("deploy".into()).or_default();
-    *s = SlotRecord::with_current(record("ak_2curK1vQ9fX3mZpL0aB7cD4eFaaaa", 18, None));
+    **s = SlotRecord::with_current(record("ak_2curK1vQ9fX3mZpL0aB7cD4eFaaaa", 18, None));
     s.push_retiring(record(
         "ak_2oldK1vQ9fX3mZpL0aB7cD4eFbbbb",
         49,

@@ -232,7 +232,7 @@ fn build(
                 let s = slot_names[j];
                 map.insert(
                     s.to_string(),
-                    SlotSpec {
+                    Box::new(SlotSpec {
                         name: s.to_string(),
                         kind: if *cred {
                             KeyKind::Credential
@@ -248,7 +248,7 @@ fn build(
                         spread: SignedDuration::ZERO,
                         spread_offset: SignedDuration::ZERO,
                         sinks: vec!["local".into()],
-                    },
+                    }),
                 );
             }
             users.push(UserSpec {

@@ -224,7 +224,8 @@ pub struct UserSpec {
     /// Default true.
     pub active: bool,
     /// Key slots by name, with `defaults` applied.
-    pub slots: BTreeMap<String, SlotSpec>,
+    /// (Boxed: a map node holds room for eleven entries, and a fleet has a map per user.)
+    pub slots: BTreeMap<String, Box<SlotSpec>>,
     /// The file the user is declared in (the config file, or an included one).
     pub file: std::sync::Arc<Path>,
     /// Where the user is declared (for messages).

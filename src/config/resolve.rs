@@ -990,7 +990,7 @@ impl Ctx<'_> {
         };
         // The slots are resolved once, for the first valid name; each further name shares them
         // (its own share of `spread`, and its name checked against the sinks' templates).
-        let mut template: Option<BTreeMap<String, SlotSpec>> = None;
+        let mut template: Option<BTreeMap<String, Box<SlotSpec>>> = None;
         for n in names {
             let Some(name) = self.user_name(n, &provider, file, seen) else {
                 continue;
@@ -1081,7 +1081,7 @@ impl Ctx<'_> {
         kind: Option<ProviderType>,
         sinks: &BTreeMap<String, SinkConfig>,
         defaults: &Policy,
-    ) -> BTreeMap<String, SlotSpec> {
+    ) -> BTreeMap<String, Box<SlotSpec>> {
         let mut out = BTreeMap::new();
         let entries = u.keys.as_ref().map(|k| k.0.as_slice()).unwrap_or(&[]);
         let empty = RawSlot::default();
@@ -1235,7 +1235,7 @@ impl Ctx<'_> {
                 .unwrap_or_else(|| "UTC".to_string());
             out.insert(
                 slot_name.clone(),
-                SlotSpec {
+                Box::new(SlotSpec {
                     name: slot_name.clone(),
                     kind: key_kind,
                     description,
@@ -1258,7 +1258,7 @@ impl Ctx<'_> {
                         spread, provider, user, slot_name,
                     ),
                     sinks: slot_sinks,
-                },
+                }),
             );
         }
         out
