@@ -172,16 +172,26 @@ impl KeyAttrs {
 pub struct KeyTag {
     /// Always [`KeyTag::MANAGED_BY`] in a tag keyward wrote.
     pub managed_by: String,
-    /// The installation that created the key (`settings.owner`).
-    #[serde(default = "default_owner")]
+    /// The installation that created the key (`settings.owner`; absent or null: the default).
+    #[serde(default = "default_owner", deserialize_with = "owner_or_default")]
     pub owner: String,
-    /// The key slot the key was minted for (empty in a tag that names none).
-    #[serde(default)]
+    /// The key slot the key was minted for (empty in a tag that names none, or null).
+    #[serde(default, deserialize_with = "string_or_empty")]
     pub slot: String,
 }
 
 fn default_owner() -> String {
     KeyTag::DEFAULT_OWNER.to_string()
+}
+
+/// A tag's `owner`: a null one is the default owner, as an absent one is.
+fn owner_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_else(default_owner))
+}
+
+/// A tag's `slot`: a null one names no slot, as an absent one does.
+fn string_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 impl KeyTag {

@@ -146,6 +146,9 @@ pub fn entries(config: &Config, observed: &Observed, state: &State, now: Timesta
         for (slot_name, k) in &book.orphans {
             out.push(entry(Some(slot_name), Some(k), "orphan"));
         }
+        for (slot_name, k) in &book.pending {
+            out.push(entry(Some(slot_name), Some(k), "pending"));
+        }
         for (slot_name, k) in &book.untracked {
             out.push(entry(Some(slot_name), Some(k), "untracked"));
         }

@@ -374,6 +374,13 @@ fn a_key_an_exec_sink_received_is_kept_when_a_later_sink_fails() {
             doc["key_id"]
         );
     }
+    let status = ws.status_keys();
+    assert!(
+        status
+            .iter()
+            .any(|k| k["key_id"] == handed_now["key_id"] && k["state"] == "pending"),
+        "status shows the kept key as pending: {status:?}"
+    );
     // Once the sink is usable again, the next run gives every sink one new key; the key the
     // exec sink got retires for the overlap instead of being revoked.
     std::fs::remove_dir(&target).unwrap();

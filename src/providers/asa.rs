@@ -598,7 +598,19 @@ impl Provider for AsaProvider {
         // listed one user at a time, so only for the users keyward manages.
         let mut listings: Vec<KeyListing<'_>> = Vec::new();
         for u in &users {
-            if !u.deleted && managed.is_none_or(|m| m.contains(&u.name)) {
+            // A name that cannot stand as a URL path segment (`.`, `..`, a control
+            // character: URL parsing resolves or strips them) cannot be addressed; its keys
+            // are not listed, and a config cannot declare it.
+            let addressable = !matches!(u.name.as_str(), "." | "..")
+                && !crate::text::has_control(&u.name);
+            if !addressable {
+                tracing::warn!(
+                    "provider {}: service user {} cannot be addressed in a URL; its keys are not listed",
+                    self.name,
+                    crate::text::escape(&u.name)
+                );
+            }
+            if addressable && !u.deleted && managed.is_none_or(|m| m.contains(&u.name)) {
                 listings.push(Box::pin(self.list_keys(u)));
             }
         }

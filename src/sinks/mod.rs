@@ -136,23 +136,35 @@ pub fn fill(
     slot: &str,
     key_id: &str,
 ) -> Result<String, String> {
-    let mut out = template.to_string();
-    for (name, value) in [
+    let values = [
         ("{provider}", provider),
         ("{user}", user),
         ("{slot}", slot),
         ("{key_id}", key_id),
-    ] {
-        if out.contains(name) {
-            if !fits_placeholder(value) {
-                return Err(format!(
-                    "cannot put {name} = \"{}\" into a path or command: it is empty, `.` or `..`, or contains `/` or a control character",
-                    crate::text::escape(value)
-                ));
+    ];
+    // One pass over the template: a value is never read again as a template, so a user named
+    // `{slot}` is that name, not the slot's.
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    'scan: while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        for (name, value) in values {
+            if rest[i..].starts_with(name) {
+                if !fits_placeholder(value) {
+                    return Err(format!(
+                        "cannot put {name} = \"{}\" into a path or command: it is empty, `.` or `..`, or contains `/` or a control character",
+                        crate::text::escape(value)
+                    ));
+                }
+                out.push_str(value);
+                rest = &rest[i + name.len()..];
+                continue 'scan;
             }
-            out = out.replace(name, value);
         }
+        out.push('{');
+        rest = &rest[i + 1..];
     }
+    out.push_str(rest);
     Ok(out)
 }
 
@@ -341,5 +353,10 @@ mod tests {
         assert!(d.fill("/x/{user}").is_err());
         d.user = "a\nb".into();
         assert!(d.fill("/x/{user}").is_err());
+        // A value is never read again as a template: a user named `{slot}` stays that name.
+        d.user = "{slot}".into();
+        assert_eq!(d.fill("/x/{user}/{slot}").unwrap(), "/x/{slot}/deploy");
+        d.user = "{key_id}{".into();
+        assert_eq!(d.fill("{{user}}").unwrap(), "{{key_id}{}");
     }
 }
