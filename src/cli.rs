@@ -146,6 +146,13 @@ pub enum Command {
         /// The shell to print completions for.
         shell: clap_complete::Shell,
     },
+    /// Runs an exec sink's program so that it dies with keyward (internal).
+    #[command(name = "sink-guard", hide = true)]
+    SinkGuard {
+        /// The program and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        argv: Vec<String>,
+    },
     /// Run plan, apply and status against a built-in sandbox: no account needed.
     #[cfg_attr(not(feature = "demo"), command(hide = true))]
     Demo,
@@ -162,6 +169,12 @@ pub enum StateCommand {
 /// Entry point of the `keyward` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::SinkGuard { argv } = &cli.command {
+        return crate::sinks::exec::guard(argv);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        crate::sinks::exec::use_guard(exe);
+    }
     if cli.no_color || std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()) {
         anstream::ColorChoice::Never.write_global();
     }
@@ -480,6 +493,7 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => demo(cli).await,
+        Command::SinkGuard { argv } => Ok(crate::sinks::exec::guard(argv)),
     }
 }
 

@@ -407,17 +407,32 @@ fn a_key_an_exec_sink_received_is_kept_when_a_later_sink_fails() {
 }
 
 #[test]
-fn an_exec_sink_program_dies_with_a_killed_keyward() {
+fn an_exec_sink_program_and_what_it_forked_die_with_a_killed_keyward() {
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
     let started = ws.path("hook-started");
     let late = ws.path("late.json");
+    let forked = ws.path("forked-late");
+    // The program forks a child of its own that delivers later, and waits for it: killing the
+    // program alone would leave the child running.
+    let script = ws.path("push.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncat > {late}.tmp\n(sleep 3; touch {forked}) &\ntouch {started}\nsleep 3\nmv {late}.tmp {late}\nwait\n",
+            late = late.display(),
+            forked = forked.display(),
+            started = started.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     ws.write_config_with_sinks(
         "",
         &format!(
-            "  slow:\n    type: exec\n    command: [\"/bin/sh\", \"-c\", \"cat > {late}.tmp; touch {started}; sleep 3; mv {late}.tmp {late}\"]\n    timeout: 60s\n",
-            late = late.display(),
-            started = started.display()
+            "  slow:\n    type: exec\n    command: [\"/bin/sh\", \"-c\", \"{}; exit $?\"]\n    timeout: 60s\n",
+            script.display()
         ),
         "users:\n  - provider: ng\n    name: orphaned-hook\n    keys:\n      main: {sink: slow}\n",
     );
@@ -425,10 +440,14 @@ fn an_exec_sink_program_dies_with_a_killed_keyward() {
     wait_for("the sink program started", || started.exists());
     let _ = apply.kill();
     let _ = apply.wait();
-    // Had it lived on, it would hand over a key the next run revokes as never delivered.
+    // Had they lived on, they would hand over a key the next run revokes as never delivered.
     std::thread::sleep(Duration::from_secs(5));
     assert!(
         !late.exists(),
         "the sink program outlived keyward and delivered after it died"
+    );
+    assert!(
+        !forked.exists(),
+        "a process the sink program forked outlived keyward"
     );
 }

@@ -601,8 +601,8 @@ impl Provider for AsaProvider {
             // A name that cannot stand as a URL path segment (`.`, `..`, a control
             // character: URL parsing resolves or strips them) cannot be addressed; its keys
             // are not listed, and a config cannot declare it.
-            let addressable = !matches!(u.name.as_str(), "." | "..")
-                && !crate::text::has_control(&u.name);
+            let addressable =
+                !matches!(u.name.as_str(), "." | "..") && !crate::text::has_control(&u.name);
             if !addressable {
                 tracing::warn!(
                     "provider {}: service user {} cannot be addressed in a URL; its keys are not listed",

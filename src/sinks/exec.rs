@@ -56,6 +56,87 @@ async fn capture(pipe: &mut (impl tokio::io::AsyncRead + Unpin)) -> Zeroizing<Ve
     }
 }
 
+/// The hidden subcommand that runs a sink program under the guard.
+pub const GUARD_COMMAND: &str = "sink-guard";
+
+/// The keyward executable to run sink programs under, when running as the keyward binary
+/// (set once by [`crate::cli::main`]); unset (library use, unit tests), programs run directly.
+static GUARD: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Runs every sink program from now on under `exe sink-guard`.
+pub fn use_guard(exe: std::path::PathBuf) {
+    let _ = GUARD.set(exe);
+}
+
+/// Kills a process group when dropped.
+struct KillGroup(Option<rustix::process::Pid>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+/// `keyward sink-guard -- PROGRAM ARGS...`: runs the sink program in the guard's own process
+/// group (keyward made the guard its leader) and exits with the program's status. keyward set
+/// the guard's parent-death signal to SIGTERM: when keyward dies, even by `kill -9`, the guard
+/// kills its whole group, so no program a sink started, nor anything it forked, lives on to
+/// hand over a key after keyward has decided about it. Stdin, stdout, stderr and the
+/// environment pass through untouched.
+pub fn guard(argv: &[String]) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let Some((program, args)) = argv.split_first() else {
+        eprintln!("keyward sink-guard: no program given");
+        return ExitCode::from(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keyward sink-guard: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Listening before the program starts: a SIGTERM from here on kills the group.
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("keyward sink-guard: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let mut child = match tokio::process::Command::new(program).args(args).spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!(
+                    "keyward sink-guard: starting {}: {e}",
+                    crate::text::escape(program)
+                );
+                return ExitCode::from(127);
+            }
+        };
+        tokio::select! {
+            status = child.wait() => match status.ok().and_then(|s| s.code()) {
+                Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                None => ExitCode::from(1),
+            },
+            _ = term.recv() => {
+                let _ = rustix::process::kill_process_group(
+                    rustix::process::getpgid(None).unwrap_or_else(|_| rustix::process::getpid()),
+                    rustix::process::Signal::KILL,
+                );
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
 /// Runs the program of an exec sink with `doc` on its stdin.
 pub async fn deliver(
     command: &[String],
@@ -71,9 +152,21 @@ pub async fn deliver(
         .split_first()
         .ok_or_else(|| SinkError::permanent(anyhow::anyhow!("exec sink has an empty command")))?;
     let shown = crate::text::escape(program).into_owned();
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .env_clear()
+    // Through the guard when keyward runs as its binary: the guard dies with keyward and takes
+    // the program's whole process group with it (see [`guard`]).
+    let mut cmd = match GUARD.get() {
+        Some(exe) => {
+            let mut c = tokio::process::Command::new(exe);
+            c.arg(GUARD_COMMAND).arg("--").arg(program).args(args);
+            c
+        }
+        None => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(args);
+            c
+        }
+    };
+    cmd.env_clear()
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -94,9 +187,15 @@ pub async fn deliver(
     let parent = rustix::process::getpid();
     // SAFETY: the closure runs in the child between fork and exec and only makes two
     // async-signal-safe system calls (prctl, getppid); it allocates nothing and takes no lock.
+    let death_signal = if GUARD.get().is_some() {
+        // The guard catches it and kills the group.
+        rustix::process::Signal::TERM
+    } else {
+        rustix::process::Signal::KILL
+    };
     unsafe {
         cmd.pre_exec(move || {
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            rustix::process::set_parent_process_death_signal(Some(death_signal))?;
             // The parent may have died before the line above took effect.
             if rustix::process::getppid() != Some(parent) {
                 return Err(std::io::Error::other(
@@ -121,6 +220,9 @@ pub async fn deliver(
         }
     })?;
     let group = child.id();
+    // Whatever happens from here (an error, a timeout, the future dropped), the program's
+    // group goes when this function ends.
+    let _reaper = KillGroup(group.and_then(|p| rustix::process::Pid::from_raw(p as i32)));
     let input = doc.to_json().map_err(SinkError::permanent)?;
     let mut stdin = child
         .stdin
@@ -150,9 +252,7 @@ pub async fn deliver(
     let outcome = tokio::time::timeout(limit, run).await;
     // Whatever the program left running in its group goes with it (on success too: the
     // delivery is over, and a straggler would hold the secret for no one).
-    if let Some(pid) = group.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-    }
+    drop(_reaper);
     let (status, out, err) = match outcome {
         Ok(r) => r,
         Err(_) => {
