@@ -451,3 +451,24 @@ fn an_exec_sink_program_and_what_it_forked_die_with_a_killed_keyward() {
         "a process the sink program forked outlived keyward"
     );
 }
+
+#[test]
+fn a_sink_program_that_cannot_start_fails_at_once_and_its_key_is_revoked() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config_with_sinks(
+        "",
+        "  missing:\n    type: exec\n    command: [\"/nonexistent/push-secret\"]\n",
+        "users:\n  - provider: ng\n    name: no-hook\n    keys:\n      main: {sink: missing}\n",
+    );
+    let out = ws.keyward(&["apply", "--auto-approve"]);
+    expect_code(&out, 1, "apply with a sink program that does not exist");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("starting /nonexistent/push-secret") && err.contains("No such file"),
+        "{err}"
+    );
+    assert!(!err.contains("retrying"), "no retry can start it: {err}");
+    // Never delivered: the key is gone again.
+    assert!(sb.key_ids_of("no-hook").is_empty(), "{err}");
+}

@@ -68,6 +68,10 @@ pub fn use_guard(exe: std::path::PathBuf) {
     let _ = GUARD.set(exe);
 }
 
+/// How the guard's stderr begins when the program cannot be started at all (missing, not
+/// executable): a failure no retry can fix.
+const GUARD_CANNOT_START: &str = "keyward sink-guard: cannot start";
+
 /// Kills a process group when dropped.
 struct KillGroup(Option<rustix::process::Pid>);
 
@@ -114,10 +118,7 @@ pub fn guard(argv: &[String]) -> std::process::ExitCode {
         let mut child = match tokio::process::Command::new(program).args(args).spawn() {
             Ok(c) => c,
             Err(e) => {
-                eprintln!(
-                    "keyward sink-guard: starting {}: {e}",
-                    crate::text::escape(program)
-                );
+                eprintln!("{GUARD_CANNOT_START} {}: {e}", crate::text::escape(program));
                 return ExitCode::from(127);
             }
         };
@@ -282,6 +283,13 @@ pub async fn deliver(
             text
         }
     };
+    // The guard could not start the program: as permanent as a failed spawn without it.
+    if status.code() == Some(127) && err.starts_with(GUARD_CANNOT_START.as_bytes()) {
+        return Err(SinkError::permanent(anyhow::anyhow!(
+            "exec sink: starting {}",
+            mask(&err[GUARD_CANNOT_START.len()..])
+        )));
+    }
     let mut message = format!("exec sink {shown}: {status}");
     let (o, e) = (mask(&out), mask(&err));
     if !e.is_empty() {
