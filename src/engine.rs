@@ -519,11 +519,7 @@ pub fn probe_sinks(unfinished: &[Unfinished], config: &Config) -> SinkProbes {
     let mut out = SinkProbes::new();
     // Declared users by (provider, name), once: an interrupted fleet apply may leave thousands
     // of operations.
-    let specs: std::collections::HashMap<(&str, &str), &crate::config::UserSpec> = config
-        .users
-        .iter()
-        .map(|u| ((u.provider.as_str(), u.name.as_str()), u))
-        .collect();
+    let specs = config.users_by_name();
     for op in unfinished {
         let (Some(slot), Some((key_id, _, _)), None) = (&op.slot, &op.created, &op.delivered)
         else {

@@ -160,12 +160,7 @@ fn undeclarable(config: &Config, name: &str) -> Option<String> {
         .default_sinks
         .iter()
         .filter_map(|s| config.sinks.get(s))
-        .find(|sink| match &sink.kind {
-            crate::config::SinkKind::File { path, .. } => path.contains("{user}"),
-            crate::config::SinkKind::Exec { command, .. } => {
-                command.iter().any(|a| a.contains("{user}"))
-            }
-        })
+        .find(|sink| sink.uses("{user}"))
         .map(|sink| {
             format!(
                 "its name cannot stand in for {{user}} in sink `{}` (it is `.` or `..` or holds `/`)",

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::plan::{Action, Change};
+use crate::plan::Change;
 
 /// Told of each change the executor ends.
 pub trait Progress: Send + Sync {
@@ -29,20 +29,6 @@ pub fn suspended<R>(write: impl FnOnce() -> R) -> R {
     match bar {
         Some(bar) => bar.suspend(write),
         None => write(),
-    }
-}
-
-/// How many requests a change costs at the provider, at least: one for each write (a rotation
-/// with `overlap: 0s` also revokes; that one is not counted).
-fn requests(action: Action) -> u64 {
-    match action {
-        Action::CreateUser
-        | Action::UpdateUser
-        | Action::UpdateKey
-        | Action::CreateKey
-        | Action::RotateKey
-        | Action::RevokeKey
-        | Action::DeleteUser => 1,
     }
 }
 
@@ -70,7 +56,8 @@ impl TerminalBar {
                 .map(|p| p.rate_limit.per.as_secs_f64() / f64::from(p.rate_limit.requests.max(1)))
                 .unwrap_or(0.0);
             let entry = left.entry(c.provider.clone()).or_insert((0, per_request));
-            entry.0 += requests(c.action());
+            // At least one request per change: its write.
+            entry.0 += 1;
         }
         let bar = indicatif::ProgressBar::with_draw_target(
             Some(changes.len() as u64),
@@ -118,7 +105,7 @@ impl Progress for TerminalBar {
         if let Ok(mut left) = self.left.lock()
             && let Some(entry) = left.get_mut(&change.provider)
         {
-            entry.0 = entry.0.saturating_sub(requests(change.action()));
+            entry.0 = entry.0.saturating_sub(1);
         }
         self.bar.set_message(self.budget_left());
         self.bar.inc(1);

@@ -88,11 +88,7 @@ pub fn recover(
     }
     // Declared slots by (provider, user), once: an interrupted fleet apply may leave thousands
     // of operations.
-    let specs: std::collections::HashMap<(&str, &str), &crate::config::UserSpec> = config
-        .users
-        .iter()
-        .map(|u| ((u.provider.as_str(), u.name.as_str()), u))
-        .collect();
+    let specs = config.users_by_name();
     let slot_spec = |op: &Unfinished, slot: &str| {
         specs
             .get(&(op.provider.as_str(), op.user.as_str()))

@@ -183,6 +183,27 @@ pub struct SinkConfig {
     pub kind: SinkKind,
 }
 
+impl SinkConfig {
+    /// Whether its path (file) or any argument (exec) holds `placeholder`, e.g. `{user}`.
+    pub fn uses(&self, placeholder: &str) -> bool {
+        match &self.kind {
+            SinkKind::File { path, .. } => path.contains(placeholder),
+            SinkKind::Exec { command, .. } => command.iter().any(|a| a.contains(placeholder)),
+        }
+    }
+}
+
+impl Config {
+    /// The declared users by (provider account, name), indexed once: for work whose size
+    /// follows something else than the config (a journal's operations, say).
+    pub fn users_by_name(&self) -> std::collections::HashMap<(&str, &str), &UserSpec> {
+        self.users
+            .iter()
+            .map(|u| ((u.provider.as_str(), u.name.as_str()), u))
+            .collect()
+    }
+}
+
 /// The two ways a sink delivers a secret.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SinkKind {

@@ -749,16 +749,12 @@ impl Ctx<'_> {
         sink: &SinkConfig,
         names: [(&str, &str, &str, Pos); N],
     ) {
-        let templates: Vec<&String> = match &sink.kind {
-            SinkKind::File { path, .. } => vec![path],
-            SinkKind::Exec { command, .. } => command.iter().collect(),
-        };
         for (placeholder, what, value, pos) in names {
             // Empty names have their own error.
             if value.is_empty() || crate::text::fits_placeholder(value) {
                 continue;
             }
-            if templates.iter().any(|t| t.contains(placeholder)) {
+            if sink.uses(placeholder) {
                 self.d.error(
                     pos,
                     format!(
