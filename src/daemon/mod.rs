@@ -333,11 +333,10 @@ impl Daemon {
         let plan = &run.plan;
         // What is known of every account now: a full listing replaces it, a targeted one is
         // merged into it; the work to come is planned over all of it (no request).
-        let state_now = self
-            .engine
-            .store
-            .load()
-            .unwrap_or_else(|_| run.state.clone());
+        // The state the run read, not the one it left: it matches the listing (read before the
+        // changes), so keys and slots never show half-way through a rotation; the look-again
+        // after changes reads what they left. (And no second load of the whole state.)
+        let state_now = &run.state;
         let now_ts = Timestamp::now();
         let whole = match (&scope, self.seen.take()) {
             (Some(scope), Some(mut seen)) => {
@@ -350,7 +349,7 @@ impl Daemon {
             crate::plan::plan(
                 &self.engine.config,
                 &whole,
-                &state_now,
+                state_now,
                 now_ts,
                 &PlanOptions::default(),
             )
@@ -441,7 +440,7 @@ impl Daemon {
         // Metrics from what is known of every account and the state as it is now on disk.
         let now = Timestamp::now();
         self.metrics.set_keys(
-            &crate::status::entries(&self.engine.config, &whole, &state_now, now),
+            &crate::status::entries(&self.engine.config, &whole, state_now, now),
             self.engine.config.settings.metrics_per_key,
             now,
         );
