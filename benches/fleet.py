@@ -67,9 +67,9 @@ def measured(cmd, env, cwd):
             ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024)
 
 
-def start_sandbox(latency_ms):
+def start_sandbox(latency_ms, extra=()):
     p = subprocess.Popen([os.path.join(BIN, "keyward-sandbox"), "--listen", "127.0.0.1:0",
-                          "--latency", f"{latency_ms}ms"],
+                          "--latency", f"{latency_ms}ms", *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     env = {}
     for line in p.stdout:
