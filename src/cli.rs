@@ -789,6 +789,7 @@ impl Context_ {
                     include: &|_| true,
                     every_account: true,
                     scope: None,
+                    listed: None,
                 },
                 operator,
             )

@@ -127,8 +127,21 @@ pub struct RunRequest<'a> {
     /// part (the daemon).
     pub every_account: bool,
     /// Read and plan only these users (the daemon's run for the keys that came due); `None`:
-    /// every account in full. A journal left by an interrupted run makes it a full run.
+    /// every account in full. Operations an interrupted run left unfinished make it a full
+    /// run.
     pub scope: Option<&'a Scope>,
+    /// The accounts as a listing made beforehand found them (the daemon's paced full
+    /// listing): the run reads nothing more from the providers. `None`: the run lists.
+    pub listed: Option<Listed>,
+}
+
+/// A full listing made before the run: the accounts it read to the end, and the accounts it
+/// could not.
+pub struct Listed {
+    /// The accounts read to the end.
+    pub observed: Observed,
+    /// The accounts whose listing failed, and why.
+    pub failures: Vec<ProviderError>,
 }
 
 /// How a run ended.
@@ -206,11 +219,11 @@ impl Engine {
         let apply = req.mode == RunMode::Apply;
         let _lock = if apply { Some(self.lock()?) } else { None };
         let scope = match req.scope {
-            Some(s) if self.store.journal_entries()?.is_empty() => Some(s),
+            Some(s) if !self.has_unfinished()? => Some(s),
             _ => None,
         };
         let obs = self
-            .observe_where(apply, req.include, Observe::from(scope))
+            .observe_where(apply, req.include, Observe::from(scope), req.listed)
             .await?;
         if req.every_account {
             every_account_answered(&obs.failures)?;
@@ -266,11 +279,18 @@ impl Engine {
         })
     }
 
+    /// Whether the journal holds operations an interrupted run left unfinished: those are
+    /// finished by a run over every account, never by a targeted one.
+    pub fn has_unfinished(&self) -> anyhow::Result<bool> {
+        Ok(!crate::oplog::unfinished(&self.store.journal_entries()?).is_empty())
+    }
+
     /// Lists every provider account concurrently and loads the state, with whatever an
     /// interrupted earlier run left in the journal folded in (in memory only: see
     /// [`Engine::run`] for the run that writes it back). For `keyward status`.
     pub async fn observe(&self) -> anyhow::Result<Observation> {
-        self.observe_where(false, &|_| true, Observe::Managed).await
+        self.observe_where(false, &|_| true, Observe::Managed, None)
+            .await
     }
 
     /// Observes the accounts `include` names: the keys of the users that matter (declared or
@@ -283,56 +303,13 @@ impl Engine {
         persist: bool,
         include: &(dyn Fn(&str) -> bool + Sync),
         what: Observe<'_>,
+        listed: Option<Listed>,
     ) -> anyhow::Result<Observation> {
         let mut state = self.store.load()?;
-        // The users whose keys matter: declared ones, and those keyward recorded (prune).
-        let mut managed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
-        for u in &self.config.users {
-            managed
-                .entry(&u.provider)
-                .or_default()
-                .insert(u.name.clone());
-        }
-        for (provider, account) in &state.accounts {
-            managed
-                .entry(provider)
-                .or_default()
-                .extend(account.users.keys().cloned());
-        }
-        let empty = BTreeSet::new();
-        let targeted = match what {
-            Observe::Users(s) => Some(s),
-            _ => None,
+        let (observed, failures) = match listed {
+            Some(l) => (l.observed, l.failures),
+            None => self.read_accounts(include, what, &state).await,
         };
-        let lists = futures::future::join_all(
-            self.providers
-                .iter()
-                .filter(|(name, _)| include(name))
-                .filter(|(name, _)| targeted.is_none_or(|s| s.contains_key(name.as_str())))
-                .map(|(name, p)| {
-                    let scope = managed.get(name.as_str()).unwrap_or(&empty);
-                    let users = targeted.and_then(|s| s.get(name.as_str()));
-                    let every_user = matches!(what, Observe::EveryUser);
-                    async move {
-                        let listed = match users {
-                            Some(users) => p.observe_users(users).await,
-                            None => p.observe((!every_user).then_some(scope)).await,
-                        };
-                        (name.clone(), listed)
-                    }
-                }),
-        )
-        .await;
-        let mut observed = Observed::new();
-        let mut failures = Vec::new();
-        for (name, result) in lists {
-            match result {
-                Ok(snapshot) => {
-                    observed.insert(name, snapshot);
-                }
-                Err(e) => failures.push(e),
-            }
-        }
         let entries = self.store.journal_entries()?;
         let unfinished = crate::oplog::unfinished(&entries);
         // What the sinks hold is read here, off the async threads; recovery itself is pure. The
@@ -397,6 +374,71 @@ impl Engine {
         })
     }
 
+    /// The service users whose keys matter, by account: the declared ones, and those keyward
+    /// recorded in `state` (for prune).
+    pub fn managed_users(&self, state: &State) -> BTreeMap<String, BTreeSet<String>> {
+        let mut managed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for u in &self.config.users {
+            managed
+                .entry(u.provider.clone())
+                .or_default()
+                .insert(u.name.clone());
+        }
+        for (provider, account) in &state.accounts {
+            managed
+                .entry(provider.clone())
+                .or_default()
+                .extend(account.users.keys().cloned());
+        }
+        managed
+    }
+
+    /// Reads the accounts `include` names, as `what` says: the observed accounts, and the
+    /// failures of those that did not answer.
+    async fn read_accounts(
+        &self,
+        include: &(dyn Fn(&str) -> bool + Sync),
+        what: Observe<'_>,
+        state: &State,
+    ) -> (Observed, Vec<ProviderError>) {
+        let managed = self.managed_users(state);
+        let empty = BTreeSet::new();
+        let targeted = match what {
+            Observe::Users(s) => Some(s),
+            _ => None,
+        };
+        let lists = futures::future::join_all(
+            self.providers
+                .iter()
+                .filter(|(name, _)| include(name))
+                .filter(|(name, _)| targeted.is_none_or(|s| s.contains_key(name.as_str())))
+                .map(|(name, p)| {
+                    let scope = managed.get(name.as_str()).unwrap_or(&empty);
+                    let users = targeted.and_then(|s| s.get(name.as_str()));
+                    let every_user = matches!(what, Observe::EveryUser);
+                    async move {
+                        let listed = match users {
+                            Some(users) => p.observe_users(users).await,
+                            None => p.observe((!every_user).then_some(scope)).await,
+                        };
+                        (name.clone(), listed)
+                    }
+                }),
+        )
+        .await;
+        let mut observed = Observed::new();
+        let mut failures = Vec::new();
+        for (name, result) in lists {
+            match result {
+                Ok(snapshot) => {
+                    observed.insert(name, snapshot);
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        (observed, failures)
+    }
+
     /// `keyward import`: under the state lock, observes the selected accounts (every user's
     /// keys), writes the recovered state, and records the undeclared users `selection` names
     /// with their keys as adopted. Returns the config document for them and how many users and
@@ -410,7 +452,7 @@ impl Engine {
             selection.providers.is_empty() || selection.providers.iter().any(|p| p == name)
         };
         let mut obs = self
-            .observe_where(true, &wanted, Observe::EveryUser)
+            .observe_where(true, &wanted, Observe::EveryUser, None)
             .await?;
         every_account_answered(&obs.failures)?;
         let users = crate::import::select(&self.config, &obs.observed, selection)?;
@@ -427,7 +469,7 @@ impl Engine {
         let _lock = self.lock()?;
         let provider = target.0;
         let mut obs = self
-            .observe_where(true, &|name: &str| name == provider, Observe::Managed)
+            .observe_where(true, &|name: &str| name == provider, Observe::Managed, None)
             .await?;
         every_account_answered(&obs.failures)?;
         crate::import::adopt_one(

@@ -1071,3 +1071,161 @@ fn keys_that_come_due_are_read_alone_not_with_a_full_listing() {
         "{sent} requests for a few rotations and revocations of one user: {stats}"
     );
 }
+
+/// Seeds `n` service users without keys, `{prefix}-00000` on.
+fn seed_users(sb: &Sandbox, prefix: &str, n: usize) {
+    let users: Vec<_> = (0..n)
+        .map(|i| json!({"name": format!("{prefix}-{i:05}")}))
+        .collect();
+    sb.seed(json!({"service_users": users}));
+}
+
+/// Sets the account's `rate_limit` in the workspace's config.
+fn set_rate_limit(ws: &Workspace, limit: &str) {
+    let text = std::fs::read_to_string(ws.config_path()).unwrap();
+    assert!(text.contains("rate_limit: 100000/1s"));
+    let text = text.replace("rate_limit: 100000/1s", &format!("rate_limit: {limit}"));
+    std::fs::write(ws.config_path(), text).unwrap();
+}
+
+#[test]
+fn the_interval_listing_keeps_to_its_share_of_the_budget() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    // 2,000 users keyward does not manage: a full listing is about 22 pages.
+    seed_users(&sb, "other", 2000);
+    ws.write_config("  interval: 2s\n  resync_share: 25\n", &users(&["anchor"]));
+    // keyward's budget is 40 requests per 2 s; the listing at every interval may take a
+    // quarter of it (10 per 2 s, with a burst of 3).
+    set_rate_limit(&ws, "40/2s");
+    let d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(60), "converged at start", || {
+        ws.path("secrets/ng/anchor/main.json").exists()
+    });
+    // From now on the account answers 429 past 16 requests in any 2 s: a listing at the
+    // whole budget would draw them; one at its share never does.
+    sb.set_faults(json!({"rate_limit": "16/2s"}));
+    sb.reset_stats();
+    let done_before = d.log().matches("full listing complete").count();
+    eventually(&d, Duration::from_secs(90), "two interval listings", || {
+        d.log().matches("full listing complete").count() >= done_before + 2
+    });
+    let stats = sb.stats();
+    let listed = stats["by_route"]["GET /service_users"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(listed >= 20, "the listings read the users: {stats}");
+    assert_eq!(
+        stats["rate_limited"],
+        0,
+        "the interval listing went past its share of the budget: {stats}\n{}",
+        d.log()
+    );
+}
+
+#[test]
+fn a_listing_cut_short_goes_on_from_where_it_stopped() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    seed_users(&sb, "other", 3000);
+    ws.write_config(QUIET, &users(&["anchor"]));
+    // 10 requests a second: the start-up listing of about 33 pages takes a few seconds.
+    set_rate_limit(&ws, "10/1s");
+    let d = Daemon::start(&ws);
+    let user_pages = || {
+        sb.stats()["by_route"]["GET /service_users"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    eventually(&d, Duration::from_secs(30), "the listing under way", || {
+        user_pages() >= 4
+    });
+    // The account's credential stops working mid-listing (a 401 is not retried): the listing
+    // stops, and goes on once the account answers again.
+    sb.set_faults(json!({"refuse_credentials": true}));
+    eventually(&d, Duration::from_secs(30), "the listing cut short", || {
+        d.log().contains("the full listing stopped after page")
+    });
+    sb.set_faults(json!({"refuse_credentials": false}));
+    eventually(&d, Duration::from_secs(60), "the listing completed", || {
+        ws.path("secrets/ng/anchor/main.json").exists()
+    });
+    assert!(
+        d.log().contains("the full listing goes on from page"),
+        "{}",
+        d.log()
+    );
+    let by_daemon = user_pages();
+    drop(d);
+    // What one whole listing of the users costs, as `keyward plan` reads it.
+    sb.reset_stats();
+    let out = ws.keyward(&["plan"]);
+    expect_code(&out, 0, "plan");
+    let whole = user_pages();
+    // Every page once, plus the one request the account refused; a listing that started over
+    // would have read the first pages twice.
+    assert!(
+        by_daemon <= whole + 1,
+        "the daemon read {by_daemon} pages of users for a listing of {whole}"
+    );
+    assert!(by_daemon >= whole, "{by_daemon} < {whole}");
+}
+
+#[test]
+fn due_work_goes_on_while_a_paced_listing_is_under_way() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    // About 50 pages of users keyward does not manage; the listing at every interval may take
+    // a tenth of 20 requests a second: it reads for many seconds.
+    seed_users(&sb, "other", 5000);
+    ws.write_config(
+        "  interval: 2s\n  resync_share: 10\n",
+        "users:\n  - provider: ng\n    name: busy\n    keys:\n      main: {rotate_every: 3s, overlap: 1s}\n",
+    );
+    set_rate_limit(&ws, "20/1s");
+    let d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(60), "converged at start", || {
+        ws.path("secrets/ng/busy/main.json").exists()
+    });
+    let completed = |d: &Daemon| d.log().matches("full listing complete").count();
+    let listings_at_start = completed(&d);
+    // Two rotations (each a new key delivered) while the next listing is still reading.
+    let mut delivered = vec![ws.sink("busy", "main")["key_id"].clone()];
+    eventually(&d, Duration::from_secs(60), "two rotations", || {
+        let now = ws.sink("busy", "main")["key_id"].clone();
+        if delivered.last() != Some(&now) {
+            delivered.push(now);
+        }
+        delivered.len() >= 3
+    });
+    assert_eq!(
+        completed(&d),
+        listings_at_start,
+        "the rotations waited for the listing:\n{}",
+        d.log()
+    );
+    // When the listing completes, its plan takes what the rotations changed from their own
+    // reads: no replacement key is minted for a key the listing never saw.
+    eventually(
+        &d,
+        Duration::from_secs(90),
+        "the paced listing completed",
+        || completed(&d) > listings_at_start,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let keys = sb.key_ids_of("busy");
+    assert!(
+        keys.len() <= 2,
+        "current and retiring keys only: {keys:?}\n{}",
+        d.log()
+    );
+    // Nor does a key revoked meanwhile, still in the listing's pages, come back as one the
+    // state does not record.
+    assert!(
+        !d.log().contains("recovery:"),
+        "the listing's older view of the rotated user was planned over:\n{}",
+        d.log()
+    );
+    let doc = ws.sink("busy", "main");
+    assert!(sb.secret_works("api_key", doc["secret"].as_str().unwrap()));
+}

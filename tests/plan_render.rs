@@ -75,6 +75,7 @@ fn config(users: Vec<UserSpec>, prune: Prune) -> Config {
         settings: Settings {
             state_dir: "/tmp/unused".into(),
             interval: SignedDuration::from_mins(5),
+            resync_share: 50,
             mode: Mode::Apply,
             concurrency: 8,
             max_deletions: 10,

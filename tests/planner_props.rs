@@ -39,11 +39,16 @@ impl Provider for Fake {
     fn name(&self) -> &str {
         "ng"
     }
-    async fn observe(
+    async fn list(
         &self,
         _managed: Option<&std::collections::BTreeSet<String>>,
-    ) -> Result<AccountSnapshot, ProviderError> {
-        Ok(self.snap.lock().unwrap().clone())
+        listing: &mut keyward::providers::Listing,
+        _pace: Option<&keyward::providers::http::Pace>,
+    ) -> Result<(), ProviderError> {
+        let snap = self.snap.lock().unwrap().clone();
+        listing.users = snap.users;
+        listing.keys = snap.keys;
+        Ok(())
     }
     async fn create_user(&self, name: &str, active: bool) -> Result<RemoteUser, ProviderError> {
         let u = RemoteUser {
@@ -372,6 +377,7 @@ fn build(
         settings: Settings {
             state_dir: state_dir.to_path_buf(),
             interval: SignedDuration::from_mins(5),
+            resync_share: 50,
             mode: Mode::Apply,
             concurrency: 4,
             max_deletions: 1000,

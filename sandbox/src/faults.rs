@@ -35,6 +35,9 @@ pub struct Faults {
     pub error_rate: f64,
     /// At most N admitted requests per rolling window, for the whole account.
     pub rate_limit: Option<(u32, Duration)>,
+    /// Every API request is answered 401, as if the caller's credential had been revoked
+    /// (until it is set back): a failure a client must not retry.
+    pub refuse_credentials: bool,
 }
 
 impl Faults {
@@ -45,6 +48,7 @@ impl Faults {
             "answer_latency_ms": u64::try_from(self.answer_latency.as_millis()).unwrap_or(u64::MAX),
             "error_rate": self.error_rate,
             "rate_limit": self.rate_limit.map(|(n, w)| format_rate_limit(n, w)),
+            "refuse_credentials": self.refuse_credentials,
         })
     }
 }
@@ -55,6 +59,8 @@ pub struct Stats {
     requests: u64,
     rate_limited: u64,
     injected_errors: u64,
+    /// Requests answered 401 by the `refuse_credentials` fault.
+    refused: u64,
     /// The most requests that were being served at once (a client's concurrency cap, seen
     /// from the server).
     max_in_flight: u64,
@@ -68,6 +74,7 @@ impl Stats {
             "requests": self.requests,
             "rate_limited": self.rate_limited,
             "injected_errors": self.injected_errors,
+            "refused": self.refused,
             "max_in_flight": self.max_in_flight,
             "by_route": self.by_route,
         })
@@ -131,6 +138,14 @@ impl Control {
 
     /// Decides whether the request at `now` is rate limited or gets an injected error.
     fn verdict(&mut self, now: Instant) -> Option<ApiError> {
+        if self.faults.refuse_credentials {
+            self.stats.refused += 1;
+            return Some(ApiError::ngrok(
+                StatusCode::UNAUTHORIZED,
+                203,
+                "The API key is not valid (refused by keyward-sandbox's refuse_credentials fault).",
+            ));
+        }
         if let Some((max, window)) = self.faults.rate_limit {
             while self
                 .window

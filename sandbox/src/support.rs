@@ -2,8 +2,8 @@
 //! faulted. They let tests and the quick start inspect and steer the emulators:
 //!
 //! - `GET /_sandbox/stats`, `POST /_sandbox/stats/reset`: request counters.
-//! - `GET|PUT /_sandbox/faults`: read or change latency, answer latency, error rate and rate
-//!   limit at runtime.
+//! - `GET|PUT /_sandbox/faults`: read or change latency, answer latency, error rate, rate limit
+//!   and `refuse_credentials` (every API request answered 401) at runtime.
 //! - `POST /_sandbox/verify` `{"token"}`: is this a live secret whose owner is active? (An ngrok
 //!   authtoken cannot call the API, so this is how a test proves a delivered credential works.)
 //! - `POST /_sandbox/ngrok/seed`: create ngrok objects directly, backdated if asked.
@@ -114,13 +114,14 @@ async fn put_faults(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
                         .ok_or_else(|| invalid("error_rate must be a number between 0 and 1"))?;
                     faults.error_rate = rate;
                 }
+                ("refuse_credentials", Value::Bool(b)) => faults.refuse_credentials = b,
                 ("rate_limit", Value::Null) => faults.rate_limit = None,
                 ("rate_limit", Value::String(s)) => {
                     faults.rate_limit = Some(parse_rate_limit(&s).map_err(invalid)?);
                 }
                 (other, _) => {
                     return Err(invalid(format!(
-                        "unknown or mistyped field {other:?} (expected latency_ms, answer_latency_ms, error_rate, rate_limit)"
+                        "unknown or mistyped field {other:?} (expected latency_ms, answer_latency_ms, error_rate, rate_limit, refuse_credentials)"
                     )));
                 }
             }

@@ -103,6 +103,9 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// Daemon full resync period (default 5m).
     pub interval: SignedDuration,
+    /// Daemon: the share of each account's `rate_limit` (percent, 1–100; default 50) that the
+    /// full listing at every `interval` may use.
+    pub resync_share: u8,
     /// Daemon: whether a reconcile changes the providers or only plans and reports (default
     /// `apply`).
     pub mode: Mode,

@@ -220,6 +220,11 @@ pub struct RawSettings {
     /// Daemon: full resync period, e.g. `5m` (default). Durations are an integer and a unit
     /// `s`, `m`, `h` or `d`.
     pub interval: Option<Sp<String>>,
+    /// Daemon: the share of each account's `rate_limit`, in percent (1–100, default 50), that
+    /// the full listing at every `interval` may use: it reads its pages no faster, leaving the
+    /// rest to the work that comes due. A listing someone waits for (at start, after a config
+    /// edit or SIGHUP) goes at the whole budget.
+    pub resync_share: Option<Sp<i64>>,
     /// Daemon: `apply` (default) changes the providers; `observe` only plans and reports.
     pub mode: Option<Sp<RawMode>>,
     /// Maximum in-flight requests per provider account (default 8, at least 1).

@@ -262,6 +262,22 @@ impl Ctx<'_> {
             .as_ref()
             .and_then(|i| self.positive_duration(i, "interval"))
             .unwrap_or(SignedDuration::from_mins(5));
+        let resync_share = match &s.resync_share {
+            None => 50,
+            Some(p) => match u8::try_from(*p.v()) {
+                Ok(n) if (1..=100).contains(&n) => n,
+                _ => {
+                    self.d.error(
+                        p.pos(),
+                        format!(
+                            "resync_share must be a percentage from 1 to 100 (got {})",
+                            p.v()
+                        ),
+                    );
+                    50
+                }
+            },
+        };
         let mode = match s.mode.as_ref().map(|m| *m.v()) {
             None | Some(RawMode::Apply) => Mode::Apply,
             Some(RawMode::Observe) => Mode::Observe,
@@ -344,6 +360,7 @@ impl Ctx<'_> {
         Settings {
             state_dir,
             interval,
+            resync_share,
             mode,
             concurrency,
             max_deletions,

@@ -83,6 +83,10 @@ pub struct Metrics {
     provider_requests: Family<ProviderLabels, Counter>,
     provider_rate_limited: Family<ProviderLabels, Counter>,
     provider_up: Family<ProviderLabels, Gauge>,
+    budget_used: Family<ProviderLabels, TimeGauge>,
+    listing_pages: Family<ProviderLabels, Counter>,
+    listing_underway: Family<ProviderLabels, Gauge>,
+    resync_share: TimeGauge,
     next_wakeup: TimeGauge,
 }
 
@@ -111,6 +115,10 @@ impl Metrics {
             provider_requests: Family::default(),
             provider_rate_limited: Family::default(),
             provider_up: Family::default(),
+            budget_used: Family::default(),
+            listing_pages: Family::default(),
+            listing_underway: Family::default(),
+            resync_share: TimeGauge::default(),
             next_wakeup: TimeGauge::default(),
             registry: Registry::default(),
         };
@@ -183,6 +191,26 @@ impl Metrics {
             "keyward_provider_up",
             "1 if the provider account answered the last observation",
             m.provider_up.clone(),
+        );
+        registry.register(
+            "keyward_provider_budget_used_ratio",
+            "The share of each provider account's rate_limit its requests of the last window took (0 to 1)",
+            m.budget_used.clone(),
+        );
+        registry.register(
+            "keyward_listing_pages",
+            "Pages the daemon's full listings read from each provider account",
+            m.listing_pages.clone(),
+        );
+        registry.register(
+            "keyward_listing_underway",
+            "1 while a full listing of the provider account is under way or cut short and waiting to go on",
+            m.listing_underway.clone(),
+        );
+        registry.register(
+            "keyward_resync_share_ratio",
+            "The share of each account's rate_limit the full listing at every interval may use (settings.resync_share)",
+            m.resync_share.clone(),
         );
         registry.register(
             "keyward_next_wakeup_timestamp_seconds",
@@ -317,6 +345,31 @@ impl Metrics {
         if let Some(up) = up {
             self.provider_up.get_or_create(&labels).set(i64::from(up));
         }
+    }
+
+    /// Sets the share of each account's budget the resync may use (`settings.resync_share`).
+    pub fn set_resync_share(&self, percent: u8) {
+        self.resync_share.set(f64::from(percent) / 100.0);
+    }
+
+    /// Records where an account's full listing stands: `pages` read since the last call, and
+    /// whether one is under way (or cut short, waiting to go on).
+    pub fn listing(&self, provider: &str, pages: u64, underway: bool) {
+        let labels = ProviderLabels {
+            provider: provider.to_string(),
+        };
+        self.listing_pages.get_or_create(&labels).inc_by(pages);
+        self.listing_underway
+            .get_or_create(&labels)
+            .set(i64::from(underway));
+    }
+
+    /// Sets the share of an account's budget its last window of requests took.
+    pub fn budget_used(&self, provider: &str, ratio: f64) {
+        let labels = ProviderLabels {
+            provider: provider.to_string(),
+        };
+        self.budget_used.get_or_create(&labels).set(ratio);
     }
 
     /// The OpenMetrics text.

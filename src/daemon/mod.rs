@@ -6,14 +6,23 @@
 //! run. A failing provider account backs off exponentially with jitter on its own; the others
 //! carry on. SIGTERM/SIGINT let the change in flight finish (a minted secret is delivered and
 //! recorded), start nothing new, and exit 0.
+//!
+//! Work that comes due reads only the users it concerns (targeted reads). A full listing of
+//! the accounts runs as a task beside the loop: at every `interval` it reads its pages at no
+//! more than `settings.resync_share` of each account's budget, while due work goes on; one
+//! someone waits for (start, a config edit, SIGHUP, a failure) goes at the whole budget. A
+//! listing cut short keeps its pages and goes on from where it stopped. When it is complete, the
+//! users that targeted runs read or changed meanwhile are taken from those newer reads, and the
+//! run plans and applies over it.
 
 pub mod metrics;
 pub mod systemd;
 pub mod watch;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -24,8 +33,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Mode};
-use crate::engine::{Engine, Operator, RunMode, RunOutcome, RunRequest};
+use crate::engine::{Engine, Listed, Operator, RunMode, RunOutcome, RunRequest};
+use crate::model::Observed;
 use crate::plan::PlanOptions;
+use crate::providers::http::Pace;
+use crate::providers::{Listing, ProviderError};
 use metrics::Metrics;
 
 /// First retry after a failure; doubles per consecutive failure.
@@ -54,6 +66,22 @@ enum Wake {
     ConfigEdited,
     /// SIGHUP.
     Hangup,
+    /// A full listing finished: plan and apply over it.
+    Listed,
+}
+
+/// What a listing task hands back per account: its name, the listing (read to the end or cut
+/// short), how it ended, and the pages it had read before this task.
+type ListingResult = (String, Listing, Result<(), ProviderError>, u64);
+
+/// The daemon's full listing under way: a task that reads every included account from where
+/// its listing stands and hands each back, read to the end or cut short.
+struct Resync {
+    task: tokio::task::JoinHandle<Vec<ListingResult>>,
+    /// Set when someone waits for it (start, a config edit, SIGHUP): it stops pacing itself.
+    urgent: Arc<AtomicBool>,
+    /// When it began.
+    began: Instant,
 }
 
 /// The daemon's part in a run: nobody to ask; it says what it applies.
@@ -123,6 +151,16 @@ struct Daemon {
     upcoming: Vec<crate::plan::Upcoming>,
     /// The users the last run changed: what a `Requeue` wake reads.
     changed: BTreeSet<(String, String)>,
+    /// Full listings cut short, by account: the next listing goes on from them.
+    listings: BTreeMap<String, Listing>,
+    /// The full listing under way.
+    resync: Option<Resync>,
+    /// By account, the users targeted runs read since its listing began: what is known of
+    /// them (in `seen`) is newer than what the listing read.
+    fresher: BTreeMap<String, BTreeSet<String>>,
+    /// By account, the users changed since its listing began and not read since: read again
+    /// before the listing's plan.
+    stale: BTreeMap<String, BTreeSet<String>>,
     last_outcome: String,
     shutdown: CancellationToken,
 }
@@ -236,6 +274,16 @@ impl Daemon {
                         }
                         // A reload is often the fix (a new credential): retry every account now.
                         self.health.clear();
+                        // The listing under way read for the old config (its accounts, their
+                        // clients, the users that matter): the run after the edit lists anew.
+                        if let Some(r) = self.resync.take() {
+                            r.task.abort();
+                        }
+                        self.listings.clear();
+                        self.fresher.clear();
+                        self.stale.clear();
+                        self.metrics
+                            .set_resync_share(engine.config.settings.resync_share);
                         self.engine = engine;
                         self.text = text;
                         self.metrics.set_config_valid(true);
@@ -253,27 +301,46 @@ impl Daemon {
         }
     }
 
-    /// One run of the pipeline; returns when to run next, and why.
-    async fn reconcile(&mut self, why: Wake) -> Next {
+    /// One run of the pipeline; returns when to run next, and why. A wake that needs every
+    /// account read in full begins (or hurries) the listing and returns: the run comes when
+    /// the listing is complete, with `listed`.
+    async fn reconcile(&mut self, why: Wake, listed: Option<Listed>) -> Next {
         let started = Instant::now();
         tracing::debug!("reconciling ({why:?})");
-        self.next_interval = after(started, self.interval());
-        self.requeue = None;
+        // The look-again (or retry) fires now; one still to come stays for its own time.
+        if self.requeue.is_some_and(|r| r.because == why) {
+            self.requeue = None;
+        }
         let mode = self.engine.config.settings.mode;
+        // A wake for keys that came due, or to look again at what the last run changed, reads
+        // only those users; everything else (start, interval, edits, signals, retries) reads
+        // every account in full.
+        let scope = match why {
+            Wake::Due => self.due_scope(),
+            Wake::Requeue => {
+                let changed = std::mem::take(&mut self.changed);
+                self.scope_of(changed)
+            }
+            _ => None,
+        };
+        if scope.is_none() && listed.is_none() {
+            // Someone waits for a listing at start, after an edit, a signal or a failure, and
+            // for work that came due to more users than targeted reads would be worth; the one
+            // at every interval (and the look-again after many changes) takes its share.
+            let urgent = !matches!(why, Wake::Interval | Wake::Requeue);
+            if why == Wake::Due {
+                // The listing's run plans the due work; until then, nothing else is due.
+                self.next_due = None;
+            }
+            self.begin_listing(urgent);
+            return self.next();
+        }
         let health = self.health.clone();
         let include = move |name: &str| {
             health
                 .get(name)
                 .and_then(|h| h.retry_at)
                 .is_none_or(|t| t <= started)
-        };
-        // A wake for keys that came due, or to look again at what the last run changed, reads
-        // only those users; everything else (start, interval, edits, signals, retries) reads
-        // every account in full.
-        let scope = match why {
-            Wake::Due => self.due_scope(),
-            Wake::Requeue => self.scope_of(self.changed.iter().cloned().collect()),
-            _ => None,
         };
         if let Some(scope) = &scope {
             tracing::debug!(
@@ -293,6 +360,7 @@ impl Daemon {
                     include: &include,
                     every_account: false,
                     scope: scope.as_ref(),
+                    listed,
                 },
                 &mut DaemonOperator,
             )
@@ -343,8 +411,15 @@ impl Daemon {
                 merge(&mut seen, &run.observed, scope);
                 seen
             }
-            _ => run.observed.clone(),
+            (None, Some(mut seen)) => {
+                // An account the listing could not read stays as it was known.
+                seen.retain(|name, _| !run.observed.contains_key(name));
+                seen.extend(run.observed.iter().map(|(n, s)| (n.clone(), s.clone())));
+                seen
+            }
+            (None, None) | (Some(_), None) => run.observed.clone(),
         };
+
         let overall = if scope.is_some() {
             crate::plan::plan(
                 &self.engine.config,
@@ -364,13 +439,41 @@ impl Daemon {
             .min()
             .map(|at| after(Instant::now(), until(at, now_ts)));
         self.upcoming = overall.upcoming;
-        self.changed = run
+        // Changed users are read again by the look-again, however many runs come before it.
+        let changed_now: BTreeSet<(String, String)> = run
             .report
             .iter()
             .flat_map(|r| r.results.iter())
             .filter(|r| matches!(r.outcome, crate::apply::Outcome::Done(_)))
             .map(|r| (r.change.provider.clone(), r.change.user.clone()))
             .collect();
+        self.changed.extend(changed_now.iter().cloned());
+        // While an account's listing is under way, what targeted runs read of its users is
+        // newer than what the listing read, and what runs changed must be read again before
+        // the listing's plan.
+        if let Some(scope) = &scope {
+            for (provider, users) in scope {
+                if !self.listing_underway(provider) {
+                    continue;
+                }
+                let stale = self.stale.entry(provider.clone()).or_default();
+                for (name, _) in users {
+                    stale.remove(name);
+                }
+                self.fresher
+                    .entry(provider.clone())
+                    .or_default()
+                    .extend(users.iter().map(|(n, _)| n.clone()));
+            }
+        }
+        for (provider, user) in &changed_now {
+            if self.listing_underway(provider) {
+                self.stale
+                    .entry(provider.clone())
+                    .or_default()
+                    .insert(user.clone());
+            }
+        }
 
         for e in &plan.errors {
             tracing::error!("{e}");
@@ -456,8 +559,250 @@ impl Daemon {
             self.metrics
                 .provider_totals(name, p.requests_sent(), p.rate_limited(), up);
         }
+        self.budget_metrics();
         self.finish(outcome, summary);
         self.next()
+    }
+
+    /// The share of every account's budget its last window took (`keyward_provider_budget_used_ratio`).
+    fn budget_metrics(&self) {
+        for (name, p) in &self.engine.providers {
+            self.metrics.budget_used(name, p.budget_used());
+        }
+    }
+
+    /// Whether `provider`'s listing is under way or cut short (waiting to go on).
+    fn listing_underway(&self, provider: &str) -> bool {
+        self.listings.contains_key(provider)
+            || self.resync.as_ref().is_some_and(|r| !r.task.is_finished())
+    }
+
+    /// Begins the full listing of every account not backing off, each from where its last
+    /// listing stopped, as a task beside the loop; paced at `settings.resync_share` of each
+    /// account's budget unless `urgent`. A listing already under way goes on (hurried if
+    /// `urgent`).
+    fn begin_listing(&mut self, urgent: bool) {
+        let now = Instant::now();
+        self.next_interval = after(now, self.interval());
+        if let Some(r) = &self.resync {
+            if urgent && !r.urgent.swap(true, Ordering::Relaxed) {
+                tracing::info!("the full listing under way goes on at the whole rate budget");
+            }
+            return;
+        }
+        let included: Vec<String> = self
+            .engine
+            .providers
+            .keys()
+            .filter(|n| {
+                self.health
+                    .get(*n)
+                    .and_then(|h| h.retry_at)
+                    .is_none_or(|t| t <= now)
+            })
+            .cloned()
+            .collect();
+        if included.is_empty() {
+            // Every account backs off: its retry begins the listing.
+            return;
+        }
+        for name in &included {
+            if let Some(h) = self.health.get_mut(name) {
+                h.retry_at = None;
+            }
+        }
+        // Okta ASA lists keys user by user: only those of the users that matter (declared or
+        // recorded), which needs the state; ngrok's key lists are account-wide.
+        let needs_state = included.iter().any(|n| {
+            self.engine
+                .config
+                .providers
+                .get(n)
+                .is_some_and(|a| a.kind == crate::model::ProviderType::OktaAsa)
+        });
+        let mut managed = if needs_state {
+            match self.engine.store.load() {
+                Ok(state) => self.engine.managed_users(&state),
+                Err(e) => {
+                    tracing::error!("reconcile failed: {e:#}");
+                    self.finish(Outcome::Failed, e.to_string());
+                    self.requeue = Some(Next {
+                        at: now + backoff(1),
+                        because: Wake::Retry,
+                    });
+                    return;
+                }
+            }
+        } else {
+            self.engine.config.users.iter().fold(
+                BTreeMap::new(),
+                |mut m: BTreeMap<String, BTreeSet<String>>, u| {
+                    m.entry(u.provider.clone())
+                        .or_default()
+                        .insert(u.name.clone());
+                    m
+                },
+            )
+        };
+        let urgent_flag = Arc::new(AtomicBool::new(urgent));
+        let share = self.engine.config.settings.resync_share;
+        let mut jobs = Vec::new();
+        for name in included {
+            let (Some(p), Some(account)) = (
+                self.engine.providers.get(&name),
+                self.engine.config.providers.get(&name),
+            ) else {
+                continue;
+            };
+            let listing = self.listings.remove(&name).unwrap_or_default();
+            if listing.begun() {
+                tracing::info!(
+                    "provider {name}: the full listing goes on from page {}",
+                    listing.pages + 1
+                );
+            } else {
+                // A listing from the start sees every change made before it.
+                self.fresher.remove(&name);
+                self.stale.remove(&name);
+            }
+            self.metrics.listing(&name, 0, true);
+            let pace = Pace::new(account.rate_limit, share, Arc::clone(&urgent_flag));
+            let users = managed.remove(&name).unwrap_or_default();
+            jobs.push((name, Arc::clone(p), listing, users, pace));
+        }
+        tracing::debug!(
+            "full listing begun{}",
+            if urgent {
+                String::new()
+            } else {
+                format!(" at {share}% of each account's rate budget")
+            }
+        );
+        let task = tokio::spawn(async move {
+            futures::future::join_all(jobs.into_iter().map(
+                |(name, p, mut listing, users, pace)| async move {
+                    let before = listing.pages;
+                    let read = p.list(Some(&users), &mut listing, Some(&pace)).await;
+                    (name, listing, read, before)
+                },
+            ))
+            .await
+        });
+        self.resync = Some(Resync {
+            task,
+            urgent: urgent_flag,
+            began: now,
+        });
+    }
+
+    /// Takes in what the listing task handed back: the accounts read to the end, with what
+    /// targeted runs read since taken from those newer reads (and the users changed since read
+    /// again now); the accounts cut short are kept to go on from, and back off.
+    async fn listing_done(&mut self, results: Vec<ListingResult>) -> Listed {
+        let took = self
+            .resync
+            .take()
+            .map(|r| r.began.elapsed())
+            .unwrap_or_default();
+        let mut observed = Observed::new();
+        let mut failures = Vec::new();
+        for (name, listing, read, before) in results {
+            let pages = listing.pages.saturating_sub(before);
+            match read {
+                Ok(()) => {
+                    tracing::info!(
+                        "provider {name}: full listing complete: {} page(s), {pages} in {:.1}s",
+                        listing.pages,
+                        took.as_secs_f64()
+                    );
+                    self.metrics.listing(&name, pages, false);
+                    observed.insert(name, listing.into_snapshot());
+                }
+                Err(e) => {
+                    self.metrics.listing(&name, pages, listing.begun());
+                    if listing.begun() {
+                        tracing::warn!(
+                            "provider {name}: the full listing stopped after page {}; it goes on from there",
+                            listing.pages
+                        );
+                        self.listings.insert(name, listing);
+                    }
+                    failures.push(e);
+                }
+            }
+        }
+        self.read_stale(&observed).await;
+        if let Some(seen) = &self.seen {
+            overlay(&mut observed, seen, &self.fresher);
+        }
+        for name in observed.keys() {
+            self.fresher.remove(name);
+            self.stale.remove(name);
+        }
+        Listed { observed, failures }
+    }
+
+    /// Reads the users changed since their account's listing began and not read since (a few
+    /// requests each), into `seen` and `fresher`, for [`overlay`].
+    async fn read_stale(&mut self, observed: &Observed) {
+        let stale: BTreeSet<(String, String)> = self
+            .stale
+            .iter()
+            .filter(|(p, _)| observed.contains_key(*p))
+            .flat_map(|(p, users)| users.iter().map(move |u| (p.clone(), u.clone())))
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        let Ok(state) = self.engine.store.load() else {
+            return;
+        };
+        let mut scope = crate::engine::Scope::new();
+        for (provider, user) in stale {
+            // A user with no id was deleted: the listing's word on it stands.
+            if let Some(id) = state
+                .user(&provider, &user)
+                .map(|r| r.id.clone())
+                .or_else(|| {
+                    observed
+                        .get(&provider)
+                        .and_then(|s| s.user_by_name(&user))
+                        .map(|u| u.id.clone())
+                })
+            {
+                scope.entry(provider).or_default().push((user, id));
+            }
+        }
+        for (provider, users) in &scope {
+            let Some(p) = self.engine.providers.get(provider) else {
+                continue;
+            };
+            match p.observe_users(users).await {
+                Ok(snap) => {
+                    let fresh: Observed = [(provider.clone(), snap)].into();
+                    let one: crate::engine::Scope = [(provider.clone(), users.clone())].into();
+                    if let Some(seen) = self.seen.as_mut() {
+                        merge(seen, &fresh, &one);
+                    }
+                    self.fresher
+                        .entry(provider.clone())
+                        .or_default()
+                        .extend(users.iter().map(|(n, _)| n.clone()));
+                }
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+    }
+
+    /// One turn of the loop: the run a wake asks for, or the run over a listing that finished.
+    async fn turn(&mut self, why: Wake, results: Option<Vec<ListingResult>>) -> Next {
+        match results {
+            Some(results) => {
+                let listed = self.listing_done(results).await;
+                self.reconcile(why, Some(listed)).await
+            }
+            None => self.reconcile(why, None).await,
+        }
     }
 
     /// The users whose work has come due (from the last plan's upcoming list), to read alone;
@@ -479,6 +824,10 @@ impl Daemon {
     fn scope_of(&self, users: BTreeSet<(String, String)>) -> Option<crate::engine::Scope> {
         let seen = self.seen.as_ref()?;
         if users.is_empty() {
+            return None;
+        }
+        // What an interrupted run left is finished by a run over every account.
+        if self.engine.has_unfinished().unwrap_or(true) {
             return None;
         }
         // Reading users one by one costs about three requests each (the user, its API keys,
@@ -544,6 +893,45 @@ fn merge(
     }
 }
 
+/// Takes the users `newer` names, and the keys they own, from `seen` (what targeted reads found
+/// after the listing read them) into `fresh`, a listing just completed. One pass over each
+/// touched account.
+fn overlay(fresh: &mut Observed, seen: &Observed, newer: &BTreeMap<String, BTreeSet<String>>) {
+    for (provider, names) in newer {
+        let (Some(snap), Some(known)) = (fresh.get_mut(provider), seen.get(provider)) else {
+            continue;
+        };
+        if names.is_empty() {
+            continue;
+        }
+        let mut ids: HashSet<String> = snap
+            .users
+            .iter()
+            .filter(|u| names.contains(&u.name))
+            .map(|u| u.id.clone())
+            .collect();
+        let known_users: Vec<_> = known
+            .users
+            .iter()
+            .filter(|u| names.contains(&u.name))
+            .cloned()
+            .collect();
+        let known_ids: HashSet<&str> = known_users.iter().map(|u| u.id.as_str()).collect();
+        ids.extend(known_ids.iter().map(|id| id.to_string()));
+        snap.users.retain(|u| !names.contains(&u.name));
+        snap.keys
+            .retain(|k| k.owner_id.as_ref().is_none_or(|o| !ids.contains(o)));
+        snap.keys.extend(
+            known
+                .keys
+                .iter()
+                .filter(|k| k.owner_id.as_deref().is_some_and(|o| known_ids.contains(o)))
+                .cloned(),
+        );
+        snap.users.extend(known_users);
+    }
+}
+
 /// The config file's text for the reload diff (bounded like every config read; zeroized when
 /// dropped, as it may hold an inline secret). Unreadable reads as empty.
 fn read_config_text(path: &std::path::Path) -> Zeroizing<String> {
@@ -583,6 +971,10 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
         seen: None,
         upcoming: Vec::new(),
         changed: BTreeSet::new(),
+        listings: BTreeMap::new(),
+        resync: None,
+        fresher: BTreeMap::new(),
+        stale: BTreeMap::new(),
         last_outcome: "starting".to_string(),
         shutdown: shutdown.clone(),
         engine,
@@ -616,19 +1008,26 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
         crate::duration::format(daemon.engine.config.settings.interval)
     );
 
+    metrics.set_resync_share(daemon.engine.config.settings.resync_share);
     // The next run and why; `Some` = run now.
     let mut run_now = Some(Wake::Start);
+    // A full listing that has finished, to plan and apply over.
+    let mut listed_now: Option<Vec<ListingResult>> = None;
     let mut next = daemon.next();
     let mut settle_until: Option<Instant> = None;
     loop {
         if shutdown.is_cancelled() {
             break;
         }
-        if let Some(why) = run_now.take() {
+        let work = match listed_now.take() {
+            Some(results) => Some((Wake::Listed, Some(results))),
+            None => run_now.take().map(|why| (why, None)),
+        };
+        if let Some((why, results)) = work {
             // The loop answers the watchdog while the run is under way: a run that waits on the
             // network is alive; a wedged one (or runtime) stops answering, and the pings stop.
             {
-                let run = daemon.reconcile(why);
+                let run = daemon.turn(why, results);
                 tokio::pin!(run);
                 loop {
                     tokio::select! {
@@ -679,14 +1078,33 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
                 run_now = Some(Wake::Hangup);
                 systemd::ready(&daemon.status_line());
             }
+            results = listing_finished(&mut daemon.resync) => listed_now = Some(results),
             _ = heartbeat.asked() => heartbeat.answer(),
         }
+    }
+    if let Some(r) = daemon.resync.take() {
+        // A listing only reads: nothing is lost by stopping it.
+        r.task.abort();
     }
     if let Some(t) = metrics_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
     tracing::info!("keyward daemon stopped");
     Ok(())
+}
+
+/// What the listing under way hands back when it is done; never, while there is none.
+async fn listing_finished(resync: &mut Option<Resync>) -> Vec<ListingResult> {
+    match resync {
+        Some(r) => match (&mut r.task).await {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::error!("the full listing failed: {e}");
+                Vec::new()
+            }
+        },
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_or_forever(t: Option<Instant>) {

@@ -20,10 +20,11 @@
 //!   has no description or metadata at ASA, so keyward recognises its keys by id from its state.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use jiff::Timestamp;
 use reqwest::Method;
 use secrecy::{ExposeSecret, SecretString};
@@ -34,10 +35,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use super::http::{Answer, HttpClient, Op};
-use super::{CreatedKey, ErrorClass, NewKey, Provider, ProviderError, gone_is_done};
+use super::http::{Answer, HttpClient, Op, Pace};
+use super::{
+    CreatedKey, Cursor, ErrorClass, Listing, NewKey, Provider, ProviderError, gone_is_done,
+};
 use crate::config::{ProviderAccount, ProviderAuth};
-use crate::model::{AccountSnapshot, KeyKind, RemoteKey, RemoteUser};
+use crate::model::{KeyKind, RemoteKey, RemoteUser};
 
 /// Longest error body kept in a message.
 const MAX_BODY_IN_MESSAGE: usize = 300;
@@ -305,18 +308,51 @@ impl AsaProvider {
         op: &Op,
         first: Url,
     ) -> Result<Vec<T>, ProviderError> {
+        let (mut cursor, mut items, pages) = (None, Vec::new(), AtomicU64::new(0));
+        self.list_from(op, first, &mut cursor, None, &pages, &mut items, |t| t)
+            .await?;
+        Ok(items)
+    }
+
+    /// Reads the list that begins at `first` on from `cursor` (`None`: from `first`) to its
+    /// end, following `Link rel="next"` and waiting on `pace` before each page: each page's
+    /// items go into `items` (through `convert`) and `cursor` moves past it, so that after an
+    /// error both say how far the list got.
+    #[allow(clippy::too_many_arguments)]
+    async fn list_from<T: DeserializeOwned, U>(
+        &self,
+        op: &Op,
+        first: Url,
+        cursor: &mut Option<Cursor>,
+        pace: Option<&Pace>,
+        pages: &AtomicU64,
+        items: &mut Vec<U>,
+        convert: impl Fn(T) -> U,
+    ) -> Result<(), ProviderError> {
         #[derive(Deserialize)]
         struct Page<T> {
             #[serde(default = "Vec::new")]
             list: Vec<T>,
         }
-        let mut url = first;
-        let mut items = Vec::new();
+        let mut url = match cursor {
+            Some(Cursor::Done) => return Ok(()),
+            Some(Cursor::Page(next)) => Url::parse(next).map_err(|e| {
+                self.error(
+                    op,
+                    None,
+                    format!("unusable next-page link: {e}"),
+                    ErrorClass::Rejected,
+                )
+            })?,
+            None | Some(Cursor::User(_)) => first,
+        };
         for _ in 0..MAX_PAGES {
+            if let Some(p) = pace {
+                p.wait().await;
+            }
             let answer = self.call(op, Method::GET, &url, None).await?;
             let page: Page<T> = self.decode(op, &answer)?;
             let empty = page.list.is_empty();
-            items.extend(page.list);
             let links = answer
                 .headers
                 .get_all(reqwest::header::LINK)
@@ -324,28 +360,45 @@ impl AsaProvider {
                 .filter_map(|v| v.to_str().ok());
             let next = match next_link(links) {
                 // An empty page ends the listing even if a next page is announced.
-                Some(next) if !empty => next,
-                _ => return Ok(items),
+                Some(next) if !empty => Some(next),
+                _ => None,
             };
-            let next = url.join(&next).map_err(|e| {
-                self.error(
-                    op,
-                    None,
-                    format!("the API answered an unusable next-page link: {e}"),
-                    ErrorClass::Rejected,
-                )
-            })?;
-            check_same_origin(&self.base, &next)
-                .map_err(|m| self.error(op, None, m, ErrorClass::Rejected))?;
-            if next == url {
-                return Err(self.error(
-                    op,
-                    None,
-                    "the API's next-page link points at the page itself".into(),
-                    ErrorClass::Rejected,
-                ));
+            let next = match next {
+                None => None,
+                Some(next) => {
+                    let next = url.join(&next).map_err(|e| {
+                        self.error(
+                            op,
+                            None,
+                            format!("the API answered an unusable next-page link: {e}"),
+                            ErrorClass::Rejected,
+                        )
+                    })?;
+                    check_same_origin(&self.base, &next)
+                        .map_err(|m| self.error(op, None, m, ErrorClass::Rejected))?;
+                    if next == url {
+                        return Err(self.error(
+                            op,
+                            None,
+                            "the API's next-page link points at the page itself".into(),
+                            ErrorClass::Rejected,
+                        ));
+                    }
+                    Some(next)
+                }
+            };
+            items.extend(page.list.into_iter().map(&convert));
+            pages.fetch_add(1, Ordering::Relaxed);
+            match next {
+                Some(next) => {
+                    *cursor = Some(Cursor::Page(next.to_string()));
+                    url = next;
+                }
+                None => {
+                    *cursor = Some(Cursor::Done);
+                    return Ok(());
+                }
             }
-            url = next;
         }
         Err(self.error(
             op,
@@ -576,28 +629,51 @@ fn decode_error(provider: &str, op: &Op, answer: &Answer) -> ProviderError {
     }
 }
 
-/// One user's key listing in flight (boxed: the trait's futures must be `Send`).
-type KeyListing<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<Vec<RemoteKey>, ProviderError>> + Send + 'a>,
->;
-
 #[async_trait]
 impl Provider for AsaProvider {
     fn name(&self) -> &str {
         &self.name
     }
 
-    async fn observe(
+    async fn list(
         &self,
         managed: Option<&std::collections::BTreeSet<String>>,
-    ) -> Result<AccountSnapshot, ProviderError> {
+        listing: &mut Listing,
+        pace: Option<&Pace>,
+    ) -> Result<(), ProviderError> {
+        const USERS: &str = "service_users";
+        const KEYS: &str = "keys";
         let op = Op::new("list service users", None);
-        let wire: Vec<WireUser> = self.list_all(&op, self.url(&["service_users"])).await?;
-        let users: Vec<RemoteUser> = wire.into_iter().map(RemoteUser::from).collect();
+        let mut at = listing.cursors.get(USERS).cloned();
+        let (mut users, pages) = (Vec::new(), AtomicU64::new(0));
+        let read = self
+            .list_from::<WireUser, _>(
+                &op,
+                self.url(&["service_users"]),
+                &mut at,
+                pace,
+                &pages,
+                &mut users,
+                RemoteUser::from,
+            )
+            .await;
+        listing.users.append(&mut users);
+        listing.pages += pages.into_inner();
+        if let Some(c) = at {
+            listing.cursors.insert(USERS, c);
+        }
+        read?;
         // A deleted user's keys can no longer be used; its name is all that remains. Keys are
-        // listed one user at a time, so only for the users keyward manages.
-        let mut listings: Vec<KeyListing<'_>> = Vec::new();
-        for u in &users {
+        // listed one user at a time, so only for the users keyward manages, in the listing's
+        // order, from the user where an earlier call stopped.
+        let first = match listing.cursors.get(KEYS) {
+            Some(Cursor::Done) => return Ok(()),
+            Some(Cursor::User(i)) => *i,
+            _ => 0,
+        };
+        let (users, keys) = (&listing.users, &mut listing.keys);
+        let mut listings = Vec::new();
+        for (i, u) in users.iter().enumerate().skip(first) {
             // A name that cannot stand as a URL path segment (`.`, `..`, a control
             // character: URL parsing resolves or strips them) cannot be addressed; its keys
             // are not listed, and a config cannot declare it.
@@ -611,17 +687,44 @@ impl Provider for AsaProvider {
                 );
             }
             if addressable && !u.deleted && managed.is_none_or(|m| m.contains(&u.name)) {
-                listings.push(Box::pin(self.list_keys(u)));
+                listings.push(async move {
+                    if let Some(p) = pace {
+                        p.wait().await;
+                    }
+                    (i, self.list_keys(u).await)
+                });
             }
         }
-        let per_user: Vec<Vec<RemoteKey>> = futures::stream::iter(listings)
-            .buffered(self.concurrency)
-            .try_collect()
-            .await?;
-        Ok(AccountSnapshot {
-            users,
-            keys: per_user.into_iter().flatten().collect(),
-        })
+        let mut per_user = futures::stream::iter(listings).buffered(self.concurrency);
+        let (mut next, mut read_users, mut failed) = (first, 0, None);
+        // In order: the cursor moves past a user only once its keys (and every user's before
+        // it) are in.
+        while let Some((i, read)) = per_user.next().await {
+            match read {
+                Ok(mut k) => {
+                    keys.append(&mut k);
+                    next = i + 1;
+                    read_users += 1;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(per_user);
+        // About one page a user: ASA teams rarely give a service user more than a few keys.
+        listing.pages += read_users;
+        match failed {
+            Some(e) => {
+                listing.cursors.insert(KEYS, Cursor::User(next));
+                Err(e)
+            }
+            None => {
+                listing.cursors.insert(KEYS, Cursor::Done);
+                Ok(())
+            }
+        }
     }
 
     async fn create_user(&self, name: &str, active: bool) -> Result<RemoteUser, ProviderError> {
@@ -737,6 +840,10 @@ impl Provider for AsaProvider {
 
     fn rate_limited(&self) -> u64 {
         self.http.rate_limited()
+    }
+
+    fn budget_used(&self) -> f64 {
+        self.http.budget_used()
     }
 }
 

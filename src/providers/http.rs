@@ -6,7 +6,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -67,6 +67,10 @@ pub struct HttpClient {
     not_before: Mutex<Option<Instant>>,
     requests: AtomicU64,
     rate_limited: AtomicU64,
+    /// The account's budget (`rate_limit`), for [`HttpClient::budget_used`].
+    rate: RateLimit,
+    /// When the requests of the last budget window were sent, oldest first.
+    recent: std::sync::Mutex<std::collections::VecDeque<Instant>>,
     decode_error: ErrorDecoder,
     /// The process's shutdown: once cancelled, every wait for a rate budget, a `Retry-After` or
     /// a backoff ends and nothing new is sent (a request already on the wire completes).
@@ -103,6 +107,8 @@ impl HttpClient {
             not_before: Mutex::new(None),
             requests: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
+            rate,
+            recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
             decode_error,
             shutdown,
         }))
@@ -116,6 +122,31 @@ impl HttpClient {
     /// How many answers were 429 (rate limited).
     pub fn rate_limited(&self) -> u64 {
         self.rate_limited.load(Ordering::Relaxed)
+    }
+
+    /// The share of the account's budget (`rate_limit`: N requests per window) that the
+    /// requests of the last window took: 0.0 to 1.0 (the budget never lets more through).
+    pub fn budget_used(&self) -> f64 {
+        let Ok(mut recent) = self.recent.lock() else {
+            return 0.0;
+        };
+        self.forget_before_window(&mut recent);
+        recent.len() as f64 / f64::from(self.rate.requests.max(1))
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.rate.per.as_millis()).unwrap_or(0).max(1))
+    }
+
+    fn forget_before_window(&self, recent: &mut std::collections::VecDeque<Instant>) {
+        let now = Instant::now();
+        let window = self.window();
+        while recent
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= window)
+        {
+            recent.pop_front();
+        }
     }
 
     /// Sends a request built by `build` (called afresh for each attempt) and returns the answer
@@ -194,6 +225,10 @@ impl HttpClient {
             }
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut recent) = self.recent.lock() {
+            self.forget_before_window(&mut recent);
+            recent.push_back(Instant::now());
+        }
         let response = match build(&self.client).send().await {
             Ok(r) => r,
             // A request that cannot even be built (a credential that is no valid header
@@ -386,6 +421,39 @@ pub fn retry_at(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let wait_ms = u64::try_from(at.saturating_mul(1000).saturating_sub(now_ms)).unwrap_or(0);
     let jitter_ms = rand::Rng::random_range(&mut rand::rng(), 100..=1500);
     Some(Duration::from_millis(wait_ms + jitter_ms))
+}
+
+/// The pace of a long listing that must leave most of the account's budget to other work: at
+/// most `percent`% of the account's `rate_limit`, over any window of its length, as [`quota`]
+/// counts it (with a burst of at least 3 pages, so that a small account's listing goes at once).
+/// While `urgent` is set (a listing someone waits for: the daemon's start, a config edit,
+/// SIGHUP) it does not wait; the account's own budget still holds every request.
+pub struct Pace {
+    limiter: DefaultDirectRateLimiter,
+    urgent: Arc<AtomicBool>,
+}
+
+impl Pace {
+    /// A pace of `percent` (1–100) of `rate`, skipped while `urgent` is set.
+    pub fn new(rate: RateLimit, percent: u8, urgent: Arc<AtomicBool>) -> Pace {
+        let share = (u64::from(rate.requests) * u64::from(percent.clamp(1, 100)) / 100).max(1);
+        let share = RateLimit {
+            requests: u32::try_from(share).unwrap_or(u32::MAX),
+            per: rate.per,
+        };
+        let burst = NonZeroU32::new((share.requests / 50).max(3)).unwrap_or(NonZeroU32::MIN);
+        Pace {
+            limiter: RateLimiter::direct(quota(share).allow_burst(burst)),
+            urgent,
+        }
+    }
+
+    /// Waits until the next page may be read.
+    pub async fn wait(&self) {
+        if !self.urgent.load(Ordering::Relaxed) {
+            self.limiter.until_ready().await;
+        }
+    }
 }
 
 /// The governor quota for `rate` (N requests per window W) that never lets more than N

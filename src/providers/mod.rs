@@ -11,7 +11,7 @@ pub mod asa;
 pub mod http;
 pub mod ngrok;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -53,6 +53,57 @@ impl fmt::Debug for CreatedKey {
     }
 }
 
+/// Where one of an account's lists stands in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cursor {
+    /// The next page to read, as the provider gave it (a URL).
+    Page(String),
+    /// The next user whose keys to read, by position in the listing's users (Okta ASA lists
+    /// keys user by user).
+    User(usize),
+    /// Read to the end.
+    Done,
+}
+
+/// A full listing of one account, in progress: what it has read so far and where each of the
+/// account's lists goes on. A listing cut short (an error, a shutdown, a budget) keeps its pages
+/// and goes on from its cursors when listed again, never from the start. Pages are appended
+/// whole: a page is in it or not.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// The service users read so far.
+    pub users: Vec<RemoteUser>,
+    /// The keys read so far.
+    pub keys: Vec<RemoteKey>,
+    /// Per list (the provider's collection name), where it goes on; absent = not begun.
+    pub cursors: BTreeMap<&'static str, Cursor>,
+    /// Pages read so far, over every resumption.
+    pub pages: u64,
+}
+
+impl Listing {
+    /// Where the list `name` goes on; `None` when it has been read to the end.
+    pub fn cursor(&self, name: &'static str) -> Option<Option<&Cursor>> {
+        match self.cursors.get(name) {
+            Some(Cursor::Done) => None,
+            other => Some(other),
+        }
+    }
+
+    /// Whether the listing has begun (some page was read).
+    pub fn begun(&self) -> bool {
+        !self.cursors.is_empty()
+    }
+
+    /// The account as listed (the listing must be complete).
+    pub fn into_snapshot(self) -> AccountSnapshot {
+        AccountSnapshot {
+            users: self.users,
+            keys: self.keys,
+        }
+    }
+}
+
 /// A provider account keyward can observe and change.
 #[async_trait]
 pub trait Provider: Send + Sync {
@@ -64,7 +115,21 @@ pub trait Provider: Send + Sync {
     async fn observe(
         &self,
         managed: Option<&BTreeSet<String>>,
-    ) -> Result<AccountSnapshot, ProviderError>;
+    ) -> Result<AccountSnapshot, ProviderError> {
+        let mut listing = Listing::default();
+        self.list(managed, &mut listing, None).await?;
+        Ok(listing.into_snapshot())
+    }
+    /// [`Provider::observe`], resumable and paced: goes on with `listing` from where it stands
+    /// (a fresh one begins at the start), waiting on `pace` before each page. On an error the
+    /// pages read so far stay in `listing`, and a later call goes on from there. Ok when every
+    /// list has been read to the end.
+    async fn list(
+        &self,
+        managed: Option<&BTreeSet<String>>,
+        listing: &mut Listing,
+        pace: Option<&http::Pace>,
+    ) -> Result<(), ProviderError>;
     /// Reads only the given service users (name, id at the provider) and the keys they own:
     /// what a daemon run for the keys that came due needs, at a cost in requests that follows
     /// the number of users, not the size of the account. A user the provider no longer has is
@@ -111,6 +176,10 @@ pub trait Provider: Send + Sync {
     fn requests_sent(&self) -> u64;
     /// How many of them the provider answered 429 (rate limited).
     fn rate_limited(&self) -> u64;
+    /// The share of the account's `rate_limit` the requests of its last window took (0.0–1.0).
+    fn budget_used(&self) -> f64 {
+        0.0
+    }
 }
 
 /// Builds the client for one provider account; once `shutdown` is cancelled it waits for

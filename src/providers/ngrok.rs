@@ -4,6 +4,7 @@
 //! ignored); errors carry the `ERR_NGROK_*` code. Observing uses list endpoints only.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -13,8 +14,10 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use super::http::{Answer, HttpClient, Op};
-use super::{CreatedKey, ErrorClass, NewKey, Provider, ProviderError, gone_is_done};
+use super::http::{Answer, HttpClient, Op, Pace};
+use super::{
+    CreatedKey, Cursor, ErrorClass, Listing, NewKey, Provider, ProviderError, gone_is_done,
+};
 use crate::config::{ProviderAccount, ProviderAuth};
 use crate::model::{AccountSnapshot, KeyKind, RemoteKey, RemoteUser};
 
@@ -90,15 +93,6 @@ impl NgrokProvider {
         })
     }
 
-    /// Every item of a list endpoint, following `next_page_uri` exactly as given.
-    async fn list_all<T: DeserializeOwned>(
-        &self,
-        path: &str,
-        list_key: &str,
-    ) -> Result<Vec<T>, ProviderError> {
-        self.list_filtered(path, list_key, None).await
-    }
-
     /// Every item of a list, optionally narrowed by a `filter` (ngrok's CEL subset, e.g.
     /// `obj.owner_id == "bot_…"`; ngrok-api.md §0.2), following `next_page_uri`.
     async fn list_filtered<T: DeserializeOwned>(
@@ -107,14 +101,55 @@ impl NgrokProvider {
         list_key: &str,
         filter: Option<&str>,
     ) -> Result<Vec<T>, ProviderError> {
+        let (mut cursor, mut items, pages) = (None, Vec::new(), AtomicU64::new(0));
+        self.list_from(
+            path,
+            list_key,
+            filter,
+            &mut cursor,
+            None,
+            &pages,
+            &mut items,
+            |t| t,
+        )
+        .await?;
+        Ok(items)
+    }
+
+    /// Reads the list at `path` on from `cursor` (`None`: from the start) to its end, page by
+    /// page, waiting on `pace` before each: each page's items go into `items` (through `convert`)
+    /// and `cursor` moves past it, so that after an error both say how far the list got.
+    #[allow(clippy::too_many_arguments)]
+    async fn list_from<T: DeserializeOwned, U>(
+        &self,
+        path: &str,
+        list_key: &str,
+        filter: Option<&str>,
+        cursor: &mut Option<Cursor>,
+        pace: Option<&Pace>,
+        pages: &AtomicU64,
+        items: &mut Vec<U>,
+        convert: impl Fn(T) -> U,
+    ) -> Result<(), ProviderError> {
         let op = Op::new(format!("list {path}"), None);
-        let mut url = format!("{}{path}?limit={PAGE_LIMIT}", self.base_url);
-        if let Some(f) = filter {
-            url.push_str("&filter=");
-            url.push_str(&url::form_urlencoded::byte_serialize(f.as_bytes()).collect::<String>());
-        }
-        let mut items = Vec::new();
+        let mut url = match cursor {
+            Some(Cursor::Done) => return Ok(()),
+            Some(Cursor::Page(next)) => next.clone(),
+            None | Some(Cursor::User(_)) => {
+                let mut url = format!("{}{path}?limit={PAGE_LIMIT}", self.base_url);
+                if let Some(f) = filter {
+                    url.push_str("&filter=");
+                    url.push_str(
+                        &url::form_urlencoded::byte_serialize(f.as_bytes()).collect::<String>(),
+                    );
+                }
+                url
+            }
+        };
         loop {
+            if let Some(p) = pace {
+                p.wait().await;
+            }
             let answer = self.call(&op, Method::GET, &url, None).await?;
             let mut page: serde_json::Map<String, serde_json::Value> = self.decode(&op, &answer)?;
             let next = page
@@ -133,17 +168,27 @@ impl NgrokProvider {
                 None => Vec::new(),
             };
             let empty = batch.is_empty();
-            items.extend(batch);
-            match next {
+            let next = match next {
                 // An empty page ends the listing even if a next page is announced.
                 Some(next) if !empty => {
                     self.check_same_origin(&op, &next)?;
+                    Some(next)
+                }
+                _ => None,
+            };
+            items.extend(batch.into_iter().map(&convert));
+            pages.fetch_add(1, Ordering::Relaxed);
+            match next {
+                Some(next) => {
+                    *cursor = Some(Cursor::Page(next.clone()));
                     url = next;
                 }
-                _ => break,
+                None => {
+                    *cursor = Some(Cursor::Done);
+                    return Ok(());
+                }
             }
         }
-        Ok(items)
     }
 
     /// One service user by id and the keys it owns (`None` when the provider no longer has it).
@@ -336,33 +381,65 @@ impl Provider for NgrokProvider {
         &self.name
     }
 
-    async fn observe(
+    async fn list(
         &self,
         _managed: Option<&std::collections::BTreeSet<String>>,
-    ) -> Result<AccountSnapshot, ProviderError> {
-        // The key lists are account-wide: listing them whole costs the same few pages.
-        // The three lists are independent: run them concurrently.
-        let (users, api_keys, credentials) = tokio::try_join!(
-            self.list_all::<WireUser>("/service_users", "service_users"),
-            self.list_all::<WireKey>("/api_keys", "keys"),
-            self.list_all::<WireKey>("/credentials", "credentials"),
-        )?;
-        let mut snapshot = AccountSnapshot {
-            users: users.into_iter().map(RemoteUser::from).collect(),
-            keys: Vec::with_capacity(api_keys.len() + credentials.len()),
-        };
+        listing: &mut Listing,
+        pace: Option<&Pace>,
+    ) -> Result<(), ProviderError> {
+        // The key lists are account-wide: listing them whole costs the same few pages. The
+        // three lists are independent: they are read concurrently, each from where it stands.
+        const USERS: &str = "service_users";
+        const API_KEYS: &str = "api_keys";
+        const CREDENTIALS: &str = "credentials";
+        let mut at = [USERS, API_KEYS, CREDENTIALS].map(|l| listing.cursors.get(l).cloned());
+        let [users_at, api_keys_at, credentials_at] = &mut at;
+        let (mut users, mut api_keys, mut credentials) = (Vec::new(), Vec::new(), Vec::new());
+        let pages = AtomicU64::new(0);
         // List responses carry no token; anything else would be dropped here regardless.
-        snapshot.keys.extend(
-            api_keys
-                .into_iter()
-                .map(|k| k.into_remote(KeyKind::ApiKey).0),
+        let result = tokio::try_join!(
+            self.list_from::<WireUser, _>(
+                "/service_users",
+                "service_users",
+                None,
+                users_at,
+                pace,
+                &pages,
+                &mut users,
+                RemoteUser::from,
+            ),
+            self.list_from::<WireKey, _>(
+                "/api_keys",
+                "keys",
+                None,
+                api_keys_at,
+                pace,
+                &pages,
+                &mut api_keys,
+                |k| k.into_remote(KeyKind::ApiKey).0,
+            ),
+            self.list_from::<WireKey, _>(
+                "/credentials",
+                "credentials",
+                None,
+                credentials_at,
+                pace,
+                &pages,
+                &mut credentials,
+                |k| k.into_remote(KeyKind::Credential).0,
+            ),
         );
-        snapshot.keys.extend(
-            credentials
-                .into_iter()
-                .map(|k| k.into_remote(KeyKind::Credential).0),
-        );
-        Ok(snapshot)
+        // What was read stays, also when a list failed: the next call goes on from here.
+        listing.users.append(&mut users);
+        listing.keys.append(&mut api_keys);
+        listing.keys.append(&mut credentials);
+        listing.pages += pages.into_inner();
+        for (list, cursor) in [USERS, API_KEYS, CREDENTIALS].into_iter().zip(at) {
+            if let Some(c) = cursor {
+                listing.cursors.insert(list, c);
+            }
+        }
+        result.map(|_| ())
     }
 
     async fn observe_users(
@@ -498,5 +575,9 @@ impl Provider for NgrokProvider {
 
     fn rate_limited(&self) -> u64 {
         self.http.rate_limited()
+    }
+
+    fn budget_used(&self) -> f64 {
+        self.http.budget_used()
     }
 }
