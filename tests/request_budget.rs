@@ -50,3 +50,49 @@ fn noop_plan_of_1000_users_costs_one_request_per_page() {
         "{stats}"
     );
 }
+
+#[test]
+fn noop_plan_of_10000_imported_users_costs_one_request_per_page() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    // A fleet account as keyward finds it: 10,000 service users with 2 API keys and 1
+    // credential each, seeded directly.
+    for batch in 0..4 {
+        let names: Vec<String> = (batch * 2500..(batch + 1) * 2500)
+            .map(|i| format!("edge-{i:05}"))
+            .collect();
+        let keys = |d: &str| -> Vec<serde_json::Value> {
+            names
+                .iter()
+                .map(|n| serde_json::json!({"owner_name": n, "description": d}))
+                .collect()
+        };
+        let mut api_keys = keys("deploy");
+        api_keys.extend(keys("ci"));
+        sb.seed(serde_json::json!({
+            "service_users": names.iter().map(|n| serde_json::json!({"name": n})).collect::<Vec<_>>(),
+            "api_keys": api_keys,
+            "credentials": keys("agent"),
+        }));
+    }
+    // Taken over with `import` into an included file: the plan is a no-op.
+    ws.write_config("  concurrency: 16\n", "include: [fleet.yaml]\nusers: []\n");
+    let out = ws.keyward(&["import", "-q", "--out", "fleet.yaml"]);
+    expect_code(&out, 0, "import");
+
+    let users_n = sb.list("/service_users", "service_users").len();
+    let api_keys_n = sb.list("/api_keys", "keys").len();
+    let creds_n = sb.list("/credentials", "credentials").len();
+    assert_eq!((users_n, creds_n), (10_000, 10_000));
+    sb.reset_stats();
+    let plan = ws.keyward(&["plan", "--detailed-exitcode"]);
+    expect_code(&plan, 0, "no-op plan of 10,000 users");
+    let pages = |n: usize| n.div_ceil(100).max(1) as u64;
+    let bound = pages(users_n) + pages(api_keys_n) + pages(creds_n);
+    let stats = sb.stats();
+    assert_eq!(
+        stats["requests"].as_u64().unwrap(),
+        bound,
+        "requests for a no-op plan: {stats}"
+    );
+}
