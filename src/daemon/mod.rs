@@ -710,10 +710,23 @@ impl Daemon {
             let pages = listing.pages.saturating_sub(before);
             match read {
                 Ok(()) => {
+                    // The share of the budget it took, stated: pages a minute against the
+                    // account's rate_limit.
+                    let per_minute = pages as f64 * 60.0 / took.as_secs_f64().max(0.001);
+                    let budget = self.engine.config.providers.get(&name).map(|a| {
+                        let secs = a.rate_limit.per.as_secs_f64().max(0.001);
+                        f64::from(a.rate_limit.requests) * 60.0 / secs
+                    });
                     tracing::info!(
-                        "provider {name}: full listing complete: {} page(s), {pages} in {:.1}s",
+                        "provider {name}: full listing complete: {} page(s), {pages} of them in {:.1}s: {per_minute:.1} a minute{}",
                         listing.pages,
-                        took.as_secs_f64()
+                        took.as_secs_f64(),
+                        budget
+                            .map(|b| format!(
+                                ", {:.0}% of its rate_limit ({b:.0} a minute)",
+                                per_minute / b * 100.0
+                            ))
+                            .unwrap_or_default()
                     );
                     self.metrics.listing(&name, pages, false);
                     observed.insert(name, listing.into_snapshot());
@@ -1002,10 +1015,11 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
     let heartbeat = systemd::start_watchdog();
     systemd::ready("config loaded; first reconcile starting");
     tracing::info!(
-        "keyward daemon started: config {}, mode {:?}, interval {}",
+        "keyward daemon started: config {}, mode {:?}, interval {}, the listing at every interval at no more than {}% of each account's rate_limit",
         path.display(),
         daemon.engine.config.settings.mode,
-        crate::duration::format(daemon.engine.config.settings.interval)
+        crate::duration::format(daemon.engine.config.settings.interval),
+        daemon.engine.config.settings.resync_share
     );
 
     metrics.set_resync_share(daemon.engine.config.settings.resync_share);

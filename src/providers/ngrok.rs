@@ -396,8 +396,10 @@ impl Provider for NgrokProvider {
         let [users_at, api_keys_at, credentials_at] = &mut at;
         let (mut users, mut api_keys, mut credentials) = (Vec::new(), Vec::new(), Vec::new());
         let pages = AtomicU64::new(0);
-        // List responses carry no token; anything else would be dropped here regardless.
-        let result = tokio::try_join!(
+        // List responses carry no token; anything else would be dropped here regardless. Each
+        // list runs to its end or its own failure: a page on the wire when another list fails
+        // is kept, not read again.
+        let (users_read, api_keys_read, credentials_read) = tokio::join!(
             self.list_from::<WireUser, _>(
                 "/service_users",
                 "service_users",
@@ -439,7 +441,7 @@ impl Provider for NgrokProvider {
                 listing.cursors.insert(list, c);
             }
         }
-        result.map(|_| ())
+        users_read.and(api_keys_read).and(credentials_read)
     }
 
     async fn observe_users(

@@ -1,0 +1,110 @@
+//! A provider listing cut short keeps the pages it read and goes on from where it stopped:
+//! completed after a `401` mid-way, it holds the same account, object for object, as a listing
+//! read without a stop, and it read no page twice. The ngrok client against the sandbox over
+//! loopback; the requests are counted by the sandbox.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{Sandbox, Workspace};
+use keyward::model::AccountSnapshot;
+use keyward::providers::{Listing, Provider};
+use serde_json::json;
+
+fn ids(snap: &AccountSnapshot) -> (BTreeSet<String>, BTreeSet<String>) {
+    (
+        snap.users.iter().map(|u| u.id.clone()).collect(),
+        snap.keys.iter().map(|k| k.id.clone()).collect(),
+    )
+}
+
+#[test]
+fn an_ngrok_listing_cut_short_goes_on_and_reads_every_page_once() {
+    let sb = Sandbox::start(&["--latency", "10ms"]);
+    // 3,000 users with an API key and a credential each: about 30 pages per list.
+    let names: Vec<String> = (0..3000).map(|i| format!("edge-{i:04}")).collect();
+    let keys = |d: &str| -> Vec<serde_json::Value> {
+        names
+            .iter()
+            .map(|n| json!({"owner_name": n, "description": d}))
+            .collect()
+    };
+    sb.seed(json!({
+        "service_users": names.iter().map(|n| json!({"name": n})).collect::<Vec<_>>(),
+        "api_keys": keys("deploy"),
+        "credentials": keys("agent"),
+    }));
+    let ws = Workspace::new(&sb);
+    ws.write_config("", "users: []\n");
+    let env = ws.env.clone();
+    let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let loaded = keyward::config::load_with_env(&ws.config_path(), &lookup)
+        .unwrap_or_else(|d| panic!("{d:?}"));
+    let account = loaded.config.providers["ng"].clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let provider: std::sync::Arc<dyn Provider> = {
+        let _enter = rt.enter();
+        keyward::providers::connect(&account, 8, tokio_util::sync::CancellationToken::new())
+            .unwrap()
+    };
+
+    // The whole account read without a stop, and what that costs.
+    sb.reset_stats();
+    let whole = rt.block_on(provider.observe(None)).unwrap();
+    let pages = sb.stats()["requests"].as_u64().unwrap();
+    assert!(pages >= 90, "{pages} pages");
+
+    // The account's credential stops working once 12 requests were served.
+    sb.reset_stats();
+    let url = sb.url.clone();
+    let cutter = std::thread::spawn(move || {
+        let agent = reqwest::blocking::Client::new();
+        loop {
+            let stats: serde_json::Value = agent
+                .get(format!("{url}/_sandbox/stats"))
+                .send()
+                .and_then(|r| r.json())
+                .unwrap();
+            if stats["requests"].as_u64().unwrap_or(0) >= 12 {
+                let r = agent
+                    .put(format!("{url}/_sandbox/faults"))
+                    .json(&json!({"refuse_credentials": true}))
+                    .send()
+                    .unwrap();
+                assert!(r.status().is_success());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    let mut listing = Listing::default();
+    let cut = rt.block_on(provider.list(None, &mut listing, None));
+    cutter.join().unwrap();
+    let error = cut.expect_err("the listing must stop at the 401");
+    assert_eq!(error.status, Some(401), "{error}");
+    assert!(
+        listing.begun() && listing.pages >= 3 && listing.pages < pages,
+        "read {} of {pages} pages before the stop",
+        listing.pages
+    );
+
+    // The account answers again: the listing goes on, and ends with the whole account.
+    sb.set_faults(json!({"refuse_credentials": false}));
+    rt.block_on(provider.list(None, &mut listing, None))
+        .expect("the listing goes on");
+    let stats = sb.stats();
+    let refused = stats["refused"].as_u64().unwrap();
+    assert!(refused >= 1, "{stats}");
+    assert_eq!(
+        stats["requests"].as_u64().unwrap(),
+        pages + refused,
+        "every page once, besides the requests refused: {stats}"
+    );
+    assert_eq!(listing.pages, pages);
+    let resumed = listing.into_snapshot();
+    assert_eq!(resumed.users.len(), whole.users.len());
+    assert_eq!(resumed.keys.len(), whole.keys.len());
+    assert_eq!(ids(&resumed), ids(&whole));
+}
