@@ -108,3 +108,86 @@ fn an_ngrok_listing_cut_short_goes_on_and_reads_every_page_once() {
     assert_eq!(resumed.keys.len(), whole.keys.len());
     assert_eq!(ids(&resumed), ids(&whole));
 }
+
+#[test]
+fn an_asa_listing_cut_short_goes_on_from_the_user_where_it_stopped() {
+    let sb = Sandbox::start(&["--latency", "5ms"]);
+    // 300 users with one key each: 3 pages of users, then one key list per user.
+    let seeded: Vec<serde_json::Value> = (0..300)
+        .map(|i| json!({"name": format!("svc-{i:03}"), "keys": [{}]}))
+        .collect();
+    common::asa::seed(&sb, json!({"service_users": seeded}));
+    let ws = common::asa::workspace(&sb);
+    common::asa::write_config(&ws, "", "users: []\n");
+    let env = ws.env.clone();
+    let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let loaded = keyward::config::load_with_env(&ws.config_path(), &lookup)
+        .unwrap_or_else(|d| panic!("{d:?}"));
+    let account = loaded.config.providers["asa"].clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let provider: std::sync::Arc<dyn Provider> = {
+        let _enter = rt.enter();
+        keyward::providers::connect(&account, 8, tokio_util::sync::CancellationToken::new())
+            .unwrap()
+    };
+    let key_lists = |sb: &Sandbox| {
+        common::asa::route_count(sb, "GET /v1/teams/{team}/service_users/{name}/keys")
+    };
+
+    let whole = rt.block_on(provider.observe(None)).unwrap();
+    assert!(whole.keys.len() >= 300, "{} keys", whole.keys.len());
+
+    // The credential stops working once 100 requests were served, in the middle of the
+    // users' key lists.
+    sb.reset_stats();
+    let url = sb.url.clone();
+    let cutter = std::thread::spawn(move || {
+        let agent = reqwest::blocking::Client::new();
+        loop {
+            let stats: serde_json::Value = agent
+                .get(format!("{url}/_sandbox/stats"))
+                .send()
+                .and_then(|r| r.json())
+                .unwrap();
+            if stats["requests"].as_u64().unwrap_or(0) >= 100 {
+                let r = agent
+                    .put(format!("{url}/_sandbox/faults"))
+                    .json(&json!({"refuse_credentials": true}))
+                    .send()
+                    .unwrap();
+                assert!(r.status().is_success());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    let mut listing = Listing::default();
+    let cut = rt.block_on(provider.list(None, &mut listing, None));
+    cutter.join().unwrap();
+    cut.expect_err("the listing must stop at the 401");
+    let before = listing.keys.len();
+    assert!(
+        (50..300).contains(&before),
+        "{before} users' keys before the stop"
+    );
+    let read_before = key_lists(&sb);
+
+    sb.set_faults(json!({"refuse_credentials": false}));
+    sb.reset_stats();
+    rt.block_on(provider.list(None, &mut listing, None))
+        .expect("the listing goes on");
+    // The users before the stop are not read again: at most the few whose lists were on the
+    // wire (the client's concurrency) or refused are.
+    let read_after = key_lists(&sb);
+    assert!(
+        read_after <= 300 - before as u64 + 8,
+        "{read_after} key lists after the stop, {before} users read before it ({read_before} lists)"
+    );
+    assert_eq!(
+        common::asa::route_count(&sb, "GET /v1/teams/{team}/service_users"),
+        0,
+        "the users were listed again"
+    );
+    let resumed = listing.into_snapshot();
+    assert_eq!(ids(&resumed), ids(&whole));
+}
