@@ -29,6 +29,10 @@ use crate::text::short_id;
 /// Changes with their position in the plan.
 type Numbered = Vec<(usize, Change)>;
 
+/// How one user's changes ended (with their position in the plan), and the user as they left
+/// it when every one was done.
+type UserOutcome = (Vec<(usize, ChangeResult)>, Option<UserAfter>);
+
 /// How one change ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -50,11 +54,28 @@ pub struct ChangeResult {
     pub outcome: Outcome,
 }
 
+/// A service user as an apply left it, from the provider's answers to its writes: the user
+/// (`None`: deleted) and the keys it owns.
+#[derive(Debug, Clone)]
+pub struct UserAfter {
+    /// Provider account.
+    pub provider: String,
+    /// Service user name.
+    pub name: String,
+    /// The user, as the provider last answered; `None` when it was deleted.
+    pub remote: Option<RemoteUser>,
+    /// The keys it owns, with every key created, updated or revoked by the apply accounted for.
+    pub keys: Vec<RemoteKey>,
+}
+
 /// What an apply did.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     /// Every change of the executed plan, in plan order.
     pub results: Vec<ChangeResult>,
+    /// The users whose every change was done, as the apply left them (the daemon folds them
+    /// into what it knows of the accounts instead of reading them again).
+    pub after: Vec<UserAfter>,
 }
 
 impl Report {
@@ -330,10 +351,11 @@ impl Executor {
                     .await
             }
         });
-        let results: Vec<Vec<(usize, ChangeResult)>> = futures::stream::iter(runs)
+        let results: Vec<UserOutcome> = futures::stream::iter(runs)
             .buffer_unordered(concurrency)
             .collect()
             .await;
+        let (results, after): (Vec<_>, Vec<_>) = results.into_iter().unzip();
         if self.open_ops.load(Ordering::SeqCst) == 0 {
             // Everything this run began is finished and recorded in the durable state; what an
             // unreachable account left unfinished stays for a later run.
@@ -353,6 +375,7 @@ impl Executor {
         ordered.sort_by_key(|(i, _)| *i);
         Report {
             results: ordered.into_iter().map(|(_, r)| r).collect(),
+            after: after.into_iter().flatten().collect(),
         }
     }
 
@@ -363,10 +386,10 @@ impl Executor {
         remote: Option<RemoteUser>,
         keys: Vec<RemoteKey>,
         progress: Option<&dyn crate::progress::Progress>,
-    ) -> Vec<(usize, ChangeResult)> {
+    ) -> UserOutcome {
         let out = self.run_user_changes(provider, changes, remote, keys).await;
         if let Some(p) = progress {
-            for (_, r) in &out {
+            for (_, r) in &out.0 {
                 p.ended(&r.change);
             }
         }
@@ -379,7 +402,7 @@ impl Executor {
         changes: Numbered,
         remote: Option<RemoteUser>,
         keys: Vec<RemoteKey>,
-    ) -> Vec<(usize, ChangeResult)> {
+    ) -> UserOutcome {
         let mut out = Vec::with_capacity(changes.len());
         let Some(p) = self.providers.get(provider).cloned() else {
             for (i, change) in changes {
@@ -391,7 +414,7 @@ impl Executor {
                     },
                 ));
             }
-            return out;
+            return (out, None);
         };
         let mut run = UserRun {
             provider: p,
@@ -443,7 +466,19 @@ impl Executor {
             };
             out.push((i, ChangeResult { change, outcome }));
         }
-        out
+        let all_done = out
+            .iter()
+            .all(|(_, r)| matches!(r.outcome, Outcome::Done(_)));
+        let after = match out.first() {
+            Some((_, first)) if all_done => Some(UserAfter {
+                provider: provider.to_string(),
+                name: first.change.user.clone(),
+                remote: run.remote,
+                keys: run.keys,
+            }),
+            _ => None,
+        };
+        (out, after)
     }
 
     /// Applies `update` (a change to the record of `user`, a (provider, name) pair) to the state

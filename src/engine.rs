@@ -171,6 +171,8 @@ pub struct RunReport {
     pub observed: Observed,
     /// The state the plan was made from (recovery folded in).
     pub state: State,
+    /// The state as the apply left it, when the plan was executed.
+    pub state_after: Option<State>,
 }
 
 impl Engine {
@@ -250,6 +252,7 @@ impl Engine {
             planning.elapsed().as_secs_f64() * 1000.0
         );
         let plan = operator.review(computed)?;
+        let mut state_after = None;
         let (outcome, report) = if !plan.has_changes() {
             (RunOutcome::Unchanged, None)
         } else if !apply {
@@ -266,7 +269,8 @@ impl Engine {
             if let Some(p) = progress {
                 p.finish();
             }
-            let done = done?;
+            let (done, after) = done?;
+            state_after = after;
             (RunOutcome::Executed, Some(done))
         };
         Ok(RunReport {
@@ -276,6 +280,7 @@ impl Engine {
             failures: obs.failures,
             observed: obs.observed,
             state: obs.state,
+            state_after,
         })
     }
 
@@ -524,7 +529,7 @@ impl Engine {
         observed: &Observed,
         state: State,
         progress: Option<Arc<dyn crate::progress::Progress>>,
-    ) -> anyhow::Result<Report> {
+    ) -> anyhow::Result<(Report, Option<State>)> {
         let executor = Executor::with_cancel(
             Arc::clone(&self.config),
             self.providers.clone(),
@@ -532,7 +537,10 @@ impl Engine {
             state,
             self.shutdown.clone(),
         )?;
-        Ok(executor.run_with(plan, observed, progress).await)
+        let report = executor.run_with(plan, observed, progress).await;
+        // Every task of the run has ended: the executor is ours alone, and so is its state.
+        let after = Arc::try_unwrap(executor).ok().map(|e| e.state.into_inner());
+        Ok((report, after))
     }
 }
 

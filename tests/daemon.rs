@@ -1018,7 +1018,8 @@ fn a_new_or_edited_included_file_is_applied_without_a_signal() {
 fn keys_that_come_due_are_read_alone_not_with_a_full_listing() {
     let sb = Sandbox::start(&[]);
     let ws = Workspace::new(&sb);
-    // 250 users whose keys never come due, and one that rotates every 3 s (1 s overlap).
+    // 250 users whose keys never come due, and one that rotates every 5 s (2 s overlap, so that no wake for
+    // its revocation falls on a look-again after its rotation).
     let mut fleet = String::from("users:\n");
     for i in 0..250 {
         fleet.push_str(&format!(
@@ -1026,7 +1027,7 @@ fn keys_that_come_due_are_read_alone_not_with_a_full_listing() {
         ));
     }
     fleet.push_str(
-        "  - provider: ng\n    name: busy\n    keys:\n      main: {rotate_every: 3s, overlap: 1s}\n",
+        "  - provider: ng\n    name: busy\n    keys:\n      main: {rotate_every: 5s, overlap: 2s}\n",
     );
     ws.write_config(QUIET, &fleet);
     let d = Daemon::start(&ws);
@@ -1038,16 +1039,25 @@ fn keys_that_come_due_are_read_alone_not_with_a_full_listing() {
     std::thread::sleep(Duration::from_millis(1500));
     let first = ws.sink("busy", "main")["key_id"].clone();
     sb.reset_stats();
+    let runs_before = d.log().matches("applying ").count();
     // Watched through the sink and the log only: the test's own calls to the sandbox would
-    // count too.
+    // count too. Two rotations and the first revocation: at least three runs with changes.
     let revoked = format!("revoke key {}: done", first.as_str().unwrap());
+    let mut delivered = vec![first.clone()];
     eventually(
         &d,
-        Duration::from_secs(20),
-        "a rotation and its revocation",
-        || ws.sink("busy", "main")["key_id"] != first && d.log().contains(&revoked),
+        Duration::from_secs(30),
+        "two rotations and the first revocation",
+        || {
+            let now = ws.sink("busy", "main")["key_id"].clone();
+            if delivered.last() != Some(&now) {
+                delivered.push(now);
+            }
+            delivered.len() >= 3 && d.log().contains(&revoked)
+        },
     );
     let stats = sb.stats();
+    let runs = d.log().matches("applying ").count() - runs_before;
     assert!(!sb.key_ids_of("busy").contains(first.as_str().unwrap()));
     let routes = &stats["by_route"];
     assert!(
@@ -1065,6 +1075,12 @@ fn keys_that_come_due_are_read_alone_not_with_a_full_listing() {
     assert_eq!(
         listed_keys, reads,
         "one filtered key list per read: {stats}"
+    );
+    // One read per wake: what a run changed is known from the provider's answers, not read
+    // again after it (a wake may find nothing to do: one spare).
+    assert!(
+        runs >= 3 && reads <= runs as u64 + 1,
+        "{reads} reads for {runs} runs with changes: {stats}"
     );
     assert!(
         sent < 60,

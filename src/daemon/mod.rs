@@ -400,13 +400,13 @@ impl Daemon {
         }
         let plan = &run.plan;
         // What is known of every account now: a full listing replaces it, a targeted one is
-        // merged into it; the work to come is planned over all of it (no request).
-        // The state the run read, not the one it left: it matches the listing (read before the
-        // changes), so keys and slots never show half-way through a rotation; the look-again
-        // after changes reads what they left. (And no second load of the whole state.)
-        let state_now = &run.state;
+        // merged into it, and the users an apply changed are taken as the provider answered
+        // its writes (with the state the apply left) instead of being read again; the work to
+        // come is planned over all of it (no request). Without the apply's state (it failed
+        // before it could record anything, say) the state the run read is used and the changed
+        // users are read again by the look-again.
         let now_ts = Timestamp::now();
-        let whole = match (&scope, self.seen.take()) {
+        let mut whole = match (&scope, self.seen.take()) {
             (Some(scope), Some(mut seen)) => {
                 merge(&mut seen, &run.observed, scope);
                 seen
@@ -419,8 +419,11 @@ impl Daemon {
             }
             (None, None) | (Some(_), None) => run.observed.clone(),
         };
-
-        let overall = if scope.is_some() {
+        let (state_now, folded) = match (&run.state_after, &run.report) {
+            (Some(after), Some(report)) => (after, fold(&mut whole, &report.after)),
+            _ => (&run.state, BTreeSet::new()),
+        };
+        let overall = if scope.is_some() || !folded.is_empty() {
             crate::plan::plan(
                 &self.engine.config,
                 &whole,
@@ -439,32 +442,33 @@ impl Daemon {
             .min()
             .map(|at| after(Instant::now(), until(at, now_ts)));
         self.upcoming = overall.upcoming;
-        // Changed users are read again by the look-again, however many runs come before it.
+        // Changed users not folded in are read again by the look-again, however many runs
+        // come before it.
         let changed_now: BTreeSet<(String, String)> = run
             .report
             .iter()
             .flat_map(|r| r.results.iter())
             .filter(|r| matches!(r.outcome, crate::apply::Outcome::Done(_)))
             .map(|r| (r.change.provider.clone(), r.change.user.clone()))
+            .filter(|u| !folded.contains(u))
             .collect();
         self.changed.extend(changed_now.iter().cloned());
-        // While an account's listing is under way, what targeted runs read of its users is
-        // newer than what the listing read, and what runs changed must be read again before
-        // the listing's plan.
-        if let Some(scope) = &scope {
-            for (provider, users) in scope {
-                if !self.listing_underway(provider) {
-                    continue;
-                }
-                let stale = self.stale.entry(provider.clone()).or_default();
-                for (name, _) in users {
-                    stale.remove(name);
-                }
-                self.fresher
-                    .entry(provider.clone())
-                    .or_default()
-                    .extend(users.iter().map(|(n, _)| n.clone()));
+        // While an account's listing is under way, what targeted runs read of its users (and
+        // what an apply answered of those it changed) is newer than what the listing read, and
+        // what runs changed without an answer must be read again before the listing's plan.
+        let read_now = scope
+            .iter()
+            .flat_map(|s| s.iter())
+            .flat_map(|(p, users)| users.iter().map(move |(n, _)| (p.clone(), n.clone())))
+            .chain(folded.iter().cloned());
+        for (provider, name) in read_now.collect::<Vec<_>>() {
+            if !self.listing_underway(&provider) {
+                continue;
             }
+            if let Some(stale) = self.stale.get_mut(&provider) {
+                stale.remove(&name);
+            }
+            self.fresher.entry(provider).or_default().insert(name);
         }
         for (provider, user) in &changed_now {
             if self.listing_underway(provider) {
@@ -520,7 +524,7 @@ impl Daemon {
                         }
                     }
                 }
-                if report.done() > 0 {
+                if !changed_now.is_empty() {
                     self.requeue = Some(Next {
                         at: Instant::now() + REQUEUE_AFTER_CHANGES,
                         because: Wake::Requeue,
@@ -904,6 +908,41 @@ fn merge(
         snap.users.extend(new.users.iter().cloned());
         snap.keys.extend(new.keys.iter().cloned());
     }
+}
+
+/// Folds what an apply left into `seen`: each user in `after` (as the provider answered the
+/// apply's writes) replaces what was known of it, with the keys it owns; a deleted one is gone.
+/// Returns the users folded in. One pass over each touched account.
+fn fold(seen: &mut Observed, after: &[crate::apply::UserAfter]) -> BTreeSet<(String, String)> {
+    let mut by_provider: BTreeMap<&str, Vec<&crate::apply::UserAfter>> = BTreeMap::new();
+    for a in after {
+        by_provider.entry(&a.provider).or_default().push(a);
+    }
+    let mut folded = BTreeSet::new();
+    for (provider, users) in by_provider {
+        let snap = seen.entry(provider.to_string()).or_default();
+        let names: HashSet<&str> = users.iter().map(|a| a.name.as_str()).collect();
+        let mut ids: HashSet<String> = snap
+            .users
+            .iter()
+            .filter(|u| names.contains(u.name.as_str()))
+            .map(|u| u.id.clone())
+            .collect();
+        ids.extend(
+            users
+                .iter()
+                .filter_map(|a| a.remote.as_ref().map(|u| u.id.clone())),
+        );
+        snap.users.retain(|u| !names.contains(u.name.as_str()));
+        snap.keys
+            .retain(|k| k.owner_id.as_ref().is_none_or(|o| !ids.contains(o)));
+        for a in users {
+            snap.users.extend(a.remote.iter().cloned());
+            snap.keys.extend(a.keys.iter().cloned());
+            folded.insert((a.provider.clone(), a.name.clone()));
+        }
+    }
+    folded
 }
 
 /// Takes the users `newer` names, and the keys they own, from `seen` (what targeted reads found
