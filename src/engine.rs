@@ -338,13 +338,15 @@ impl Engine {
         // What the sinks hold is read here, off the async threads; recovery itself is pure. The
         // keys asked about: those of unfinished operations, and keys no state records on
         // declared slots.
+        // The accounts indexed once, for finding the untracked keys and for recovery.
+        let index: std::collections::HashMap<&str, crate::model::AccountIndex> = observed
+            .iter()
+            .map(|(p, s)| (p.as_str(), s.index()))
+            .collect();
+        let found = recovery::untracked(&self.config, &index, &state);
         let untracked: Vec<(String, String, String, String, Vec<String>)> = {
-            let index = observed
+            found
                 .iter()
-                .map(|(p, s)| (p.as_str(), s.index()))
-                .collect();
-            recovery::untracked(&self.config, &index, &state)
-                .into_iter()
                 .map(|u| {
                     (
                         u.provider.to_string(),
@@ -369,14 +371,17 @@ impl Engine {
             })
             .await?
         };
-        let recovery = recovery::recover(
+        let recovery = recovery::recover_indexed(
             &unfinished,
             &self.config,
-            &observed,
+            &index,
             &probes,
             &mut state,
             Timestamp::now(),
+            Some(&found),
         );
+        drop(found);
+        drop(index);
         for note in &recovery.notes {
             tracing::warn!("recovery: {note}");
         }
