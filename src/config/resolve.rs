@@ -921,7 +921,7 @@ impl Ctx<'_> {
         defaults: &Policy,
     ) -> Vec<UserSpec> {
         let main = self.d.file().to_path_buf();
-        let mut seen: HashMap<(String, String), (Arc<Path>, usize)> = HashMap::new();
+        let mut seen = Seen::default();
         let mut shared = SharedSlots::default();
         let mut out = Vec::new();
         for (file, raw) in sources {
@@ -944,10 +944,7 @@ impl Ctx<'_> {
         &mut self,
         entry: &Sp<RawUser>,
         file: &Arc<Path>,
-        (seen, shared): (
-            &mut HashMap<(String, String), (Arc<Path>, usize)>,
-            &mut SharedSlots,
-        ),
+        (seen, shared): (&mut Seen, &mut SharedSlots),
         (providers, sinks, defaults): (
             &BTreeMap<String, ProviderAccount>,
             &BTreeMap<String, SinkConfig>,
@@ -1046,7 +1043,7 @@ impl Ctx<'_> {
         n: &Sp<String>,
         provider: &str,
         file: &Arc<Path>,
-        seen: &mut HashMap<(String, String), (Arc<Path>, usize)>,
+        seen: &mut Seen,
     ) -> Option<String> {
         let name = self.string(n)?;
         if name.trim().is_empty() {
@@ -1062,7 +1059,9 @@ impl Ctx<'_> {
                 ),
             );
         }
-        match seen.get(&(provider.to_string(), name.clone())) {
+        // One map per provider, keyed by name: a lookup allocates nothing.
+        let names = seen.names(provider);
+        match names.get(name.as_str()) {
             Some((first_file, first_line)) => {
                 let at = if first_file == file {
                     format!("line {first_line}")
@@ -1076,10 +1075,7 @@ impl Ctx<'_> {
                 None
             }
             None => {
-                seen.insert(
-                    (provider.to_string(), name.clone()),
-                    (Arc::clone(file), n.pos().line),
-                );
+                names.insert(name.clone(), (Arc::clone(file), n.pos().line));
                 Some(name)
             }
         }
@@ -1273,6 +1269,30 @@ impl Ctx<'_> {
             );
         }
         out
+    }
+}
+
+/// The users declared so far: by provider, each name with the file and line declaring it.
+#[derive(Default)]
+struct Seen {
+    /// Provider → its place in `names`.
+    providers: HashMap<String, usize>,
+    names: Vec<crate::model::FastMap<String, (Arc<Path>, usize)>>,
+}
+
+impl Seen {
+    /// The names declared for `provider` so far.
+    fn names(&mut self, provider: &str) -> &mut crate::model::FastMap<String, (Arc<Path>, usize)> {
+        let i = match self.providers.get(provider) {
+            Some(&i) => i,
+            None => {
+                self.providers
+                    .insert(provider.to_string(), self.names.len());
+                self.names.push(Default::default());
+                self.names.len() - 1
+            }
+        };
+        &mut self.names[i]
     }
 }
 
