@@ -284,45 +284,70 @@ impl Engine {
         include: &(dyn Fn(&str) -> bool + Sync),
         what: Observe<'_>,
     ) -> anyhow::Result<Observation> {
-        let mut state = self.store.load()?;
-        // The users whose keys matter: declared ones, and those keyward recorded (prune).
-        let mut managed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
-        for u in &self.config.users {
-            managed
-                .entry(&u.provider)
-                .or_default()
-                .insert(u.name.clone());
-        }
-        for (provider, account) in &state.accounts {
-            managed
-                .entry(provider)
-                .or_default()
-                .extend(account.users.keys().cloned());
-        }
-        let empty = BTreeSet::new();
+        // The state loads off the async threads while the accounts that list everything
+        // whoever is managed (ngrok) are listed; the others wait for it to learn whose keys to
+        // list.
+        let loading = {
+            let store = Arc::clone(&self.store);
+            tokio::task::spawn_blocking(move || store.load())
+        };
         let targeted = match what {
             Observe::Users(s) => Some(s),
             _ => None,
         };
-        let lists = futures::future::join_all(
-            self.providers
-                .iter()
-                .filter(|(name, _)| include(name))
-                .filter(|(name, _)| targeted.is_none_or(|s| s.contains_key(name.as_str())))
-                .map(|(name, p)| {
-                    let scope = managed.get(name.as_str()).unwrap_or(&empty);
-                    let users = targeted.and_then(|s| s.get(name.as_str()));
-                    let every_user = matches!(what, Observe::EveryUser);
-                    async move {
-                        let listed = match users {
-                            Some(users) => p.observe_users(users).await,
-                            None => p.observe((!every_user).then_some(scope)).await,
-                        };
-                        (name.clone(), listed)
-                    }
-                }),
-        )
-        .await;
+        let chosen: Vec<(&String, &Arc<dyn Provider>)> = self
+            .providers
+            .iter()
+            .filter(|(name, _)| include(name))
+            .filter(|(name, _)| targeted.is_none_or(|s| s.contains_key(name.as_str())))
+            .collect();
+        let needs_state =
+            |p: &Arc<dyn Provider>| matches!(what, Observe::Managed) && p.scoped_listing();
+        let unscoped =
+            futures::future::join_all(chosen.iter().filter(|(_, p)| !needs_state(p)).map(
+                |(name, p)| async move {
+                    let listed = match targeted.and_then(|s| s.get(name.as_str())) {
+                        Some(users) => p.observe_users(users).await,
+                        // The scope is not read: nothing is named.
+                        None => p.observe(None).await,
+                    };
+                    ((*name).clone(), listed)
+                },
+            ));
+        let scoped = async {
+            let state = loading.await??;
+            let scoped: Vec<_> = chosen.iter().filter(|(_, p)| needs_state(p)).collect();
+            if scoped.is_empty() {
+                return anyhow::Ok((state, Vec::new()));
+            }
+            // The users whose keys matter: declared ones, and those keyward recorded (prune).
+            let mut managed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+            for u in &self.config.users {
+                managed
+                    .entry(&u.provider)
+                    .or_default()
+                    .insert(u.name.clone());
+            }
+            for (provider, account) in &state.accounts {
+                managed
+                    .entry(provider)
+                    .or_default()
+                    .extend(account.users.keys().cloned());
+            }
+            let empty = BTreeSet::new();
+            let lists = futures::future::join_all(scoped.iter().map(|(name, p)| {
+                let scope = managed.get(name.as_str()).unwrap_or(&empty);
+                async move { ((*name).clone(), p.observe(Some(scope)).await) }
+            }))
+            .await;
+            drop(managed);
+            Ok((state, lists))
+        };
+        let (mut lists, scoped) = futures::future::join(unscoped, scoped).await;
+        let (mut state, more) = scoped?;
+        lists.extend(more);
+        // In the accounts' order, as when they were listed together.
+        lists.sort_by(|a, b| a.0.cmp(&b.0));
         let mut observed = Observed::new();
         let mut failures = Vec::new();
         for (name, result) in lists {

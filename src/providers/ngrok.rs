@@ -336,6 +336,11 @@ impl Provider for NgrokProvider {
         &self.name
     }
 
+    /// The key lists are account-wide: `observe` lists everything whoever is managed.
+    fn scoped_listing(&self) -> bool {
+        false
+    }
+
     async fn observe(
         &self,
         _managed: Option<&std::collections::BTreeSet<String>>,
