@@ -286,10 +286,10 @@ fn plan_existing_user(
         ));
     }
     let owner = config.settings.owner.as_str();
-    let sorted = crate::keys::classify(provider, remote, owned.iter().copied(), state, owner);
     let recorded = state
         .user(provider, &spec.name)
         .filter(|r| r.id == remote.id);
+    let sorted = crate::keys::classify_recorded(recorded, owned.iter().copied(), owner);
     let delivery = |slot: &str| {
         recorded
             .and_then(|r| r.slots.get(slot))

@@ -590,11 +590,13 @@ pub(crate) fn observed_digest_indexed(
             .map(|u| (u.provider.as_str(), u.name.as_str())),
     );
     // Each value is fed with its length ahead of it, so that no two different sequences of
-    // values feed the same bytes; nothing is formatted.
+    // values feed the same bytes; nothing is formatted. The bytes gather in a buffer that is
+    // hashed a block of pages at a time.
     let mut hasher = Sha256::new();
-    let field = |h: &mut Sha256, bytes: &[u8]| {
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+    let field = |h: &mut Vec<u8>, bytes: &[u8]| {
+        h.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        h.extend_from_slice(bytes);
     };
     for (provider, snapshot) in observed {
         let relevant = |name: &str| {
@@ -605,37 +607,45 @@ pub(crate) fn observed_digest_indexed(
             .iter()
             .filter(|u| relevant(&u.name))
             .collect();
-        users.sort_by(|a, b| a.id.cmp(&b.id));
+        // (Listings usually come in id order already: checked in one pass.)
+        if !users.is_sorted_by(|a, b| a.id <= b.id) {
+            users.sort_by(|a, b| a.id.cmp(&b.id));
+        }
         let listing = index.get(provider.as_str());
         let mut keys: Vec<&crate::model::RemoteKey> = Vec::new();
         for u in users {
-            field(&mut hasher, b"user");
-            field(&mut hasher, provider.as_bytes());
-            field(&mut hasher, u.id.as_bytes());
-            field(&mut hasher, u.name.as_bytes());
-            field(&mut hasher, &[u8::from(u.active), u8::from(u.deleted)]);
+            field(&mut buf, b"user");
+            field(&mut buf, provider.as_bytes());
+            field(&mut buf, u.id.as_bytes());
+            field(&mut buf, u.name.as_bytes());
+            field(&mut buf, &[u8::from(u.active), u8::from(u.deleted)]);
             keys.clear();
             keys.extend(listing.map(|l| l.keys_of(&u.id)).unwrap_or(&[]));
             keys.sort_by(|a, b| a.id.cmp(&b.id));
             for k in keys.iter() {
                 // Every attribute a decision reads: the tag (ownership, drift), the
                 // description and the ACL (drift), the times (rotation).
-                field(&mut hasher, b"key");
-                field(&mut hasher, k.id.as_bytes());
-                field(&mut hasher, k.kind.as_str().as_bytes());
-                field(&mut hasher, &k.created_at.as_nanosecond().to_le_bytes());
+                field(&mut buf, b"key");
+                field(&mut buf, k.id.as_bytes());
+                field(&mut buf, k.kind.as_str().as_bytes());
+                field(&mut buf, &k.created_at.as_nanosecond().to_le_bytes());
                 match k.expires_at {
-                    Some(t) => field(&mut hasher, &t.as_nanosecond().to_le_bytes()),
-                    None => field(&mut hasher, b""),
+                    Some(t) => field(&mut buf, &t.as_nanosecond().to_le_bytes()),
+                    None => field(&mut buf, b""),
                 }
-                field(&mut hasher, k.metadata.as_bytes());
-                field(&mut hasher, k.description.as_bytes());
-                field(&mut hasher, &(k.acl.len() as u64).to_le_bytes());
+                field(&mut buf, k.metadata.as_bytes());
+                field(&mut buf, k.description.as_bytes());
+                field(&mut buf, &(k.acl.len() as u64).to_le_bytes());
                 for rule in &k.acl {
-                    field(&mut hasher, rule.as_bytes());
+                    field(&mut buf, rule.as_bytes());
                 }
+            }
+            if buf.len() >= 1 << 15 {
+                hasher.update(&buf);
+                buf.clear();
             }
         }
     }
+    hasher.update(&buf);
     format!("sha256:{}", hex::encode(hasher.finalize()))
 }
