@@ -140,13 +140,18 @@ def main():
     ap.add_argument("--window-min", type=float, default=10)
     ap.add_argument("--interval-h", type=int, default=2)
     ap.add_argument("--latency-ms", type=int, default=20)
+    ap.add_argument("--scenarios", default="baseline,idle,due",
+                    help="which of baseline, idle (nothing due) and due (1 %% a day) to run")
     a = ap.parse_args()
+    wanted = set(a.scenarios.split(","))
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bins"], cwd=ROOT, check=True)
     window_s = a.window_min * 60
     rows = {}
-    for label, users, rotate_days in (("baseline: no user", 0, 3650),
-                                      ("nothing due", a.users, 3650),
-                                      ("1 % due per day", a.users, 100)):
+    for key, label, users, rotate_days in (("baseline", "baseline: no user", 0, 3650),
+                                           ("idle", "nothing due", a.users, 3650),
+                                           ("due", "1 % due per day", a.users, 100)):
+        if key not in wanted:
+            continue
         sb, sbenv = start_sandbox(a.latency_ms)
         url = sbenv["KEYWARD_SANDBOX_URL"]
         port = 19_000 + len(rows)
@@ -200,7 +205,7 @@ def main():
               f"{r['revoked']:>6}{per_hour:>10.0f}{per_hour / budget * 100:>9.1f}"
               f"{r['cpu']:>8.2f}{r['rss']:>9.1f}{r['hwm']:>9.1f}")
     print(f"  req/hour = the window's requests besides listings x {scale:g} + one full listing "
-          f"per interval ({rows[list(rows)[-1]]['start_pages']:,} pages at start-up / "
+          f"per interval ({max(r['start_pages'] for r in rows.values()):,} pages at start-up / "
           f"{a.interval_h} h); budget = rate_limit 100/60s = {budget:,} requests an hour")
     for label, r in rows.items():
         print(f"  {label}: start-up (listing and first runs) {r['started_s']:.0f} s; "

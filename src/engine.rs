@@ -310,23 +310,28 @@ impl Engine {
         what: Observe<'_>,
         listed: Option<Listed>,
     ) -> anyhow::Result<Observation> {
-        let mut state = self.store.load()?;
-        let (observed, failures) = match listed {
-            Some(l) => (l.observed, l.failures),
-            None => self.read_accounts(include, what, &state).await,
+        let (mut state, observed, failures) = match listed {
+            Some(l) => {
+                let store = Arc::clone(&self.store);
+                let state = tokio::task::spawn_blocking(move || store.load()).await??;
+                (state, l.observed, l.failures)
+            }
+            None => self.read_accounts(include, what).await?,
         };
         let entries = self.store.journal_entries()?;
         let unfinished = crate::oplog::unfinished(&entries);
         // What the sinks hold is read here, off the async threads; recovery itself is pure. The
         // keys asked about: those of unfinished operations, and keys no state records on
         // declared slots.
+        // The accounts indexed once, for finding the untracked keys and for recovery.
+        let index: std::collections::HashMap<&str, crate::model::AccountIndex> = observed
+            .iter()
+            .map(|(p, s)| (p.as_str(), s.index()))
+            .collect();
+        let found = recovery::untracked(&self.config, &index, &state);
         let untracked: Vec<(String, String, String, String, Vec<String>)> = {
-            let index = observed
+            found
                 .iter()
-                .map(|(p, s)| (p.as_str(), s.index()))
-                .collect();
-            recovery::untracked(&self.config, &index, &state)
-                .into_iter()
                 .map(|u| {
                     (
                         u.provider.to_string(),
@@ -351,14 +356,17 @@ impl Engine {
             })
             .await?
         };
-        let recovery = recovery::recover(
+        let recovery = recovery::recover_indexed(
             &unfinished,
             &self.config,
-            &observed,
+            &index,
             &probes,
             &mut state,
             Timestamp::now(),
+            Some(&found),
         );
+        drop(found);
+        drop(index);
         for note in &recovery.notes {
             tracing::warn!("recovery: {note}");
         }
@@ -398,39 +406,63 @@ impl Engine {
         managed
     }
 
-    /// Reads the accounts `include` names, as `what` says: the observed accounts, and the
-    /// failures of those that did not answer.
+    /// Loads the state and reads the accounts `include` names, as `what` says: the state, the
+    /// observed accounts, and the failures of those that did not answer. The state loads off
+    /// the async threads while the accounts that list everything whoever is managed (ngrok) are
+    /// listed; the others wait for it to learn whose keys to list.
     async fn read_accounts(
         &self,
         include: &(dyn Fn(&str) -> bool + Sync),
         what: Observe<'_>,
-        state: &State,
-    ) -> (Observed, Vec<ProviderError>) {
-        let managed = self.managed_users(state);
-        let empty = BTreeSet::new();
+    ) -> anyhow::Result<(State, Observed, Vec<ProviderError>)> {
+        let loading = {
+            let store = Arc::clone(&self.store);
+            tokio::task::spawn_blocking(move || store.load())
+        };
         let targeted = match what {
             Observe::Users(s) => Some(s),
             _ => None,
         };
-        let lists = futures::future::join_all(
-            self.providers
-                .iter()
-                .filter(|(name, _)| include(name))
-                .filter(|(name, _)| targeted.is_none_or(|s| s.contains_key(name.as_str())))
-                .map(|(name, p)| {
-                    let scope = managed.get(name.as_str()).unwrap_or(&empty);
-                    let users = targeted.and_then(|s| s.get(name.as_str()));
-                    let every_user = matches!(what, Observe::EveryUser);
-                    async move {
-                        let listed = match users {
-                            Some(users) => p.observe_users(users).await,
-                            None => p.observe((!every_user).then_some(scope)).await,
-                        };
-                        (name.clone(), listed)
-                    }
-                }),
-        )
-        .await;
+        let chosen: Vec<(&String, &Arc<dyn Provider>)> = self
+            .providers
+            .iter()
+            .filter(|(name, _)| include(name))
+            .filter(|(name, _)| targeted.is_none_or(|s| s.contains_key(name.as_str())))
+            .collect();
+        let needs_state =
+            |p: &Arc<dyn Provider>| matches!(what, Observe::Managed) && p.scoped_listing();
+        let unscoped =
+            futures::future::join_all(chosen.iter().filter(|(_, p)| !needs_state(p)).map(
+                |(name, p)| async move {
+                    let listed = match targeted.and_then(|s| s.get(name.as_str())) {
+                        Some(users) => p.observe_users(users).await,
+                        // The scope is not read: nothing is named.
+                        None => p.observe(None).await,
+                    };
+                    ((*name).clone(), listed)
+                },
+            ));
+        let scoped = async {
+            let state = loading.await??;
+            let scoped: Vec<_> = chosen.iter().filter(|(_, p)| needs_state(p)).collect();
+            if scoped.is_empty() {
+                return anyhow::Ok((state, Vec::new()));
+            }
+            let managed = self.managed_users(&state);
+            let empty = BTreeSet::new();
+            let lists = futures::future::join_all(scoped.iter().map(|(name, p)| {
+                let scope = managed.get(name.as_str()).unwrap_or(&empty);
+                async move { ((*name).clone(), p.observe(Some(scope)).await) }
+            }))
+            .await;
+            drop(managed);
+            Ok((state, lists))
+        };
+        let (mut lists, scoped) = futures::future::join(unscoped, scoped).await;
+        let (state, more) = scoped?;
+        lists.extend(more);
+        // In the accounts' order, as when they were listed together.
+        lists.sort_by(|a, b| a.0.cmp(&b.0));
         let mut observed = Observed::new();
         let mut failures = Vec::new();
         for (name, result) in lists {
@@ -441,7 +473,7 @@ impl Engine {
                 Err(e) => failures.push(e),
             }
         }
-        (observed, failures)
+        Ok((state, observed, failures))
     }
 
     /// `keyward import`: under the state lock, observes the selected accounts (every user's

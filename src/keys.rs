@@ -99,6 +99,16 @@ pub fn classify<'a>(
     owner: &str,
 ) -> KeyBook<'a> {
     let record = state.user(provider, &user.name).filter(|r| r.id == user.id);
+    classify_recorded(record, keys, owner)
+}
+
+/// [`classify`] with the user's record already looked up (and made for this user: its id is
+/// the remote user's).
+pub fn classify_recorded<'a>(
+    record: Option<&crate::state::UserRecord>,
+    keys: impl IntoIterator<Item = &'a RemoteKey>,
+    owner: &str,
+) -> KeyBook<'a> {
     let mut book = KeyBook::default();
     for key in keys {
         match class_of(record, key, owner) {

@@ -228,6 +228,28 @@ impl KeyTag {
         let tag: KeyTag = serde_json::from_str(metadata).ok()?;
         (tag.managed_by == Self::MANAGED_BY).then_some(tag)
     }
+
+    /// Whether `metadata` holds the tag of installation `owner` for `slot`: what
+    /// `parse(metadata) == Some(KeyTag::new(owner, slot))` says, read in place (the planner
+    /// asks it of every current key).
+    pub fn is_tag_of(metadata: &str, owner: &str, slot: &str) -> bool {
+        /// A tag read in place: the fields of [`KeyTag`], borrowed where the JSON allows.
+        #[derive(Deserialize)]
+        struct View<'a> {
+            #[serde(borrow)]
+            managed_by: std::borrow::Cow<'a, str>,
+            #[serde(default, borrow)]
+            owner: Option<std::borrow::Cow<'a, str>>,
+            #[serde(default, borrow)]
+            slot: Option<std::borrow::Cow<'a, str>>,
+        }
+        let Ok(tag) = serde_json::from_str::<View>(metadata) else {
+            return false;
+        };
+        tag.managed_by == Self::MANAGED_BY
+            && tag.owner.as_deref().unwrap_or(Self::DEFAULT_OWNER) == owner
+            && tag.slot.as_deref().unwrap_or("") == slot
+    }
 }
 
 /// Everything observed at one provider account: its service users and the keys they own.
@@ -247,9 +269,10 @@ impl AccountSnapshot {
 
     /// Every key with an owner, by owner id: one pass over the account's keys, so that looking
     /// up the keys of many users costs no more than listing them.
-    pub fn keys_by_owner(&self) -> std::collections::HashMap<&str, Vec<&RemoteKey>> {
-        let mut out: std::collections::HashMap<&str, Vec<&RemoteKey>> =
-            std::collections::HashMap::new();
+    pub fn keys_by_owner(&self) -> FastMap<&str, Vec<&RemoteKey>> {
+        let mut out: FastMap<&str, Vec<&RemoteKey>> = FastMap::default();
+        // Most owners are listed users: room for them all at once, no rehashing on the way.
+        out.reserve(self.users.len());
         for k in &self.keys {
             if let Some(owner) = k.owner_id.as_deref() {
                 out.entry(owner).or_default().push(k);
@@ -260,7 +283,8 @@ impl AccountSnapshot {
 
     /// The listing indexed once: live users by name, keys by owner id.
     pub fn index(&self) -> AccountIndex<'_> {
-        let mut users = std::collections::HashMap::new();
+        let mut users = FastMap::default();
+        users.reserve(self.users.len());
         for u in self.users.iter().filter(|u| !u.deleted) {
             users.entry(u.name.as_str()).or_insert(u);
         }
@@ -283,9 +307,9 @@ impl AccountSnapshot {
 #[derive(Debug)]
 pub struct AccountIndex<'a> {
     /// Users that are not (soft-)deleted, by name.
-    pub users: std::collections::HashMap<&'a str, &'a RemoteUser>,
+    pub users: FastMap<&'a str, &'a RemoteUser>,
     /// Keys by owner id.
-    pub keys: std::collections::HashMap<&'a str, Vec<&'a RemoteKey>>,
+    pub keys: FastMap<&'a str, Vec<&'a RemoteKey>>,
 }
 
 impl<'a> AccountIndex<'a> {
@@ -294,6 +318,13 @@ impl<'a> AccountIndex<'a> {
         self.keys.get(user_id).map(Vec::as_slice).unwrap_or(&[])
     }
 }
+
+/// A hash map with a fast, seeded hasher (foldhash): the fleet-sized indexes of a run hash
+/// hundreds of thousands of names and ids, where SipHash cost more than the lookups' work.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// [`FastMap`]'s set.
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// The remote world across every provider account in the config, by account name.
 pub type Observed = BTreeMap<String, AccountSnapshot>;

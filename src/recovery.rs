@@ -53,28 +53,47 @@ pub fn recover(
     state: &mut State,
     now: Timestamp,
 ) -> Recovery {
-    let mut r = Recovery::default();
     let index: std::collections::HashMap<&str, crate::model::AccountIndex> = observed
         .iter()
         .map(|(p, snap)| (p.as_str(), snap.index()))
         .collect();
+    recover_indexed(unfinished, config, &index, probes, state, now, None)
+}
+
+/// [`recover`] with the observed accounts already indexed, and the [`untracked`] keys the
+/// caller found in `state` before recovery, if it looked (the engine does, to probe their
+/// sinks). Those are reused when `unfinished` is empty: then recovery only forgets keys the
+/// provider no longer has before settling them, which changes no listed key's class.
+pub fn recover_indexed<'a>(
+    unfinished: &[Unfinished],
+    config: &'a Config,
+    index: &std::collections::HashMap<&str, crate::model::AccountIndex<'a>>,
+    probes: &SinkProbes,
+    state: &mut State,
+    now: Timestamp,
+    found: Option<&[Untracked<'a>]>,
+) -> Recovery {
+    let mut r = Recovery::default();
     for (provider, account) in state.accounts.iter_mut() {
         let Some(listing) = index.get(provider.as_str()) else {
             continue;
         };
         for (name, rec) in account.users.iter_mut() {
-            if listing
-                .users
-                .get(name.as_str())
-                .is_none_or(|u| u.id != rec.id)
+            // Only retiring, orphaned and pending keys can be dropped: most users have none.
+            let droppable = rec.slots.values().any(|s| {
+                !(s.retiring().is_empty() && s.orphans().is_empty() && s.pending().is_empty())
+            });
+            if !droppable
+                || listing
+                    .users
+                    .get(name.as_str())
+                    .is_none_or(|u| u.id != rec.id)
             {
                 continue;
             }
-            let remote: std::collections::HashSet<&str> = listing
-                .keys_of(&rec.id)
-                .iter()
-                .map(|k| k.id.as_str())
-                .collect();
+            let owned = listing.keys_of(&rec.id);
+            let remote: std::collections::HashSet<&str> =
+                owned.iter().map(|k| k.id.as_str()).collect();
             for (slot, srec) in rec.slots.iter_mut() {
                 let gone = srec.drop_gone(|id| remote.contains(id));
                 if gone > 0 {
@@ -87,8 +106,12 @@ pub fn recover(
         }
     }
     // Declared slots by (provider, user), once: an interrupted fleet apply may leave thousands
-    // of operations.
-    let specs = config.users_by_name();
+    // of operations (and none, nothing to index).
+    let specs = if unfinished.is_empty() {
+        std::collections::HashMap::new()
+    } else {
+        config.users_by_name()
+    };
     let slot_spec = |op: &Unfinished, slot: &str| {
         specs
             .get(&(op.provider.as_str(), op.user.as_str()))
@@ -235,8 +258,12 @@ pub fn recover(
             }
         }
     }
-    settle_untracked(config, &index, probes, state, now, &mut r);
-    retire_left_slots(config, &index, state, now, &mut r);
+    let found = match found {
+        Some(found) if unfinished.is_empty() => found,
+        _ => &untracked(config, index, state),
+    };
+    settle_untracked(found, index, probes, state, now, &mut r);
+    retire_left_slots(config, index, state, now, &mut r);
     r
 }
 
@@ -252,18 +279,22 @@ fn retire_left_slots(
 ) {
     let until = crate::rotation::revoke_after(now, config.default_overlap);
     for spec in &config.users {
+        // Most users have no slot that left the file: the listing is looked at for those only.
+        let Some(rec) = state
+            .user_mut(&spec.provider, &spec.name)
+            .filter(|rec| rec.slots.keys().any(|s| !spec.slots.contains_key(s)))
+        else {
+            continue;
+        };
         let Some(user) = index
             .get(spec.provider.as_str())
             .and_then(|l| l.users.get(spec.name.as_str()))
         else {
             continue;
         };
-        let Some(rec) = state
-            .user_mut(&spec.provider, &spec.name)
-            .filter(|rec| rec.id == user.id)
-        else {
+        if rec.id != user.id {
             continue;
-        };
+        }
         for (slot, srec) in rec.slots.iter_mut() {
             if spec.slots.contains_key(slot) {
                 continue;
@@ -419,7 +450,7 @@ pub fn untracked<'a>(
 /// `unconfirmed`, so the plan rotates it at once and it then retires for the overlap. Untagged
 /// ASA keys are only ever adopted: one the sinks do not hold may be anybody's.
 fn settle_untracked(
-    config: &Config,
+    found: &[Untracked],
     index: &std::collections::HashMap<&str, crate::model::AccountIndex>,
     probes: &SinkProbes,
     state: &mut State,
@@ -428,11 +459,10 @@ fn settle_untracked(
 ) {
     use crate::plan::{Warning, WarningKind};
     use crate::state::Delivery;
-    let found = untracked(config, index, state);
     // By slot, in the config's order.
     type SlotAt<'a> = (&'a str, &'a str, &'a str);
     let mut by_slot: Vec<(SlotAt, Vec<&Untracked>)> = Vec::new();
-    for u in &found {
+    for u in found {
         let at = (u.provider, u.user, u.slot);
         match by_slot.last_mut() {
             Some((k, v)) if *k == at => v.push(u),

@@ -92,7 +92,7 @@ pub fn entries(config: &Config, observed: &Observed, state: &State, now: Timesta
             state,
             &config.settings.owner,
         );
-        for (slot_name, slot) in &spec.slots {
+        for (slot_name, slot) in spec.slots.iter() {
             match book.current.get(slot_name) {
                 Some(k) => {
                     let next = crate::rotation::next_due(

@@ -35,10 +35,12 @@ fn user(provider: &str, name: &str, active: bool, slots: Vec<SlotSpec>) -> UserS
         provider: provider.into(),
         name: name.into(),
         active,
-        slots: slots
-            .into_iter()
-            .map(|s| (s.name.clone(), Box::new(s)))
-            .collect(),
+        slots: std::sync::Arc::new(
+            slots
+                .into_iter()
+                .map(|s| (s.name.clone(), Box::new(s)))
+                .collect(),
+        ),
         file: std::sync::Arc::from(std::path::Path::new("keyward.yaml")),
         line: 1,
     }

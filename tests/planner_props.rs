@@ -260,7 +260,7 @@ fn build(
                 provider: "ng".into(),
                 name: name.clone(),
                 active: *active,
-                slots: map,
+                slots: std::sync::Arc::new(map),
                 file: std::sync::Arc::from(std::path::Path::new("keyward.yaml")),
                 line: 1,
             });

@@ -247,14 +247,18 @@ pub struct UserSpec {
     pub name: String,
     /// Default true.
     pub active: bool,
-    /// Key slots by name, with `defaults` applied.
-    /// (Boxed: a map node holds room for eleven entries, and a fleet has a map per user.)
-    pub slots: BTreeMap<String, Box<SlotSpec>>,
+    /// Key slots by name, with `defaults` applied. Shared between users whose slots resolve
+    /// alike (a `names:` entry's users, or a fleet's entries with one key layout): a fleet of
+    /// 100,000 users holds a handful of maps, not one each.
+    pub slots: Slots,
     /// The file the user is declared in (the config file, or an included one).
     pub file: std::sync::Arc<Path>,
     /// Where the user is declared (for messages).
     pub line: usize,
 }
+
+/// A user's key slots by name (see [`UserSpec::slots`]).
+pub type Slots = std::sync::Arc<BTreeMap<String, Box<SlotSpec>>>;
 
 /// A key slot of a declared user: one key kept current, rotated by its policy, its secret delivered
 /// to its sinks.

@@ -37,25 +37,49 @@ impl Pos {
     }
 }
 
-/// A value with the position it was written at. A thin wrapper over serde-saphyr's `Spanned`
-/// whose JSON Schema is that of the value, so the schema needs no per-field annotations.
+/// A value with the position it was written at. Deserialized through serde-saphyr's `Spanned`
+/// but kept with only the line and column where the value is used (for an alias: the alias,
+/// not the anchor): `Spanned` holds two full locations (spans, byte offsets, source ids) per
+/// value, which made the tree of a 100,000-user config several times the file's size. Its JSON
+/// Schema is that of the value, so the schema needs no per-field annotations.
 #[derive(Debug, Clone)]
-pub struct Sp<T>(pub Spanned<T>);
+pub struct Sp<T> {
+    value: T,
+    line: u32,
+    column: u32,
+}
 
 impl<T> Sp<T> {
+    /// A value written at `pos`.
+    pub fn new(value: T, pos: Pos) -> Sp<T> {
+        Sp {
+            value,
+            line: u32::try_from(pos.line).unwrap_or(u32::MAX),
+            column: u32::try_from(pos.column).unwrap_or(u32::MAX),
+        }
+    }
+
     pub fn v(&self) -> &T {
-        &self.0.value
+        &self.value
+    }
+
+    /// The value, without its position.
+    pub fn into_inner(self) -> T {
+        self.value
     }
 
     /// Where the value is used (for an alias: the alias, not the anchor).
     pub fn pos(&self) -> Pos {
-        Pos::of(&self.0.referenced)
+        Pos::new(self.line as usize, self.column as usize)
     }
 }
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Sp<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Spanned::<T>::deserialize(d).map(Sp)
+        Spanned::<T>::deserialize(d).map(|s| {
+            let pos = Pos::of(&s.referenced);
+            Sp::new(s.value, pos)
+        })
     }
 }
 
@@ -106,7 +130,7 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Named<V> {
                     let value = map.next_value::<V>()?;
                     out.push(Entry {
                         pos: key.pos(),
-                        key: key.0.value,
+                        key: key.into_inner(),
                         value,
                     });
                 }

@@ -21,7 +21,7 @@ use super::yaml::Broken;
 use super::{
     Config, Diagnostic, KeyKind, Mode, ProviderAccount, ProviderAuth, ProviderType, Prune,
     PruneKeys, PruneUsers, RateLimit, Schedule, Settings, Severity, SinkConfig, SinkFormat,
-    SinkKind, SlotSpec, UserSpec,
+    SinkKind, SlotSpec, Slots, UserSpec,
 };
 use crate::duration;
 
@@ -900,11 +900,7 @@ impl Ctx<'_> {
     ) -> Vec<String> {
         let items: Vec<(String, Pos)> = match s.v() {
             SinkNames::One(name) => {
-                let sp = Sp(serde_saphyr::Spanned::new(
-                    name.clone(),
-                    s.0.referenced,
-                    s.0.defined,
-                ));
+                let sp = Sp::new(name.clone(), s.pos());
                 match self.string(&sp) {
                     Some(n) => vec![(n, s.pos())],
                     None => return Vec::new(),
@@ -942,24 +938,30 @@ impl Ctx<'_> {
         defaults: &Policy,
     ) -> Vec<UserSpec> {
         let main = self.d.file().to_path_buf();
-        let mut seen: HashMap<(String, String), (Arc<Path>, usize)> = HashMap::new();
+        let mut seen = Seen::default();
+        let mut shared = SharedSlots::default();
         let mut out = Vec::new();
         for (file, raw) in sources {
             self.d.set_file(file);
             for u in raw.iter() {
-                self.user(u, file, &mut seen, (providers, sinks, defaults), &mut out);
+                self.user(
+                    u,
+                    file,
+                    (&mut seen, &mut shared),
+                    (providers, sinks, defaults),
+                    &mut out,
+                );
             }
         }
         self.d.set_file(&main);
         out
     }
 
-    /// One entry of `users`: one user, or one per name of `names`.
     fn user(
         &mut self,
         entry: &Sp<RawUser>,
         file: &Arc<Path>,
-        seen: &mut HashMap<(String, String), (Arc<Path>, usize)>,
+        (seen, shared): (&mut Seen, &mut SharedSlots),
         (providers, sinks, defaults): (
             &BTreeMap<String, ProviderAccount>,
             &BTreeMap<String, SinkConfig>,
@@ -1001,33 +1003,45 @@ impl Ctx<'_> {
                 return;
             }
         };
-        // The slots are resolved once, for the first valid name; each further name shares them
-        // (its own share of `spread`, and its name checked against the sinks' templates).
-        let mut template: Option<BTreeMap<String, Box<SlotSpec>>> = None;
+        let mut template: Option<Slots> = None;
         for n in names {
             let Some(name) = self.user_name(n, &provider, file, seen) else {
                 continue;
             };
             let slots = match &template {
                 None => {
-                    let slots = self.slots(u, (&provider, &name, n.pos()), kind, sinks, defaults);
-                    template = Some(slots.clone());
+                    let slots = shared.get(self.slots(
+                        u,
+                        (&provider, &name, n.pos()),
+                        kind,
+                        sinks,
+                        defaults,
+                    ));
+                    template = Some(Arc::clone(&slots));
                     slots
                 }
                 Some(first) => {
-                    let mut slots = first.clone();
-                    for slot in slots.values_mut() {
-                        slot.spread_offset = crate::rotation::spread_offset(
-                            slot.spread,
-                            &provider,
-                            &name,
-                            &slot.name,
-                        );
+                    for slot in first.values() {
                         for sink in slot.sinks.iter().filter_map(|s| sinks.get(s)) {
                             self.names_fit(sink, [("{user}", "user name", &name, n.pos())]);
                         }
                     }
-                    slots
+                    // Only the spread offset depends on the user's name; without a spread
+                    // every user of the entry has the first one's slots.
+                    if first.values().all(|s| s.spread.is_zero()) {
+                        Arc::clone(first)
+                    } else {
+                        let mut slots = BTreeMap::clone(first);
+                        for slot in slots.values_mut() {
+                            slot.spread_offset = crate::rotation::spread_offset(
+                                slot.spread,
+                                &provider,
+                                &name,
+                                &slot.name,
+                            );
+                        }
+                        shared.get(slots)
+                    }
                 }
             };
             out.push(UserSpec {
@@ -1041,14 +1055,12 @@ impl Ctx<'_> {
         }
     }
 
-    /// A user name, checked: not empty, no control character, not declared before for the
-    /// same provider (in this file or another). `None` when it cannot be used.
     fn user_name(
         &mut self,
         n: &Sp<String>,
         provider: &str,
         file: &Arc<Path>,
-        seen: &mut HashMap<(String, String), (Arc<Path>, usize)>,
+        seen: &mut Seen,
     ) -> Option<String> {
         let name = self.string(n)?;
         if name.trim().is_empty() {
@@ -1064,7 +1076,9 @@ impl Ctx<'_> {
                 ),
             );
         }
-        match seen.get(&(provider.to_string(), name.clone())) {
+        // One map per provider, keyed by name: a lookup allocates nothing.
+        let names = seen.names(provider);
+        match names.get(name.as_str()) {
             Some((first_file, first_line)) => {
                 let at = if first_file == file {
                     format!("line {first_line}")
@@ -1078,10 +1092,7 @@ impl Ctx<'_> {
                 None
             }
             None => {
-                seen.insert(
-                    (provider.to_string(), name.clone()),
-                    (Arc::clone(file), n.pos().line),
-                );
+                names.insert(name.clone(), (Arc::clone(file), n.pos().line));
                 Some(name)
             }
         }
@@ -1275,6 +1286,55 @@ impl Ctx<'_> {
             );
         }
         out
+    }
+}
+
+/// The users declared so far: by provider, each name with the file and line declaring it.
+#[derive(Default)]
+struct Seen {
+    /// Provider → its place in `names`.
+    providers: HashMap<String, usize>,
+    names: Vec<crate::model::FastMap<String, (Arc<Path>, usize)>>,
+}
+
+impl Seen {
+    /// The names declared for `provider` so far.
+    fn names(&mut self, provider: &str) -> &mut crate::model::FastMap<String, (Arc<Path>, usize)> {
+        let i = match self.providers.get(provider) {
+            Some(&i) => i,
+            None => {
+                self.providers
+                    .insert(provider.to_string(), self.names.len());
+                self.names.push(Default::default());
+                self.names.len() - 1
+            }
+        };
+        &mut self.names[i]
+    }
+}
+
+/// The slot maps resolved so far, by a hash of their contents: users whose slots resolve alike
+/// share one map.
+#[derive(Default)]
+struct SharedSlots(HashMap<u64, Vec<Slots>>);
+
+impl SharedSlots {
+    /// The shared map equal to `slots`, or `slots` itself, kept for the users to come.
+    fn get(&mut self, slots: BTreeMap<String, Box<SlotSpec>>) -> Slots {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (name, s) in &slots {
+            (name, &s.name, s.kind, &s.description, &s.acl).hash(&mut h);
+            (s.rotate_every, s.overlap, s.spread, s.spread_offset).hash(&mut h);
+            (&s.timezone, &s.sinks, s.schedule.is_some()).hash(&mut h);
+        }
+        let same = self.0.entry(h.finish()).or_default();
+        if let Some(found) = same.iter().find(|m| ***m == slots) {
+            return Arc::clone(found);
+        }
+        let slots = Arc::new(slots);
+        same.push(Arc::clone(&slots));
+        slots
     }
 }
 

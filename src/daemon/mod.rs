@@ -619,10 +619,9 @@ impl Daemon {
         // recorded), which needs the state; ngrok's key lists are account-wide.
         let needs_state = included.iter().any(|n| {
             self.engine
-                .config
                 .providers
                 .get(n)
-                .is_some_and(|a| a.kind == crate::model::ProviderType::OktaAsa)
+                .is_some_and(|p| p.scoped_listing())
         });
         let mut managed = if needs_state {
             match self.engine.store.load() {

@@ -8,7 +8,8 @@ use jiff::Timestamp;
 
 use super::{
     Action, Change, CreateKeyReason, CreateUserReason, KeyRef, Op, Plan, RevokeReason,
-    RotateReason, SlotTarget, Upcoming, UpdateUserReason, Warning, WarningKind, observed_digest,
+    RotateReason, SlotTarget, Upcoming, UpdateUserReason, Warning, WarningKind,
+    observed_digest_indexed,
 };
 use crate::config::{Config, PruneKeys, PruneUsers, SlotSpec, UserSpec};
 use crate::model::{AccountIndex, Observed, RemoteKey, RemoteUser};
@@ -131,12 +132,17 @@ pub fn plan(
     );
 
     // The file's order first (people read the plan next to the file), then undeclared users.
-    let order: std::collections::HashMap<(&str, &str), usize> = config
-        .users
-        .iter()
-        .enumerate()
-        .map(|(i, u)| ((u.provider.as_str(), u.name.as_str()), i))
-        .collect();
+    // (Only needed when there is something to sort: a no-op plan of a fleet skips it.)
+    let mut order: crate::model::FastMap<(&str, &str), usize> = crate::model::FastMap::default();
+    if !changes.is_empty() || !warnings.is_empty() {
+        order.extend(
+            config
+                .users
+                .iter()
+                .enumerate()
+                .map(|(i, u)| ((u.provider.as_str(), u.name.as_str()), i)),
+        );
+    }
     let rank =
         |provider: &str, user: &str| order.get(&(provider, user)).copied().unwrap_or(usize::MAX);
     changes.sort_by(|a, b| {
@@ -178,7 +184,7 @@ pub fn plan(
     Plan {
         changes,
         warnings,
-        observed: observed_digest(config, observed, state),
+        observed: observed_digest_indexed(config, observed, &index, state),
         planned_at: now,
         upcoming,
         errors,
@@ -280,10 +286,10 @@ fn plan_existing_user(
         ));
     }
     let owner = config.settings.owner.as_str();
-    let sorted = crate::keys::classify(provider, remote, owned.iter().copied(), state, owner);
     let recorded = state
         .user(provider, &spec.name)
         .filter(|r| r.id == remote.id);
+    let sorted = crate::keys::classify_recorded(recorded, owned.iter().copied(), owner);
     let delivery = |slot: &str| {
         recorded
             .and_then(|r| r.slots.get(slot))
@@ -294,6 +300,7 @@ fn plan_existing_user(
 
     for slot in spec.slots.values() {
         let current = sorted.current.get(&slot.name).copied();
+        let slot_delivery = delivery(&slot.name);
         let rotate = |key: &RemoteKey, forced: bool, why: RotateReason| {
             change(
                 provider,
@@ -302,7 +309,7 @@ fn plan_existing_user(
                     slot: target(config, slot),
                     from: key_ref(key),
                     forced,
-                    adopted: delivery(&slot.name) == Delivery::Adopted,
+                    adopted: slot_delivery == Delivery::Adopted,
                     why,
                 },
             )
@@ -326,7 +333,7 @@ fn plan_existing_user(
                     },
                 ));
             }
-            Some(key) if delivery(&slot.name) == Delivery::Unconfirmed => changes.push(rotate(
+            Some(key) if slot_delivery == Delivery::Unconfirmed => changes.push(rotate(
                 key,
                 opts.forced(provider, &spec.name, &slot.name),
                 RotateReason::Unconfirmed,
@@ -343,7 +350,7 @@ fn plan_existing_user(
                     slot: Some(slot.name.clone()),
                     key_id: Some(key.id.clone()),
                     at: due.at,
-                    reason: if delivery(&slot.name) == Delivery::Adopted {
+                    reason: if slot_delivery == Delivery::Adopted {
                         format!(
                             "{}; adopted key {}: keyward never held its secret, it retires for the overlap once replaced",
                             due.describe(Some(key.created_at), due.at),
@@ -375,7 +382,7 @@ fn plan_existing_user(
         }
         if let Some(key) = current.filter(|_| !rotated) {
             let kind = config.providers.get(provider).map(|a| a.kind);
-            let (before, after) = drift(kind, slot, key, delivery(&slot.name), owner);
+            let (before, after) = drift(kind, slot, key, slot_delivery, owner);
             if !after.is_empty() {
                 changes.push(change(
                     provider,
@@ -419,9 +426,9 @@ fn plan_existing_user(
     // Keys keyward owns on slots that left the file: the slot is gone, so are its keys, once
     // their overlap has passed (crash recovery moves a left slot's current key into retiring,
     // until the overlap from when it noticed: a consumer may still hold it).
-    let declared: BTreeSet<&str> = spec.slots.keys().map(String::as_str).collect();
+    let declared = |slot: &str| spec.slots.contains_key(slot);
     for (slot, keys) in &sorted.retiring {
-        if declared.contains(slot.as_str()) {
+        if declared(slot) {
             continue;
         }
         for (key, until) in keys {
@@ -472,7 +479,7 @@ fn plan_existing_user(
         });
     }
     for (slot, key) in &sorted.untracked {
-        let (message, detail) = if declared.contains(slot.as_str()) {
+        let (message, detail) = if declared(slot) {
             (
                 format!(
                     "{} {} carries this installation's tag for slot {slot}, but no state records it; apply adopts it if every sink of the slot holds it, and otherwise rotates the slot and lets it retire for the overlap: it is never revoked at once",
@@ -569,7 +576,9 @@ fn keep_one_key(
     let adds_a_key = changes
         .iter()
         .any(|c| matches!(c.action(), Action::CreateKey | Action::RotateKey));
-    if adds_a_key {
+    // Without a revocation every key stays: nothing to keep.
+    let revokes = changes.iter().any(|c| c.action() == Action::RevokeKey);
+    if adds_a_key || !revokes {
         return;
     }
     let orphan_ids: BTreeSet<&str> = orphans.iter().map(|(_, k)| k.id.as_str()).collect();
@@ -644,17 +653,16 @@ fn drift(
         before.description = Some(key.description.clone());
         after.description = Some(d.clone());
     }
-    if key.kind == KeyKind::Credential {
+    if key.kind == KeyKind::Credential && key.acl != slot.acl {
         let set = |l: &[String]| l.iter().cloned().collect::<BTreeSet<String>>();
         if set(&key.acl) != set(&slot.acl) {
             before.acl = Some(key.acl.clone());
             after.acl = Some(slot.acl.clone());
         }
     }
-    let tag = KeyTag::new(owner, &slot.name);
-    if delivery == Delivery::Delivered && KeyTag::parse(&key.metadata).as_ref() != Some(&tag) {
+    if delivery == Delivery::Delivered && !KeyTag::is_tag_of(&key.metadata, owner, &slot.name) {
         before.metadata = Some(key.metadata.clone());
-        after.metadata = Some(tag.to_metadata());
+        after.metadata = Some(KeyTag::new(owner, &slot.name).to_metadata());
     }
     (before, after)
 }

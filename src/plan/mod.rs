@@ -568,12 +568,36 @@ impl Plan {
 /// keyward recorded, and every key on those users, across the config's providers. Any change
 /// there (a flag, a key added or removed) changes the digest.
 pub fn observed_digest(config: &Config, observed: &Observed, state: &State) -> String {
-    let declared: std::collections::HashSet<(&str, &str)> = config
-        .users
+    let index = observed
         .iter()
-        .map(|u| (u.provider.as_str(), u.name.as_str()))
+        .map(|(p, snap)| (p.as_str(), snap.index()))
         .collect();
+    observed_digest_indexed(config, observed, &index, state)
+}
+
+/// [`observed_digest`] with the accounts already indexed (the planner's index).
+pub(crate) fn observed_digest_indexed(
+    config: &Config,
+    observed: &Observed,
+    index: &std::collections::HashMap<&str, crate::model::AccountIndex>,
+    state: &State,
+) -> String {
+    let mut declared: crate::model::FastSet<(&str, &str)> = crate::model::FastSet::default();
+    declared.extend(
+        config
+            .users
+            .iter()
+            .map(|u| (u.provider.as_str(), u.name.as_str())),
+    );
+    // Each value is fed with its length ahead of it, so that no two different sequences of
+    // values feed the same bytes; nothing is formatted. The bytes gather in a buffer that is
+    // hashed a block of pages at a time.
     let mut hasher = Sha256::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+    let field = |h: &mut Vec<u8>, bytes: &[u8]| {
+        h.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        h.extend_from_slice(bytes);
+    };
     for (provider, snapshot) in observed {
         let relevant = |name: &str| {
             declared.contains(&(provider.as_str(), name)) || state.user(provider, name).is_some()
@@ -583,37 +607,45 @@ pub fn observed_digest(config: &Config, observed: &Observed, state: &State) -> S
             .iter()
             .filter(|u| relevant(&u.name))
             .collect();
-        users.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut keys_by_owner: std::collections::HashMap<&str, Vec<&crate::model::RemoteKey>> =
-            std::collections::HashMap::new();
-        for k in &snapshot.keys {
-            if let Some(owner) = k.owner_id.as_deref() {
-                keys_by_owner.entry(owner).or_default().push(k);
-            }
+        // (Listings usually come in id order already: checked in one pass.)
+        if !users.is_sorted_by(|a, b| a.id <= b.id) {
+            users.sort_by(|a, b| a.id.cmp(&b.id));
         }
+        let listing = index.get(provider.as_str());
+        let mut keys: Vec<&crate::model::RemoteKey> = Vec::new();
         for u in users {
-            hasher.update(format!(
-                "{provider}\0user\0{}\0{}\0{}\0{}\n",
-                u.id, u.name, u.active, u.deleted
-            ));
-            let mut keys = keys_by_owner.remove(u.id.as_str()).unwrap_or_default();
+            field(&mut buf, b"user");
+            field(&mut buf, provider.as_bytes());
+            field(&mut buf, u.id.as_bytes());
+            field(&mut buf, u.name.as_bytes());
+            field(&mut buf, &[u8::from(u.active), u8::from(u.deleted)]);
+            keys.clear();
+            keys.extend(listing.map(|l| l.keys_of(&u.id)).unwrap_or(&[]));
             keys.sort_by(|a, b| a.id.cmp(&b.id));
-            for k in keys {
+            for k in keys.iter() {
                 // Every attribute a decision reads: the tag (ownership, drift), the
                 // description and the ACL (drift), the times (rotation).
-                hasher.update(format!(
-                    "{provider}\0key\0{}\0{}\0{}\0{}\0{:?}\0{:?}\0{:?}\0{:?}\n",
-                    u.id,
-                    k.id,
-                    k.kind,
-                    k.created_at,
-                    k.expires_at,
-                    k.metadata,
-                    k.description,
-                    k.acl
-                ));
+                field(&mut buf, b"key");
+                field(&mut buf, k.id.as_bytes());
+                field(&mut buf, k.kind.as_str().as_bytes());
+                field(&mut buf, &k.created_at.as_nanosecond().to_le_bytes());
+                match k.expires_at {
+                    Some(t) => field(&mut buf, &t.as_nanosecond().to_le_bytes()),
+                    None => field(&mut buf, b""),
+                }
+                field(&mut buf, k.metadata.as_bytes());
+                field(&mut buf, k.description.as_bytes());
+                field(&mut buf, &(k.acl.len() as u64).to_le_bytes());
+                for rule in &k.acl {
+                    field(&mut buf, rule.as_bytes());
+                }
+            }
+            if buf.len() >= 1 << 15 {
+                hasher.update(&buf);
+                buf.clear();
             }
         }
     }
+    hasher.update(&buf);
     format!("sha256:{}", hex::encode(hasher.finalize()))
 }

@@ -109,6 +109,12 @@ impl Listing {
 pub trait Provider: Send + Sync {
     /// The account's name in the config.
     fn name(&self) -> &str;
+    /// Whether [`Provider::observe`] reads its `managed` argument (it lists keys user by user):
+    /// the engine then loads the state before listing, to name the users keyward manages;
+    /// otherwise the state loads while the account is listed.
+    fn scoped_listing(&self) -> bool {
+        true
+    }
     /// Lists every service user, and the keys of the users in `managed` (all users when
     /// `None`), using list endpoints only. Providers with an account-wide key list may return
     /// more keys; a provider that must list keys user by user (Okta ASA) lists only these.

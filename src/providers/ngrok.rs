@@ -381,6 +381,11 @@ impl Provider for NgrokProvider {
         &self.name
     }
 
+    /// The key lists are account-wide: a listing reads everything whoever is managed.
+    fn scoped_listing(&self) -> bool {
+        false
+    }
+
     async fn list(
         &self,
         _managed: Option<&std::collections::BTreeSet<String>>,
