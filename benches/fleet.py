@@ -44,7 +44,13 @@ def call(url, method="GET", body=None):
 
 
 def measured(cmd, env, cwd):
-    """Runs `cmd` and returns (code, out, err, wall, cpu, peak RSS MiB) of that process alone."""
+    """Runs `cmd` and returns (code, out, err, wall, cpu, peak RSS MiB) of that process alone.
+    The peak comes from GNU time, whose child starts small: a child forked from this process
+    would report this process's own peak when its own is lower (Linux keeps the high-water mark
+    across fork and exec)."""
+    rss_file = tempfile.NamedTemporaryFile(prefix="rss-", delete=False)
+    rss_file.close()
+    cmd = ["/usr/bin/time", "-q", "-f", "%M", "-o", rss_file.name, *cmd]
     t = time.monotonic()
     p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out_chunks, err_chunks = [], []
@@ -63,8 +69,11 @@ def measured(cmd, env, cwd):
     for th in threads:
         th.join()
     p.returncode = os.waitstatus_to_exitcode(status)
+    with open(rss_file.name) as f:
+        peak_kib = int(f.read().strip().splitlines()[-1])
+    os.unlink(rss_file.name)
     return (p.returncode, b"".join(out_chunks).decode(), b"".join(err_chunks).decode(), wall,
-            ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024)
+            ru.ru_utime + ru.ru_stime, peak_kib / 1024)
 
 
 def start_sandbox(latency_ms, extra=()):

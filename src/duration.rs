@@ -68,9 +68,33 @@ pub fn humanize(d: SignedDuration) -> String {
     }
 }
 
+/// `d` in its two largest units, for a time left that counts down: `1h 23m`, `1m 41s`, `41s`.
+pub fn humanize_two(d: SignedDuration) -> String {
+    let s = d.as_secs().abs();
+    let (d_, h, m) = (s / 86_400, s % 86_400 / 3600, s % 3600 / 60);
+    if d_ > 0 {
+        format!("{d_}d {h}h")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {}s", s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_units_for_a_countdown() {
+        let f = |s| humanize_two(SignedDuration::from_secs(s));
+        assert_eq!(f(41), "41s");
+        assert_eq!(f(101), "1m 41s");
+        assert_eq!(f(4980), "1h 23m");
+        assert_eq!(f(90_000), "1d 1h");
+    }
 
     #[test]
     fn parses_each_unit() {

@@ -65,7 +65,7 @@ impl TerminalBar {
         );
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} changes · {msg} · {elapsed} so far",
+                "{bar:30} {pos}/{len} changes · {msg} · {elapsed_precise} so far",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
@@ -95,7 +95,7 @@ impl TerminalBar {
             .unwrap_or(0.0);
         format!(
             "about {} left at the rate budget",
-            crate::duration::humanize(jiff::SignedDuration::from_secs(secs.ceil() as i64))
+            crate::duration::humanize_two(jiff::SignedDuration::from_secs(secs.ceil() as i64))
         )
     }
 }
