@@ -21,6 +21,30 @@ use super::{
 use crate::config::{ProviderAccount, ProviderAuth};
 use crate::model::{AccountSnapshot, KeyKind, RemoteKey, RemoteUser};
 
+/// One page of a list: its items (under `keys`, `credentials` or `service_users`, by list)
+/// and the next page's URI (absent, null or not a string: none).
+#[derive(Deserialize)]
+#[serde(bound = "T: DeserializeOwned")]
+struct Page<T> {
+    #[serde(default, deserialize_with = "string_or_none")]
+    next_page_uri: Option<String>,
+    #[serde(
+        default = "Vec::new",
+        rename = "service_users",
+        alias = "keys",
+        alias = "credentials"
+    )]
+    items: Vec<T>,
+}
+
+/// A string, or `None` for anything else (a tolerant reading of `next_page_uri`).
+fn string_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
 /// Page size: the API's maximum, so a listing costs as few requests as possible.
 const PAGE_LIMIT: u32 = 100;
 
@@ -151,22 +175,21 @@ impl NgrokProvider {
                 p.wait().await;
             }
             let answer = self.call(&op, Method::GET, &url, None).await?;
-            let mut page: serde_json::Map<String, serde_json::Value> = self.decode(&op, &answer)?;
-            let next = page
-                .remove("next_page_uri")
-                .and_then(|v| v.as_str().map(str::to_string));
-            let batch: Vec<T> = match page.remove(list_key) {
-                Some(v) => serde_json::from_value(v).map_err(|e| ProviderError {
-                    provider: self.name.clone(),
-                    operation: op.operation.clone(),
-                    user: None,
-                    status: Some(answer.status.as_u16()),
-                    code: None,
-                    message: format!("unexpected `{list_key}` in list response: {e}"),
-                    class: ErrorClass::Rejected,
-                })?,
-                None => Vec::new(),
-            };
+            // Decoded straight into the items, not through a tree of JSON values: a fleet's
+            // listing is thousands of pages.
+            let page: Page<T> = serde_json::from_str(&answer.body).map_err(|e| ProviderError {
+                provider: self.name.clone(),
+                operation: op.operation.clone(),
+                user: None,
+                status: Some(answer.status.as_u16()),
+                code: None,
+                message: format!(
+                    "unexpected list response (items under `{list_key}`): {}",
+                    super::http::decode_problem(&e)
+                ),
+                class: ErrorClass::Rejected,
+            })?;
+            let (next, batch) = (page.next_page_uri, page.items);
             let empty = batch.is_empty();
             let next = match next {
                 // An empty page ends the listing even if a next page is announced.
