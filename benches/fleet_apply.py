@@ -102,7 +102,7 @@ def main():
     summary = re.search(r"Apply complete: (.*)", out)
     failed = re.search(r"(\d+) failed", out)
     frames = [f for f in re.split(r"[\r\n]", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", term)) if f.strip()]
-    progress = [f for f in frames if "/" in f and "%" not in f or "left" in f]
+    progress = [f for f in frames if " changes · " in f]
     print(f"\napply of {a.creates:,} creates ({users:,} service users + {users:,} credentials), "
           f"sandbox --rate-limit 120/60s, keyward rate_limit {a.budget}, {a.latency_ms} ms per request")
     print(f"  {'':34}{'wall s':>9}{'requests':>10}{'429s':>7}")
