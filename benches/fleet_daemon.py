@@ -35,18 +35,11 @@ from idle_daemon import cpu_seconds  # noqa: E402
 DAY = 86_400
 
 
-def rss_mib(pid):
+def status_mib(pid, field):
+    """A memory figure of /proc/PID/status in MiB: VmRSS (resident now), VmHWM (its peak)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def hwm_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -117,7 +110,7 @@ def measure(p, port, url, window_s):
     return {
         "requests": stats["requests"], "listing": int(pages), "by_route": stats["by_route"],
         "rate_limited": stats["rate_limited"], "cpu": cpu_seconds(p.pid) - cpu0,
-        "rss": rss_mib(p.pid), "hwm": hwm_mib(p.pid),
+        "rss": status_mib(p.pid, "VmRSS"), "hwm": status_mib(p.pid, "VmHWM"),
     }
 
 

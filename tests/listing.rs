@@ -20,6 +20,47 @@ fn ids(snap: &AccountSnapshot) -> (BTreeSet<String>, BTreeSet<String>) {
     )
 }
 
+/// The client of the account `name` in the workspace's config.
+fn connect(
+    rt: &tokio::runtime::Runtime,
+    ws: &Workspace,
+    name: &str,
+) -> std::sync::Arc<dyn Provider> {
+    let env = ws.env.clone();
+    let lookup = move |var: &str| env.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone());
+    let loaded = keyward::config::load_with_env(&ws.config_path(), &lookup)
+        .unwrap_or_else(|d| panic!("{d:?}"));
+    let account = loaded.config.providers[name].clone();
+    let _enter = rt.enter();
+    keyward::providers::connect(&account, 8, tokio_util::sync::CancellationToken::new()).unwrap()
+}
+
+/// Makes the sandbox refuse every credential (401) once it has served `n` requests, from a
+/// thread that watches its counters.
+fn refuse_credentials_after(sb: &Sandbox, n: u64) -> std::thread::JoinHandle<()> {
+    let url = sb.url.clone();
+    std::thread::spawn(move || {
+        let agent = reqwest::blocking::Client::new();
+        loop {
+            let stats: serde_json::Value = agent
+                .get(format!("{url}/_sandbox/stats"))
+                .send()
+                .and_then(|r| r.json())
+                .unwrap();
+            if stats["requests"].as_u64().unwrap_or(0) >= n {
+                let r = agent
+                    .put(format!("{url}/_sandbox/faults"))
+                    .json(&json!({"refuse_credentials": true}))
+                    .send()
+                    .unwrap();
+                assert!(r.status().is_success());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    })
+}
+
 #[test]
 fn an_ngrok_listing_cut_short_goes_on_and_reads_every_page_once() {
     let sb = Sandbox::start(&["--latency", "10ms"]);
@@ -38,17 +79,8 @@ fn an_ngrok_listing_cut_short_goes_on_and_reads_every_page_once() {
     }));
     let ws = Workspace::new(&sb);
     ws.write_config("", "users: []\n");
-    let env = ws.env.clone();
-    let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    let loaded = keyward::config::load_with_env(&ws.config_path(), &lookup)
-        .unwrap_or_else(|d| panic!("{d:?}"));
-    let account = loaded.config.providers["ng"].clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let provider: std::sync::Arc<dyn Provider> = {
-        let _enter = rt.enter();
-        keyward::providers::connect(&account, 8, tokio_util::sync::CancellationToken::new())
-            .unwrap()
-    };
+    let provider = connect(&rt, &ws, "ng");
 
     // The whole account read without a stop, and what that costs.
     sb.reset_stats();
@@ -58,27 +90,7 @@ fn an_ngrok_listing_cut_short_goes_on_and_reads_every_page_once() {
 
     // The account's credential stops working once 12 requests were served.
     sb.reset_stats();
-    let url = sb.url.clone();
-    let cutter = std::thread::spawn(move || {
-        let agent = reqwest::blocking::Client::new();
-        loop {
-            let stats: serde_json::Value = agent
-                .get(format!("{url}/_sandbox/stats"))
-                .send()
-                .and_then(|r| r.json())
-                .unwrap();
-            if stats["requests"].as_u64().unwrap_or(0) >= 12 {
-                let r = agent
-                    .put(format!("{url}/_sandbox/faults"))
-                    .json(&json!({"refuse_credentials": true}))
-                    .send()
-                    .unwrap();
-                assert!(r.status().is_success());
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    });
+    let cutter = refuse_credentials_after(&sb, 12);
     let mut listing = Listing::default();
     let cut = rt.block_on(provider.list(None, &mut listing, None));
     cutter.join().unwrap();
@@ -119,17 +131,8 @@ fn an_asa_listing_cut_short_goes_on_from_the_user_where_it_stopped() {
     common::asa::seed(&sb, json!({"service_users": seeded}));
     let ws = common::asa::workspace(&sb);
     common::asa::write_config(&ws, "", "users: []\n");
-    let env = ws.env.clone();
-    let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    let loaded = keyward::config::load_with_env(&ws.config_path(), &lookup)
-        .unwrap_or_else(|d| panic!("{d:?}"));
-    let account = loaded.config.providers["asa"].clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let provider: std::sync::Arc<dyn Provider> = {
-        let _enter = rt.enter();
-        keyward::providers::connect(&account, 8, tokio_util::sync::CancellationToken::new())
-            .unwrap()
-    };
+    let provider = connect(&rt, &ws, "asa");
     let key_lists = |sb: &Sandbox| {
         common::asa::route_count(sb, "GET /v1/teams/{team}/service_users/{name}/keys")
     };
@@ -140,27 +143,7 @@ fn an_asa_listing_cut_short_goes_on_from_the_user_where_it_stopped() {
     // The credential stops working once 100 requests were served, in the middle of the
     // users' key lists.
     sb.reset_stats();
-    let url = sb.url.clone();
-    let cutter = std::thread::spawn(move || {
-        let agent = reqwest::blocking::Client::new();
-        loop {
-            let stats: serde_json::Value = agent
-                .get(format!("{url}/_sandbox/stats"))
-                .send()
-                .and_then(|r| r.json())
-                .unwrap();
-            if stats["requests"].as_u64().unwrap_or(0) >= 100 {
-                let r = agent
-                    .put(format!("{url}/_sandbox/faults"))
-                    .json(&json!({"refuse_credentials": true}))
-                    .send()
-                    .unwrap();
-                assert!(r.status().is_success());
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    });
+    let cutter = refuse_credentials_after(&sb, 100);
     let mut listing = Listing::default();
     let cut = rt.block_on(provider.list(None, &mut listing, None));
     cutter.join().unwrap();
