@@ -62,6 +62,9 @@ pub struct Engine {
     /// The process's shutdown: the clients stop waiting and sending, the executor stops
     /// starting changes (the one in flight finishes).
     pub shutdown: CancellationToken,
+    /// The state lock, when this engine holds it for its whole life (the daemon): its runs
+    /// then take it no more, and no other keyward process changes the state meanwhile.
+    pub held_lock: Option<StoreLock>,
 }
 
 /// What a run is for.
@@ -202,6 +205,7 @@ impl Engine {
             warnings: loaded.warnings,
             providers: clients,
             shutdown,
+            held_lock: None,
         })
     }
 
@@ -219,7 +223,11 @@ impl Engine {
         operator: &mut dyn Operator,
     ) -> anyhow::Result<RunReport> {
         let apply = req.mode == RunMode::Apply;
-        let _lock = if apply { Some(self.lock()?) } else { None };
+        let _lock = if apply && self.held_lock.is_none() {
+            Some(self.lock()?)
+        } else {
+            None
+        };
         let scope = match req.scope {
             Some(s) if !self.has_unfinished()? => Some(s),
             _ => None,

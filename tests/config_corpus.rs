@@ -229,7 +229,8 @@ fn example_config_loads_and_uses_every_section() {
     let c = loaded.config;
     assert_eq!(c.providers.len(), 3);
     assert_eq!(c.sinks.len(), 3);
-    assert_eq!(c.users.len(), 3);
+    // Three users by `name`, three by one `names:` entry.
+    assert_eq!(c.users.len(), 6);
     assert_eq!(c.settings.metrics, Some("127.0.0.1:9464".parse().unwrap()));
     match &c.providers["asa"].auth {
         config::ProviderAuth::OktaAsa {

@@ -729,3 +729,56 @@ fn include_and_names_make_one_user_list_and_errors_name_the_file_that_has_them()
         "{err}"
     );
 }
+
+#[test]
+fn an_include_that_matches_nothing_prunes_nobody() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    std::fs::create_dir(ws.path("users.d")).unwrap();
+    std::fs::write(
+        ws.path("users.d/fleet.yaml"),
+        "users:\n  - provider: ng\n    names: [edge-1, edge-2]\n    keys:\n      main: {}\n",
+    )
+    .unwrap();
+    let config = |pattern: &str| {
+        format!(
+            "include: [\"{pattern}\"]\nusers:\n  - provider: ng\n    name: core\n    keys:\n      main: {{}}\nprune:\n  users: delete\n"
+        )
+    };
+    ws.write_config("", &config("users.d/*.yaml"));
+    expect_code(&ws.keyward(&["apply", "--auto-approve"]), 0, "apply");
+    // A typo in the pattern: the fleet's users are no longer declared, yet none is deleted.
+    ws.write_config("", &config("userz.d/*.yaml"));
+    let plan = ws.plan_json();
+    assert!(
+        common::changes(&plan)
+            .iter()
+            .all(|c| c["action"] != "delete_user"),
+        "{plan}"
+    );
+    let kept: Vec<_> = common::warnings(&plan)
+        .into_iter()
+        .filter(|w| w["kind"] == "pruned_user_kept")
+        .filter(|w| {
+            w["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("matches no file")
+        })
+        .collect();
+    assert_eq!(kept.len(), 2, "{plan}");
+    // A real deletion once the pattern matches a file again.
+    ws.write_config("", &config("users.d/*.yaml"));
+    std::fs::write(
+        ws.path("users.d/fleet.yaml"),
+        "users:\n  - provider: ng\n    names: [edge-1]\n    keys:\n      main: {}\n",
+    )
+    .unwrap();
+    let plan = ws.plan_json();
+    let deleted: Vec<_> = common::changes(&plan)
+        .into_iter()
+        .filter(|c| c["action"] == "delete_user")
+        .map(|c| c["user"].clone())
+        .collect();
+    assert_eq!(deleted, vec![json!("edge-2")], "{plan}");
+}

@@ -1245,3 +1245,49 @@ fn due_work_goes_on_while_a_paced_listing_is_under_way() {
     let doc = ws.sink("busy", "main");
     assert!(sb.secret_works("api_key", doc["secret"].as_str().unwrap()));
 }
+
+#[test]
+fn one_daemon_per_state_directory_and_no_apply_beside_it() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    ws.write_config(QUIET, &users(&["solo"]));
+    let d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(30), "converged", || {
+        ws.path("secrets/ng/solo/main.json").exists()
+    });
+    // A second daemon on the same state directory does not start.
+    let config = ws.config_path();
+    let mut second = ws
+        .command(&["daemon", "-c", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = second.kill();
+            panic!("a second daemon kept running on the same state directory");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not starting") && err.contains("locked"),
+        "{err}"
+    );
+    // A one-shot rotate is refused at once, naming the daemon; a plan reads as usual.
+    let out = ws.keyward(&["rotate", "solo", "--auto-approve"]);
+    expect_code(&out, 1, "rotate beside the daemon");
+    let stderr = common::text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("pid {}", d.child.id())),
+        "{stderr}"
+    );
+    expect_code(&ws.keyward(&["plan"]), 0, "plan beside the daemon");
+}

@@ -74,6 +74,7 @@ fn config(users: Vec<UserSpec>, prune: Prune) -> Config {
         digest: String::new(),
         included: Vec::new(),
         include_patterns: Vec::new(),
+        include_unmatched: Vec::new(),
         settings: Settings {
             state_dir: "/tmp/unused".into(),
             interval: SignedDuration::from_mins(5),

@@ -374,6 +374,7 @@ fn build(
         digest: String::new(),
         included: Vec::new(),
         include_patterns: Vec::new(),
+        include_unmatched: Vec::new(),
         settings: Settings {
             state_dir: state_dir.to_path_buf(),
             interval: SignedDuration::from_mins(5),

@@ -79,6 +79,9 @@ pub struct Config {
     pub included: Vec<PathBuf>,
     /// The `include:` patterns, absolute: what the daemon watches for new and edited files.
     pub include_patterns: Vec<String>,
+    /// The `include:` patterns (as written) that match no file: while there is one, no user is
+    /// pruned (a typo, or a directory emptied for a moment, must not delete a fleet).
+    pub include_unmatched: Vec<String>,
     /// How keyward itself runs (`settings`).
     pub settings: Settings,
     /// Provider accounts by name.
@@ -418,7 +421,7 @@ fn load_into(path: &Path, env: &dyn Fn(&str) -> Option<String>, d: &mut Diags) -
         _ => Path::new("."),
     };
     let dir = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
-    let (patterns, included, included_ok) = includes(&parsed.raw, &dir, path, env, d);
+    let (patterns, unmatched, included, included_ok) = includes(&parsed.raw, &dir, path, env, d);
     let files: Vec<(&Path, &[u8])> = included
         .iter()
         .map(|i| (i.path.as_ref(), i.bytes.as_slice()))
@@ -432,7 +435,8 @@ fn load_into(path: &Path, env: &dyn Fn(&str) -> Option<String>, d: &mut Diags) -
         broken: &parsed.broken,
         d,
     };
-    let config = ctx.config(&parsed.raw, &users, patterns, path, digest);
+    let mut config = ctx.config(&parsed.raw, &users, patterns, path, digest);
+    config.include_unmatched = unmatched;
     (!parsed.broken.any && included_ok).then_some(config)
 }
 
@@ -447,18 +451,20 @@ struct Included {
 }
 
 /// The files matched by `raw.include`'s patterns (relative to `dir`), read and parsed, each
-/// problem reported against the file that has it. Returns the absolute patterns, the files in
-/// order (the config file itself never includes itself), and whether all of them parsed.
+/// problem reported against the file that has it. Returns the absolute patterns, the patterns
+/// (as written) that match no file, the files in order (the config file itself never includes
+/// itself), and whether all of them parsed.
 fn includes(
     raw: &raw::RawConfig,
     dir: &Path,
     main: &Path,
     env: &dyn Fn(&str) -> Option<String>,
     d: &mut Diags,
-) -> (Vec<String>, Vec<Included>, bool) {
+) -> (Vec<String>, Vec<String>, Vec<Included>, bool) {
     let Some(list) = &raw.include else {
-        return (Vec::new(), Vec::new(), true);
+        return (Vec::new(), Vec::new(), Vec::new(), true);
     };
+    let mut unmatched = Vec::new();
     let mut patterns = Vec::new();
     let mut files: Vec<PathBuf> = Vec::new();
     let mut ok = true;
@@ -479,7 +485,16 @@ fn includes(
         let pattern = dir.join(&text).to_string_lossy().into_owned();
         match expand_pattern(&pattern, main) {
             Ok(found) if found.is_empty() => {
-                d.warn(p.pos(), format!("include `{text}` matches no file"))
+                let what = if std::path::Path::new(&pattern).is_dir() {
+                    "matches only a directory (include the files in it, e.g. `DIR/*.yaml`)"
+                } else {
+                    "matches no file"
+                };
+                d.warn(
+                    p.pos(),
+                    format!("include `{text}` {what}: no user is pruned while it does"),
+                );
+                unmatched.push(text.clone());
             }
             Ok(found) => files.extend(found),
             Err(e) => {
@@ -497,7 +512,7 @@ fn includes(
                 files.len()
             ),
         );
-        return (patterns, Vec::new(), false);
+        return (patterns, unmatched, Vec::new(), false);
     }
     let main_file = d.file().to_path_buf();
     let mut out = Vec::new();
@@ -518,7 +533,7 @@ fn includes(
         }
         d.set_file(&main_file);
     }
-    (patterns, out, ok)
+    (patterns, unmatched, out, ok)
 }
 
 /// The files `pattern` (absolute) matches, in name order, without `main` and without

@@ -40,6 +40,9 @@ const PLACEHOLDERS: &[&str] = &["provider", "user", "slot", "key_id"];
 pub struct Diags {
     file: PathBuf,
     pub list: Vec<Diagnostic>,
+    /// The warnings given so far: one written in `defaults` or a `names:` entry and met by
+    /// every user it covers is given once.
+    warned: std::collections::HashSet<(PathBuf, usize, usize, String)>,
 }
 
 impl Diags {
@@ -47,6 +50,7 @@ impl Diags {
         Diags {
             file: file.to_path_buf(),
             list: Vec::new(),
+            warned: std::collections::HashSet::new(),
         }
     }
 
@@ -75,7 +79,13 @@ impl Diags {
     }
 
     pub fn warn(&mut self, pos: Pos, message: impl Into<String>) {
-        self.push(pos, Severity::Warning, message.into());
+        let message = message.into();
+        if self
+            .warned
+            .insert((self.file.clone(), pos.line, pos.column, message.clone()))
+        {
+            self.push(pos, Severity::Warning, message);
+        }
     }
 }
 
@@ -216,6 +226,7 @@ impl Ctx<'_> {
             digest,
             included: included.iter().map(|(f, _)| f.to_path_buf()).collect(),
             include_patterns: patterns,
+            include_unmatched: Vec::new(),
             settings,
             providers,
             sinks,
@@ -1209,9 +1220,9 @@ impl Ctx<'_> {
             let schedule = own.schedule.or(defaults.schedule.clone());
             let timezone = own.timezone.or(defaults.timezone.clone());
             let overlap = own.overlap.or(defaults.overlap.clone());
-            let spread = own
-                .spread
-                .or(defaults.spread.clone())
+            let spread_at = own.spread.or(defaults.spread.clone());
+            let spread = spread_at
+                .as_ref()
                 .map(|s| s.value)
                 .unwrap_or(SignedDuration::ZERO);
             let slot_sinks = match own.sinks.or(defaults.sinks.clone()) {
@@ -1240,6 +1251,19 @@ impl Ctx<'_> {
             if let (Some(tz), None) = (&timezone, &schedule) {
                 self.d
                     .warn(tz.pos, "timezone has no effect without a schedule");
+            }
+            if let (Some(every), Some(s)) = (&rotate_every, &spread_at)
+                && s.value > every.value
+            {
+                self.d.warn(
+                    s.pos,
+                    format!(
+                        "spread {} is longer than rotate_every {} (slot `{slot_name}`): its rotations come up to {} late",
+                        duration::format(s.value),
+                        duration::format(every.value),
+                        duration::format(s.value),
+                    ),
+                );
             }
             let overlap_value = overlap
                 .as_ref()

@@ -79,15 +79,24 @@ thread_local! {
     static PARSED_CHARS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+/// The most aliases (`*name`) a config may hold: two per user of a 100,000-user fleet that
+/// shares its key layouts through anchors.
+const MAX_ALIASES: usize = 200_000;
+
 /// The parser's budget: room for a fleet's config (100,000 users take about 1.2 million
-/// nodes) while what only an attack needs stays refused: nesting deeper than any config needs
-/// (32 levels), and the alias and anchor limits serde-saphyr keeps by default (an alias bomb
-/// expands into millions of events from a few lines).
+/// nodes, and as many aliases as [`MAX_ALIASES`]) while what only an attack needs stays
+/// refused: nesting deeper than any config needs (32 levels), and an alias bomb, which
+/// expands into millions of events from a few lines (the event and replayed-event limits).
 fn budget() -> serde_saphyr::Budget {
     let mut b = serde_saphyr::Budget::default();
     b.max_nodes = 4_000_000;
     b.max_events = 10_000_000;
     b.max_depth = 32;
+    b.max_aliases = MAX_ALIASES;
+    b.max_recorded_anchor_events = 4_000_000;
+    // One anchor used by every user of a fleet is the point of anchors, not an attack: what an
+    // alias bomb needs (millions of events, replayed) stays refused by the limits above.
+    b.enforce_alias_anchor_ratio = false;
     b
 }
 
@@ -133,7 +142,33 @@ fn humanize(msg: &str) -> String {
         "expected string scalar" => "expected a string".to_string(),
         "expected mapping start" => "expected a mapping (`key: value` lines)".to_string(),
         "expected sequence start" => "expected a list".to_string(),
-        _ => m.to_string(),
+        _ => match m.split_once("limits breached: ") {
+            Some((head, breach)) => format!("{head}{}", describe_breach(breach)),
+            None => m.to_string(),
+        },
+    }
+}
+
+/// serde-saphyr's budget breach (`Aliases { aliases: 200001 }`) in words.
+fn describe_breach(breach: &str) -> String {
+    let kind = breach.split_whitespace().next().unwrap_or_default();
+    let count: String = breach.chars().filter(char::is_ascii_digit).collect();
+    let what = match kind {
+        "Aliases" => format!(
+            "more than {MAX_ALIASES} aliases (`*name`); declare many users with one layout with `names:`"
+        ),
+        "Anchors" => "too many anchors (`&name`)".to_string(),
+        "Depth" => "nested deeper than 32 levels".to_string(),
+        "Nodes" => "more than 4,000,000 nodes".to_string(),
+        "Events" | "RecordedAnchorEvents" | "RecordedAnchorBytes" => {
+            "aliases that expand into too much (an alias bomb?)".to_string()
+        }
+        _ => return format!("limits breached: {breach}"),
+    };
+    if count.is_empty() {
+        what
+    } else {
+        format!("{what} (at {count})")
     }
 }
 
@@ -456,6 +491,32 @@ fn recover(text: &str) -> Option<(Parsed, Vec<Problem>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fleet_sharing_its_key_layout_through_an_anchor_fits_the_budget() {
+        let mut text = String::from(
+            "version: 1\nusers:\n  - {provider: p, name: d, keys: &k {agent: {kind: credential}}}\n",
+        );
+        for i in 0..100_000 {
+            text.push_str(&format!("  - {{provider: p, name: d{i}, keys: *k}}\n"));
+        }
+        assert_eq!(problems(&text), vec![]);
+    }
+
+    #[test]
+    fn budget_breaches_are_told_in_words() {
+        let m = humanize(
+            "YAML document too large or too complex: limits breached: Aliases { aliases: 200001 }",
+        );
+        assert_eq!(
+            m,
+            "YAML document too large or too complex: more than 200000 aliases (`*name`); declare many users with one layout with `names:` (at 200001)"
+        );
+        let m = humanize(
+            "YAML document too large or too complex: limits breached: Depth { depth: 33 }",
+        );
+        assert!(m.ends_with("nested deeper than 32 levels (at 33)"), "{m}");
+    }
 
     fn problems(text: &str) -> Vec<(usize, usize, String)> {
         parse(text)

@@ -386,16 +386,21 @@ fn seconds(t: jiff::Timestamp) -> f64 {
     t.as_millisecond() as f64 / 1000.0
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` until `stop` fires.
-pub async fn serve(
-    addr: SocketAddr,
+/// Binds the `/metrics` listener at `addr` (the daemon does this before it says it is ready: a
+/// port in use is an error at start, not monitoring silently gone).
+pub async fn listen(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("metrics listener {addr}: {e}"))
+}
+
+/// Serves `/metrics` (and `/healthz`) on `listener` until `stop`.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     use axum::routing::get;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("metrics listener {addr}: {e}"))?;
     tracing::info!("metrics at http://{}/metrics", listener.local_addr()?);
     let app = axum::Router::new()
         .route(

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use jiff::Timestamp;
 use rand::Rng;
 use secrecy::zeroize::Zeroizing;
@@ -46,6 +47,8 @@ const BACKOFF_BASE: Duration = Duration::from_secs(5);
 const BACKOFF_CAP: Duration = Duration::from_secs(300);
 /// After a run that changed something, look again this soon (metrics, retiring keys).
 const REQUEUE_AFTER_CHANGES: Duration = Duration::from_secs(1);
+/// How often the metrics that move between runs (requests, budget, listing pages) are refreshed.
+const METRICS_REFRESH: Duration = Duration::from_secs(5);
 /// When another keyward holds the state lock, try again this soon.
 const LOCKED_RETRY: Duration = Duration::from_secs(5);
 
@@ -82,6 +85,8 @@ struct Resync {
     urgent: Arc<AtomicBool>,
     /// When it began.
     began: Instant,
+    /// Per account, pages begun so far, and how many of them the metrics have counted.
+    pages: BTreeMap<String, (Arc<std::sync::atomic::AtomicU64>, u64)>,
 }
 
 /// The daemon's part in a run: nobody to ask; it says what it applies.
@@ -251,7 +256,14 @@ impl Daemon {
                 let text = read_config_text(&self.path);
                 let old_metrics = self.engine.config.settings.metrics;
                 match Engine::new(loaded, self.shutdown.clone()) {
-                    Ok(engine) => {
+                    Ok(mut engine) => {
+                        if let Err(e) = self.hand_over_lock(&mut engine) {
+                            tracing::error!(
+                                "config reload failed: {e:#}; the last good config stays in force"
+                            );
+                            self.metrics.set_config_valid(false);
+                            return false;
+                        }
                         for w in &engine.warnings {
                             tracing::warn!("{w}");
                         }
@@ -263,7 +275,7 @@ impl Daemon {
                             }
                         } else {
                             tracing::info!(
-                                "config reloaded from {} (unchanged)",
+                                "config reloaded from {} (its own text unchanged; an included file may have changed)",
                                 self.path.display()
                             );
                         }
@@ -299,6 +311,21 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Gives the reloaded `engine` the state lock the daemon holds (or takes the one of a new
+    /// state directory); an engine in observe mode holds none.
+    fn hand_over_lock(&mut self, engine: &mut Engine) -> anyhow::Result<()> {
+        if engine.config.settings.mode != Mode::Apply {
+            return Ok(());
+        }
+        if engine.config.settings.state_dir == self.engine.config.settings.state_dir {
+            engine.held_lock = self.engine.held_lock.take();
+        }
+        if engine.held_lock.is_none() {
+            engine.held_lock = Some(engine.lock()?);
+        }
+        Ok(())
     }
 
     /// One run of the pipeline; returns when to run next, and why. A wake that needs every
@@ -369,10 +396,13 @@ impl Daemon {
             Ok(run) => run,
             Err(e) if e.downcast_ref::<crate::store::Locked>().is_some() => {
                 tracing::warn!("{e:#}; trying again in {}s", LOCKED_RETRY.as_secs());
+                let retry = Instant::now() + LOCKED_RETRY;
                 self.requeue = Some(Next {
-                    at: Instant::now() + LOCKED_RETRY,
+                    at: retry,
                     because: Wake::Retry,
                 });
+                // What came due waits for the lock too, not in a loop of its own.
+                self.next_due = self.next_due.map(|d| d.max(retry));
                 return self.next();
             }
             Err(e) => {
@@ -568,6 +598,24 @@ impl Daemon {
         self.next()
     }
 
+    /// Brings the metrics that move while a listing or a run goes on up to date: requests,
+    /// answers 429, the budget used, and the pages of the listing under way.
+    fn live_metrics(&mut self) {
+        for (name, p) in &self.engine.providers {
+            self.metrics
+                .provider_totals(name, p.requests_sent(), p.rate_limited(), None);
+        }
+        self.budget_metrics();
+        if let Some(r) = self.resync.as_mut() {
+            for (name, (counter, counted)) in r.pages.iter_mut() {
+                let now = counter.load(Ordering::Relaxed);
+                self.metrics
+                    .listing(name, now.saturating_sub(*counted), true);
+                *counted = now;
+            }
+        }
+    }
+
     /// The share of every account's budget its last window took (`keyward_provider_budget_used_ratio`).
     fn budget_metrics(&self) {
         for (name, p) in &self.engine.providers {
@@ -650,6 +698,7 @@ impl Daemon {
         let urgent_flag = Arc::new(AtomicBool::new(urgent));
         let share = self.engine.config.settings.resync_share;
         let mut jobs = Vec::new();
+        let mut pages = BTreeMap::new();
         for name in included {
             let (Some(p), Some(account)) = (
                 self.engine.providers.get(&name),
@@ -669,7 +718,9 @@ impl Daemon {
                 self.stale.remove(&name);
             }
             self.metrics.listing(&name, 0, true);
-            let pace = Pace::new(account.rate_limit, share, Arc::clone(&urgent_flag));
+            let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            pages.insert(name.clone(), (Arc::clone(&counter), 0));
+            let pace = Pace::new(account.rate_limit, share, Arc::clone(&urgent_flag), counter);
             let users = managed.remove(&name).unwrap_or_default();
             jobs.push((name, Arc::clone(p), listing, users, pace));
         }
@@ -695,6 +746,7 @@ impl Daemon {
             task,
             urgent: urgent_flag,
             began: now,
+            pages,
         });
     }
 
@@ -702,6 +754,7 @@ impl Daemon {
     /// targeted runs read since taken from those newer reads (and the users changed since read
     /// again now); the accounts cut short are kept to go on from, and back off.
     async fn listing_done(&mut self, results: Vec<ListingResult>) -> Listed {
+        self.live_metrics();
         let took = self
             .resync
             .take()
@@ -731,11 +784,11 @@ impl Daemon {
                             ))
                             .unwrap_or_default()
                     );
-                    self.metrics.listing(&name, pages, false);
+                    self.metrics.listing(&name, 0, false);
                     observed.insert(name, listing.into_snapshot());
                 }
                 Err(e) => {
-                    self.metrics.listing(&name, pages, listing.begun());
+                    self.metrics.listing(&name, 0, listing.begun());
                     if listing.begun() {
                         tracing::warn!(
                             "provider {name}: the full listing stopped after page {}; it goes on from there",
@@ -1005,7 +1058,16 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
         }
     };
     let text = read_config_text(&path);
-    let engine = Engine::new(loaded, shutdown.clone())?;
+    let mut engine = Engine::new(loaded, shutdown.clone())?;
+    if engine.config.settings.mode == Mode::Apply {
+        // One daemon applies to a state directory, and no one-shot apply or rotate changes it
+        // under the daemon's feet: the daemon holds the lock for its life.
+        engine.held_lock = Some(
+            engine
+                .lock()
+                .with_context(|| format!("{}: not starting", path.display()))?,
+        );
+    }
     for w in &engine.warnings {
         tracing::warn!("{w}");
     }
@@ -1042,10 +1104,18 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
     let mut hup = signal(SignalKind::hangup())?;
     let mut watch = watch::watch(&path)?;
     watch.include(&daemon.engine.config.include_patterns);
-    let metrics_task = daemon.engine.config.settings.metrics.map(|addr| {
+    let listener = match daemon.engine.config.settings.metrics {
+        Some(addr) => Some(
+            metrics::listen(addr)
+                .await
+                .with_context(|| format!("{}: not starting", path.display()))?,
+        ),
+        None => None,
+    };
+    let metrics_task = listener.map(|listener| {
         let (m, stop) = (Arc::clone(&metrics), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, m, stop).await {
+            if let Err(e) = metrics::serve_on(listener, m, stop).await {
                 tracing::error!("{e:#}");
             }
         })
@@ -1067,6 +1137,9 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
     let mut listed_now: Option<Vec<ListingResult>> = None;
     let mut next = daemon.next();
     let mut settle_until: Option<Instant> = None;
+    // Requests, the budget used and a listing's pages move between runs: scrapes see them live.
+    let mut metrics_tick = tokio::time::interval(METRICS_REFRESH);
+    metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if shutdown.is_cancelled() {
             break;
@@ -1131,6 +1204,7 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
                 systemd::ready(&daemon.status_line());
             }
             results = listing_finished(&mut daemon.resync) => listed_now = Some(results),
+            _ = metrics_tick.tick() => daemon.live_metrics(),
             _ = heartbeat.asked() => heartbeat.answer(),
         }
     }

@@ -753,6 +753,21 @@ fn plan_undeclared_users(
                     },
                 )
                 .collect();
+            if config.prune.users != PruneUsers::Keep && !config.include_unmatched.is_empty() {
+                let patterns: Vec<String> = config
+                    .include_unmatched
+                    .iter()
+                    .map(|p| format!("`{p}`"))
+                    .collect();
+                warnings.push(warn(
+                    WarningKind::PrunedUserKept,
+                    &format!(
+                        "created by keyward and no longer in the file, but include {} matches no file (a typo, or a directory emptied for a moment?); kept until it does",
+                        patterns.join(", ")
+                    ),
+                ));
+                continue;
+            }
             if config.prune.users != PruneUsers::Keep && !foreign.is_empty() {
                 let owners: Vec<String> = foreign.iter().map(|o| format!("`{o}`")).collect();
                 warnings.push(warn(

@@ -424,27 +424,35 @@ pub fn retry_at(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 /// The pace of a long listing that must leave most of the account's budget to other work: at
-/// most `percent`% of the account's `rate_limit`, over any window of its length, as [`quota`]
-/// counts it (with a burst of at least 3 pages, so that a small account's listing goes at once).
+/// most `percent`% of the account's `rate_limit` in any window of its length, as [`quota`]
+/// counts it.
 /// While `urgent` is set (a listing someone waits for: the daemon's start, a config edit,
 /// SIGHUP) it does not wait; the account's own budget still holds every request.
 pub struct Pace {
     limiter: DefaultDirectRateLimiter,
     urgent: Arc<AtomicBool>,
+    /// Pages begun under this pace (for the listing's live metrics).
+    pages: Arc<AtomicU64>,
 }
 
 impl Pace {
-    /// A pace of `percent` (1–100) of `rate`, skipped while `urgent` is set.
-    pub fn new(rate: RateLimit, percent: u8, urgent: Arc<AtomicBool>) -> Pace {
+    /// A pace of `percent` (1–100) of `rate`, skipped while `urgent` is set; every page it lets
+    /// through is counted in `pages`.
+    pub fn new(
+        rate: RateLimit,
+        percent: u8,
+        urgent: Arc<AtomicBool>,
+        pages: Arc<AtomicU64>,
+    ) -> Pace {
         let share = (u64::from(rate.requests) * u64::from(percent.clamp(1, 100)) / 100).max(1);
         let share = RateLimit {
             requests: u32::try_from(share).unwrap_or(u32::MAX),
             per: rate.per,
         };
-        let burst = NonZeroU32::new((share.requests / 50).max(3)).unwrap_or(NonZeroU32::MIN);
         Pace {
-            limiter: RateLimiter::direct(quota(share).allow_burst(burst)),
+            limiter: RateLimiter::direct(quota(share)),
             urgent,
+            pages,
         }
     }
 
@@ -453,6 +461,7 @@ impl Pace {
         if !self.urgent.load(Ordering::Relaxed) {
             self.limiter.until_ready().await;
         }
+        self.pages.fetch_add(1, Ordering::Relaxed);
     }
 }
 
