@@ -148,6 +148,17 @@ impl StateDir {
         }
         let opened = self.db.lock().map(|g| g.is_some()).unwrap_or(false);
         if opened || self.db_path().exists() {
+            let legacy = self.legacy_path();
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if legacy.exists() && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                // Migration renames it away: one here now came from elsewhere (a backup
+                // restored, an earlier keyward run on the same directory). Said once a process.
+                tracing::warn!(
+                    "{} is ignored: the state is {} (move the old file aside to silence this)",
+                    legacy.display(),
+                    self.db_path().display()
+                );
+            }
             return self.with_db(read_db);
         }
         self.load_legacy()

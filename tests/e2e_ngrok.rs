@@ -499,4 +499,14 @@ fn a_json_state_of_an_earlier_keyward_migrates_into_the_state_database() {
         users["old-one"]["slots"]["main"]["current"]["id"],
         before["accounts"]["ng"]["users"]["old-one"]["slots"]["main"]["current"]["id"]
     );
+    // A state.json that turns up beside the database later (a backup restored) is not read,
+    // and says so.
+    std::fs::write(ws.path("state/state.json"), &recorded).unwrap();
+    let plan = ws.keyward(&["plan"]);
+    expect_code(&plan, 0, "plan beside a stray state.json");
+    let stderr = common::text(&plan.stderr);
+    assert!(
+        stderr.contains("state.json is ignored") && stderr.contains("state.db"),
+        "{stderr}"
+    );
 }
