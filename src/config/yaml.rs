@@ -117,6 +117,12 @@ fn problem_of(e: &YamlError) -> Problem {
     while let YamlError::AliasError { error, .. } | YamlError::WithSnippet { error, .. } = inner {
         inner = error;
     }
+    if let YamlError::Budget { breach, .. } = inner {
+        return Problem {
+            pos,
+            message: budget_message(breach),
+        };
+    }
     let raw = UserMessageFormatter.format_message(inner);
     Problem {
         pos,
@@ -142,33 +148,40 @@ fn humanize(msg: &str) -> String {
         "expected string scalar" => "expected a string".to_string(),
         "expected mapping start" => "expected a mapping (`key: value` lines)".to_string(),
         "expected sequence start" => "expected a list".to_string(),
-        _ => match m.split_once("limits breached: ") {
-            Some((head, breach)) => format!("{head}{}", describe_breach(breach)),
-            None => m.to_string(),
-        },
+        _ => m.to_string(),
     }
 }
 
-/// serde-saphyr's budget breach (`Aliases { aliases: 200001 }`) in words.
-fn describe_breach(breach: &str) -> String {
-    let kind = breach.split_whitespace().next().unwrap_or_default();
-    let count: String = breach.chars().filter(char::is_ascii_digit).collect();
-    let what = match kind {
-        "Aliases" => format!(
-            "more than {MAX_ALIASES} aliases (`*name`); declare many users with one layout with `names:`"
+/// A breach of the parser's budget, in words: which limit, and where the count stood.
+fn budget_message(breach: &serde_saphyr::budget::BudgetBreach) -> String {
+    use serde_saphyr::budget::BudgetBreach as B;
+    let (what, count) = match breach {
+        B::Aliases { aliases } => (
+            format!(
+                "more than {MAX_ALIASES} aliases (`*name`); declare many users with one layout with `names:`"
+            ),
+            *aliases,
         ),
-        "Anchors" => "too many anchors (`&name`)".to_string(),
-        "Depth" => "nested deeper than 32 levels".to_string(),
-        "Nodes" => "more than 4,000,000 nodes".to_string(),
-        "Events" | "RecordedAnchorEvents" | "RecordedAnchorBytes" => {
-            "aliases that expand into too much (an alias bomb?)".to_string()
+        B::Anchors { anchors } => ("too many anchors (`&name`)".to_string(), *anchors),
+        B::Depth { depth } => ("nested deeper than 32 levels".to_string(), *depth),
+        B::Nodes { nodes } => ("more than 4,000,000 nodes".to_string(), *nodes),
+        B::Events { events: n }
+        | B::RecordedAnchorEvents {
+            recorded_anchor_events: n,
         }
-        _ => return format!("limits breached: {breach}"),
+        | B::RecordedAnchorBytes {
+            recorded_anchor_bytes: n,
+        } => (
+            "aliases that expand into too much (an alias bomb?)".to_string(),
+            *n,
+        ),
+        other => (format!("limits breached: {other:?}"), 0),
     };
-    if count.is_empty() {
-        what
+    let head = "YAML document too large or too complex";
+    if count == 0 {
+        format!("{head}: {what}")
     } else {
-        format!("{what} (at {count})")
+        format!("{head}: {what} (at {count})")
     }
 }
 
@@ -505,16 +518,13 @@ mod tests {
 
     #[test]
     fn budget_breaches_are_told_in_words() {
-        let m = humanize(
-            "YAML document too large or too complex: limits breached: Aliases { aliases: 200001 }",
-        );
+        use serde_saphyr::budget::BudgetBreach;
+        let m = budget_message(&BudgetBreach::Aliases { aliases: 200_001 });
         assert_eq!(
             m,
             "YAML document too large or too complex: more than 200000 aliases (`*name`); declare many users with one layout with `names:` (at 200001)"
         );
-        let m = humanize(
-            "YAML document too large or too complex: limits breached: Depth { depth: 33 }",
-        );
+        let m = budget_message(&BudgetBreach::Depth { depth: 33 });
         assert!(m.ends_with("nested deeper than 32 levels (at 33)"), "{m}");
     }
 
