@@ -262,6 +262,34 @@ pub struct AccountSnapshot {
 }
 
 impl AccountSnapshot {
+    /// Replaces what is known of some users with newer word of them: every user named in
+    /// `names` or whose id is in `ids` goes, with every key it owns, and `users` and `keys`
+    /// (the newer word, owned by those users) come in. A user absent from `users` is gone. One
+    /// pass over the account. What a targeted read, an apply's answers and a listing's overlay
+    /// all do to what the daemon knows.
+    pub fn replace_users(
+        &mut self,
+        names: &std::collections::HashSet<&str>,
+        ids: impl IntoIterator<Item = String>,
+        users: Vec<RemoteUser>,
+        keys: Vec<RemoteKey>,
+    ) {
+        let mut ids: std::collections::HashSet<String> = ids.into_iter().collect();
+        ids.extend(
+            self.users
+                .iter()
+                .filter(|u| names.contains(u.name.as_str()))
+                .map(|u| u.id.clone()),
+        );
+        ids.extend(users.iter().map(|u| u.id.clone()));
+        self.users
+            .retain(|u| !names.contains(u.name.as_str()) && !ids.contains(&u.id));
+        self.keys
+            .retain(|k| k.owner_id.as_ref().is_none_or(|o| !ids.contains(o)));
+        self.users.extend(users);
+        self.keys.extend(keys);
+    }
+
     /// The user named `name` that is not (soft-)deleted.
     pub fn user_by_name(&self, name: &str) -> Option<&RemoteUser> {
         self.users.iter().find(|u| u.name == name && !u.deleted)

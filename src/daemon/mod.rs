@@ -685,15 +685,8 @@ impl Daemon {
                 }
             }
         } else {
-            self.engine.config.users.iter().fold(
-                BTreeMap::new(),
-                |mut m: BTreeMap<String, BTreeSet<String>>, u| {
-                    m.entry(u.provider.clone())
-                        .or_default()
-                        .insert(u.name.clone());
-                    m
-                },
-            )
+            // No account here reads the scope.
+            BTreeMap::new()
         };
         let urgent_flag = Arc::new(AtomicBool::new(urgent));
         let share = self.engine.config.settings.resync_share;
@@ -949,16 +942,13 @@ fn merge(
             // The account did not answer: what was known stays.
             continue;
         };
-        let snap = seen.entry(provider.clone()).or_default();
-        let names: BTreeSet<&str> = users.iter().map(|(n, _)| n.as_str()).collect();
-        let mut ids: BTreeSet<String> = users.iter().map(|(_, id)| id.clone()).collect();
-        ids.extend(new.users.iter().map(|u| u.id.clone()));
-        snap.users
-            .retain(|u| !names.contains(u.name.as_str()) && !ids.contains(&u.id));
-        snap.keys
-            .retain(|k| k.owner_id.as_ref().is_none_or(|o| !ids.contains(o)));
-        snap.users.extend(new.users.iter().cloned());
-        snap.keys.extend(new.keys.iter().cloned());
+        let names: HashSet<&str> = users.iter().map(|(n, _)| n.as_str()).collect();
+        seen.entry(provider.clone()).or_default().replace_users(
+            &names,
+            users.iter().map(|(_, id)| id.clone()),
+            new.users.clone(),
+            new.keys.clone(),
+        );
     }
 }
 
@@ -972,27 +962,14 @@ fn fold(seen: &mut Observed, after: &[crate::apply::UserAfter]) -> BTreeSet<(Str
     }
     let mut folded = BTreeSet::new();
     for (provider, users) in by_provider {
-        let snap = seen.entry(provider.to_string()).or_default();
         let names: HashSet<&str> = users.iter().map(|a| a.name.as_str()).collect();
-        let mut ids: HashSet<String> = snap
-            .users
-            .iter()
-            .filter(|u| names.contains(u.name.as_str()))
-            .map(|u| u.id.clone())
-            .collect();
-        ids.extend(
-            users
-                .iter()
-                .filter_map(|a| a.remote.as_ref().map(|u| u.id.clone())),
+        seen.entry(provider.to_string()).or_default().replace_users(
+            &names,
+            std::iter::empty(),
+            users.iter().filter_map(|a| a.remote.clone()).collect(),
+            users.iter().flat_map(|a| a.keys.iter().cloned()).collect(),
         );
-        snap.users.retain(|u| !names.contains(u.name.as_str()));
-        snap.keys
-            .retain(|k| k.owner_id.as_ref().is_none_or(|o| !ids.contains(o)));
-        for a in users {
-            snap.users.extend(a.remote.iter().cloned());
-            snap.keys.extend(a.keys.iter().cloned());
-            folded.insert((a.provider.clone(), a.name.clone()));
-        }
+        folded.extend(users.iter().map(|a| (a.provider.clone(), a.name.clone())));
     }
     folded
 }
@@ -1008,31 +985,21 @@ fn overlay(fresh: &mut Observed, seen: &Observed, newer: &BTreeMap<String, BTree
         if names.is_empty() {
             continue;
         }
-        let mut ids: HashSet<String> = snap
+        let names: HashSet<&str> = names.iter().map(String::as_str).collect();
+        let users: Vec<_> = known
             .users
             .iter()
-            .filter(|u| names.contains(&u.name))
-            .map(|u| u.id.clone())
-            .collect();
-        let known_users: Vec<_> = known
-            .users
-            .iter()
-            .filter(|u| names.contains(&u.name))
+            .filter(|u| names.contains(u.name.as_str()))
             .cloned()
             .collect();
-        let known_ids: HashSet<&str> = known_users.iter().map(|u| u.id.as_str()).collect();
-        ids.extend(known_ids.iter().map(|id| id.to_string()));
-        snap.users.retain(|u| !names.contains(&u.name));
-        snap.keys
-            .retain(|k| k.owner_id.as_ref().is_none_or(|o| !ids.contains(o)));
-        snap.keys.extend(
-            known
-                .keys
-                .iter()
-                .filter(|k| k.owner_id.as_deref().is_some_and(|o| known_ids.contains(o)))
-                .cloned(),
-        );
-        snap.users.extend(known_users);
+        let ids: HashSet<&str> = users.iter().map(|u| u.id.as_str()).collect();
+        let keys = known
+            .keys
+            .iter()
+            .filter(|k| k.owner_id.as_deref().is_some_and(|o| ids.contains(o)))
+            .cloned()
+            .collect();
+        snap.replace_users(&names, std::iter::empty(), users, keys);
     }
 }
 
