@@ -134,13 +134,9 @@ impl HttpClient {
         recent.len() as f64 / f64::from(self.rate.requests.max(1))
     }
 
-    fn window(&self) -> Duration {
-        Duration::from_millis(u64::try_from(self.rate.per.as_millis()).unwrap_or(0).max(1))
-    }
-
     fn forget_before_window(&self, recent: &mut std::collections::VecDeque<Instant>) {
         let now = Instant::now();
-        let window = self.window();
+        let window = window_of(self.rate);
         while recent
             .front()
             .is_some_and(|t| now.saturating_duration_since(*t) >= window)
@@ -465,6 +461,11 @@ impl Pace {
     }
 }
 
+/// The window of `rate` (N requests per window), at least a millisecond.
+fn window_of(rate: RateLimit) -> Duration {
+    Duration::from_millis(u64::try_from(rate.per.as_millis()).unwrap_or(0).max(1))
+}
+
 /// The governor quota for `rate` (N requests per window W) that never lets more than N
 /// requests through in any window of length W, as providers count them (a rolling window):
 /// a small burst `b` (2% of N, at least 1) and one request every `T = W' / (N - b + 1)`, so
@@ -475,7 +476,7 @@ impl Pace {
 fn quota(rate: RateLimit) -> Quota {
     let n = rate.requests.max(1);
     let burst = (n / 50).max(1);
-    let window = Duration::from_millis(rate.per.as_millis().max(1) as u64).mul_f64(1.01);
+    let window = window_of(rate).mul_f64(1.01);
     let period = window / (n - burst + 1);
     let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
     Quota::with_period(period.max(Duration::from_nanos(1)))

@@ -82,14 +82,6 @@ pub struct Listing {
 }
 
 impl Listing {
-    /// Where the list `name` goes on; `None` when it has been read to the end.
-    pub fn cursor(&self, name: &'static str) -> Option<Option<&Cursor>> {
-        match self.cursors.get(name) {
-            Some(Cursor::Done) => None,
-            other => Some(other),
-        }
-    }
-
     /// Whether the listing has begun (some page was read).
     pub fn begun(&self) -> bool {
         !self.cursors.is_empty()
