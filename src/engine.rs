@@ -183,6 +183,9 @@ impl Engine {
     pub fn new(loaded: Loaded, shutdown: CancellationToken) -> anyhow::Result<Engine> {
         let config = Arc::new(loaded.config);
         let mut clients = BTreeMap::new();
+        let marks = Arc::new(providers::marks::PageMarks::new(
+            config.settings.state_dir.clone(),
+        ));
         for (name, account) in &config.providers {
             // Whatever keyward quotes later (a sink program's output, an error body) is masked
             // for these.
@@ -196,7 +199,12 @@ impl Engine {
             }
             clients.insert(
                 name.clone(),
-                providers::connect(account, config.settings.concurrency, shutdown.clone())?,
+                providers::connect(
+                    account,
+                    config.settings.concurrency,
+                    shutdown.clone(),
+                    Some(Arc::clone(&marks)),
+                )?,
             );
         }
         Ok(Engine {

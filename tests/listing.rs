@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::{Sandbox, Workspace};
 use keyward::model::AccountSnapshot;
+use keyward::providers::marks::PageMarks;
 use keyward::providers::{Listing, Provider};
 use serde_json::json;
 
@@ -26,13 +27,30 @@ fn connect(
     ws: &Workspace,
     name: &str,
 ) -> std::sync::Arc<dyn Provider> {
+    connect_with(rt, ws, name, None)
+}
+
+/// The client of the account `name`, keeping page marks in `marks` if given.
+fn connect_with(
+    rt: &tokio::runtime::Runtime,
+    ws: &Workspace,
+    name: &str,
+    marks: Option<&std::path::Path>,
+) -> std::sync::Arc<dyn Provider> {
     let env = ws.env.clone();
     let lookup = move |var: &str| env.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone());
     let loaded = keyward::config::load_with_env(&ws.config_path(), &lookup)
         .unwrap_or_else(|d| panic!("{d:?}"));
     let account = loaded.config.providers[name].clone();
     let _enter = rt.enter();
-    keyward::providers::connect(&account, 8, tokio_util::sync::CancellationToken::new()).unwrap()
+    let marks = marks.map(|dir| std::sync::Arc::new(PageMarks::new(dir)));
+    keyward::providers::connect(
+        &account,
+        8,
+        tokio_util::sync::CancellationToken::new(),
+        marks,
+    )
+    .unwrap()
 }
 
 /// Makes the sandbox refuse every credential (401) once it has served `n` requests, from a
@@ -119,6 +137,109 @@ fn an_ngrok_listing_cut_short_goes_on_and_reads_every_page_once() {
     assert_eq!(resumed.users.len(), whole.users.len());
     assert_eq!(resumed.keys.len(), whole.keys.len());
     assert_eq!(ids(&resumed), ids(&whole));
+}
+
+/// Seeds `n` users named `{prefix}-{i}` with an API key and a credential each.
+fn seed_users(sb: &Sandbox, prefix: &str, n: usize) {
+    let names: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:04}")).collect();
+    let keys = |d: &str| -> Vec<serde_json::Value> {
+        names
+            .iter()
+            .map(|n| json!({"owner_name": n, "description": d}))
+            .collect()
+    };
+    sb.seed(json!({
+        "service_users": names.iter().map(|n| json!({"name": n})).collect::<Vec<_>>(),
+        "api_keys": keys("deploy"),
+        "credentials": keys("agent"),
+    }));
+}
+
+/// The marks file's `after` ids of one list.
+fn marked_items(dir: &std::path::Path, list: &str) -> Vec<String> {
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("listing-marks.json")).unwrap()).unwrap();
+    file["accounts"]["ng"]["lists"][list]["marks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["after"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_listing_read_in_stretches_from_remembered_pages_reads_every_item_once() {
+    let sb = Sandbox::start(&["--latency", "5ms"]);
+    // 1,500 users with an API key and a credential each.
+    seed_users(&sb, "fleet", 1500);
+    let ws = Workspace::new(&sb);
+    ws.write_config("", "users: []\n");
+    let marks = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let provider = connect_with(&rt, &ws, "ng", Some(marks.path()));
+    let plain = connect(&rt, &ws, "ng");
+    let unique = |snap: &AccountSnapshot| {
+        let (users, keys) = ids(snap);
+        assert_eq!(users.len(), snap.users.len(), "a user listed twice");
+        assert_eq!(keys.len(), snap.keys.len(), "a key listed twice");
+        (users, keys)
+    };
+
+    // The first listing has no marks: each list is read page after page. It leaves marks.
+    sb.reset_stats();
+    let first = rt.block_on(provider.observe(None)).unwrap();
+    let stats = sb.stats();
+    // 15 pages of users, 16 of API keys (the account's own key is listed too), 15 of
+    // credentials.
+    let lower = 15 + 16 + 15;
+    assert_eq!(stats["requests"], lower, "{stats}");
+    assert_eq!(stats["max_in_flight"], 3, "{stats}");
+    assert!(!marked_items(marks.path(), "api_keys").is_empty());
+
+    // The next reads the lists in stretches side by side, at the same cost.
+    sb.reset_stats();
+    let second = rt.block_on(provider.observe(None)).unwrap();
+    let stats = sb.stats();
+    assert_eq!(stats["requests"], lower, "one request per page: {stats}");
+    assert!(stats["max_in_flight"].as_u64().unwrap() > 3, "{stats}");
+    assert_eq!(unique(&second), unique(&first));
+
+    // The account changes under the marks: the items where stretches end are gone, and new
+    // users came first in every list. Still every item once.
+    for id in marked_items(marks.path(), "service_users") {
+        assert_eq!(
+            sb.api("DELETE", &format!("/service_users/{id}"), None).0,
+            204
+        );
+    }
+    for id in marked_items(marks.path(), "api_keys") {
+        let (status, _) = sb.api("DELETE", &format!("/api_keys/{id}"), None);
+        assert!(status == 204 || status == 404, "{status}");
+    }
+    seed_users(&sb, "newer", 250);
+    let changed = rt.block_on(provider.observe(None)).unwrap();
+    sb.reset_stats();
+    let truth = rt.block_on(plain.observe(None)).unwrap();
+    let pages = sb.stats()["requests"].as_u64().unwrap();
+    assert_eq!(unique(&changed), unique(&truth));
+    assert_ne!(ids(&changed), ids(&first));
+
+    // Remembered pages the provider refuses: the stretch before reads on through them.
+    let path = marks.path().join("listing-marks.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let broken = text.replace("before_id=ak_", "before_id=nonsense_");
+    assert_ne!(broken, text);
+    std::fs::write(&path, broken).unwrap();
+    let provider = connect_with(&rt, &ws, "ng", Some(marks.path()));
+    sb.reset_stats();
+    let refused = rt.block_on(provider.observe(None)).unwrap();
+    // Each refused page is a request, and the stretch before reads its last page again.
+    let requests = sb.stats()["requests"].as_u64().unwrap();
+    assert!(
+        requests > pages + 1,
+        "{requests} requests for {pages} pages"
+    );
+    assert_eq!(unique(&refused), unique(&truth));
 }
 
 #[test]

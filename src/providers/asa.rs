@@ -344,7 +344,7 @@ impl AsaProvider {
                     ErrorClass::Rejected,
                 )
             })?,
-            None | Some(Cursor::User(_)) => first,
+            None | Some(Cursor::User(_) | Cursor::Stretches(_)) => first,
         };
         for _ in 0..MAX_PAGES {
             if let Some(p) = pace {

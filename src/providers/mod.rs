@@ -9,6 +9,7 @@
 
 pub mod asa;
 pub mod http;
+pub mod marks;
 pub mod ngrok;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -61,8 +62,30 @@ pub enum Cursor {
     /// The next user whose keys to read, by position in the listing's users (Okta ASA lists
     /// keys user by user).
     User(usize),
+    /// Stretches of the list read side by side, each from a page an earlier listing marked
+    /// (ngrok; see [`marks`]).
+    Stretches(Vec<Stretch>),
     /// Read to the end.
     Done,
+}
+
+/// One stretch of a list, read page after page on its own while the list's other stretches
+/// are read beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stretch {
+    /// The next page to read (a URL as the provider gave it); `None` once the stretch is read.
+    pub next: Option<String>,
+    /// The id of the stretch's last item: the item before the next stretch's first page, as an
+    /// earlier listing saw it. `None` for the list's last stretch, which runs to the end.
+    pub stop: Option<String>,
+    /// The id of the first item the stretch read.
+    pub first: Option<String>,
+    /// The marks of the pages the stretch began, in order, numbered from its own first page (0).
+    pub marks: Vec<marks::Mark>,
+    /// Pages the stretch has read.
+    pub pages: u64,
+    /// The last page it read (a URL).
+    pub last: Option<String>,
 }
 
 /// A full listing of one account, in progress: what it has read so far and where each of the
@@ -79,9 +102,46 @@ pub struct Listing {
     pub cursors: BTreeMap<&'static str, Cursor>,
     /// Pages read so far, over every resumption.
     pub pages: u64,
+    /// Per list read to the end, where its pages began (for the next listing; see [`marks`]).
+    pub marks: BTreeMap<&'static str, marks::ListMarks>,
+    /// Whether some list was read in stretches, which may overlap where the account changed
+    /// since the marks were taken: the items are then made unique once every list is read.
+    pub stretched: bool,
+}
+
+impl Stretch {
+    /// A stretch not begun: from page `next` (`None`: nothing to read) up to `stop`.
+    pub fn from_page(next: Option<String>, stop: Option<String>) -> Stretch {
+        Stretch {
+            next,
+            stop,
+            first: None,
+            marks: Vec::new(),
+            pages: 0,
+            last: None,
+        }
+    }
 }
 
 impl Listing {
+    /// Keeps one of each service user and key (by id): stretches may have read an item twice
+    /// where the account changed since their marks were taken.
+    pub fn make_unique(&mut self) {
+        fn keep_first<T>(items: &mut Vec<T>, id: impl Fn(&T) -> &str) {
+            let keep: Vec<bool> = {
+                let mut seen = foldhash::HashSet::with_capacity_and_hasher(
+                    items.len(),
+                    foldhash::fast::RandomState::default(),
+                );
+                items.iter().map(|i| seen.insert(id(i))).collect()
+            };
+            let mut keep = keep.into_iter();
+            items.retain(|_| keep.next().unwrap_or(true));
+        }
+        keep_first(&mut self.users, |u| u.id.as_str());
+        keep_first(&mut self.keys, |k| k.id.as_str());
+    }
+
     /// Whether the listing has begun (some page was read).
     pub fn begun(&self) -> bool {
         !self.cursors.is_empty()
@@ -181,18 +241,18 @@ pub trait Provider: Send + Sync {
 }
 
 /// Builds the client for one provider account; once `shutdown` is cancelled it waits for
-/// nothing and sends nothing new.
+/// nothing and sends nothing new. `marks`, where given, are where the pages of earlier
+/// listings began (an ngrok listing reads its lists in stretches from them, and keeps its own).
 pub fn connect(
     account: &ProviderAccount,
     concurrency: usize,
     shutdown: tokio_util::sync::CancellationToken,
+    marks: Option<Arc<marks::PageMarks>>,
 ) -> anyhow::Result<Arc<dyn Provider>> {
     match account.kind {
-        crate::model::ProviderType::Ngrok => Ok(Arc::new(ngrok::NgrokProvider::with_shutdown(
-            account,
-            concurrency,
-            shutdown,
-        )?)),
+        crate::model::ProviderType::Ngrok => Ok(Arc::new(
+            ngrok::NgrokProvider::with_shutdown(account, concurrency, shutdown)?.with_marks(marks),
+        )),
         crate::model::ProviderType::OktaAsa => Ok(Arc::new(asa::AsaProvider::with_shutdown(
             account,
             concurrency,

@@ -3,8 +3,9 @@
 //! with `limit=100`; responses are decoded tolerantly (missing fields default, unknown fields are
 //! ignored); errors carry the `ERR_NGROK_*` code. Observing uses list endpoints only.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -15,8 +16,9 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use super::http::{Answer, HttpClient, Op, Pace};
+use super::marks::{ListMarks, Mark, PageMarks};
 use super::{
-    CreatedKey, Cursor, ErrorClass, Listing, NewKey, Provider, ProviderError, gone_is_done,
+    CreatedKey, Cursor, ErrorClass, Listing, NewKey, Provider, ProviderError, Stretch, gone_is_done,
 };
 use crate::config::{ProviderAccount, ProviderAuth};
 use crate::model::{AccountSnapshot, KeyKind, RemoteKey, RemoteUser};
@@ -56,6 +58,8 @@ pub struct NgrokProvider {
     http: Arc<HttpClient>,
     /// Requests in flight at most (`settings.concurrency`).
     concurrency: usize,
+    /// Where the pages of earlier listings began, if kept.
+    marks: Option<Arc<PageMarks>>,
 }
 
 impl NgrokProvider {
@@ -81,7 +85,15 @@ impl NgrokProvider {
                 shutdown,
             )?,
             concurrency,
+            marks: None,
         })
+    }
+
+    /// Lists in stretches from the pages `marks` remembers, and keeps the marks of each
+    /// complete listing there.
+    pub fn with_marks(mut self, marks: Option<Arc<PageMarks>>) -> Self {
+        self.marks = marks;
+        self
     }
 
     async fn call(
@@ -159,46 +171,13 @@ impl NgrokProvider {
         let mut url = match cursor {
             Some(Cursor::Done) => return Ok(()),
             Some(Cursor::Page(next)) => next.clone(),
-            None | Some(Cursor::User(_)) => {
-                let mut url = format!("{}{path}?limit={PAGE_LIMIT}", self.base_url);
-                if let Some(f) = filter {
-                    url.push_str("&filter=");
-                    url.push_str(
-                        &url::form_urlencoded::byte_serialize(f.as_bytes()).collect::<String>(),
-                    );
-                }
-                url
-            }
+            _ => self.first_page(path, filter),
         };
         loop {
             if let Some(p) = pace {
                 p.wait().await;
             }
-            let answer = self.call(&op, Method::GET, &url, None).await?;
-            // Decoded straight into the items, not through a tree of JSON values: a fleet's
-            // listing is thousands of pages.
-            let page: Page<T> = serde_json::from_str(&answer.body).map_err(|e| ProviderError {
-                provider: self.name.clone(),
-                operation: op.operation.clone(),
-                user: None,
-                status: Some(answer.status.as_u16()),
-                code: None,
-                message: format!(
-                    "unexpected list response (items under `{list_key}`): {}",
-                    super::http::decode_problem(&e)
-                ),
-                class: ErrorClass::Rejected,
-            })?;
-            let (next, batch) = (page.next_page_uri, page.items);
-            let empty = batch.is_empty();
-            let next = match next {
-                // An empty page ends the listing even if a next page is announced.
-                Some(next) if !empty => {
-                    self.check_same_origin(&op, &next)?;
-                    Some(next)
-                }
-                _ => None,
-            };
+            let (batch, next) = self.read_page::<T>(&op, list_key, &url).await?;
             items.extend(batch.into_iter().map(&convert));
             pages.fetch_add(1, Ordering::Relaxed);
             match next {
@@ -212,6 +191,235 @@ impl NgrokProvider {
                 }
             }
         }
+    }
+
+    /// The URL of a list's first page.
+    fn first_page(&self, path: &str, filter: Option<&str>) -> String {
+        let mut url = format!("{}{path}?limit={PAGE_LIMIT}", self.base_url);
+        if let Some(f) = filter {
+            url.push_str("&filter=");
+            url.push_str(&url::form_urlencoded::byte_serialize(f.as_bytes()).collect::<String>());
+        }
+        url
+    }
+
+    /// One page of a list: its items and the next page's URL (`None` at the end; an empty page
+    /// ends the list even if a next page is announced).
+    async fn read_page<T: DeserializeOwned>(
+        &self,
+        op: &Op,
+        list_key: &str,
+        url: &str,
+    ) -> Result<(Vec<T>, Option<String>), ProviderError> {
+        let answer = self.call(op, Method::GET, url, None).await?;
+        // Decoded straight into the items, not through a tree of JSON values: a fleet's
+        // listing is thousands of pages.
+        let page: Page<T> = serde_json::from_str(&answer.body).map_err(|e| ProviderError {
+            provider: self.name.clone(),
+            operation: op.operation.clone(),
+            user: None,
+            status: Some(answer.status.as_u16()),
+            code: None,
+            message: format!(
+                "unexpected list response (items under `{list_key}`): {}",
+                super::http::decode_problem(&e)
+            ),
+            class: ErrorClass::Rejected,
+        })?;
+        let next = match page.next_page_uri {
+            Some(next) if !page.items.is_empty() => {
+                self.check_same_origin(op, &next)?;
+                Some(next)
+            }
+            _ => None,
+        };
+        Ok((page.items, next))
+    }
+
+    /// Reads a whole unfiltered list (`path`, items under `list_key`) on from `cursor`: at a
+    /// fresh start in `stretches` stretches from `earlier`'s marks, side by side (see
+    /// [`super::marks`]); each page's items go into `items` through `convert`. Returns the
+    /// marks of the list once it is read to the end; after an error `cursor` says where each
+    /// stretch goes on.
+    #[allow(clippy::too_many_arguments)]
+    async fn read_list<T: DeserializeOwned, U>(
+        &self,
+        path: &str,
+        list_key: &str,
+        cursor: &mut Option<Cursor>,
+        earlier: Option<&ListMarks>,
+        stretches: usize,
+        pace: Option<&Pace>,
+        pages: &AtomicU64,
+        items: &mut Vec<U>,
+        convert: impl Fn(T) -> U + Copy,
+        id_of: fn(&U) -> &str,
+    ) -> Result<Option<ListMarks>, ProviderError> {
+        let mut parts = match cursor.take() {
+            Some(Cursor::Done) => {
+                *cursor = Some(Cursor::Done);
+                return Ok(None);
+            }
+            Some(Cursor::Stretches(parts)) => parts,
+            Some(Cursor::Page(next)) => vec![Stretch::from_page(Some(next), None)],
+            None | Some(Cursor::User(_)) => {
+                let starts = earlier.map(|e| e.starts(stretches)).unwrap_or_default();
+                let mut parts = vec![Stretch::from_page(
+                    Some(self.first_page(path, None)),
+                    starts.first().map(|m| m.after.clone()),
+                )];
+                for (k, start) in starts.iter().enumerate() {
+                    let mut part = Stretch::from_page(
+                        Some(start.uri.clone()),
+                        starts.get(k + 1).map(|m| m.after.clone()),
+                    );
+                    part.marks.push(Mark {
+                        page: 0,
+                        ..(*start).clone()
+                    });
+                    parts.push(part);
+                }
+                parts
+            }
+        };
+        let op = Op::new(format!("list {path}"), None);
+        let failed = loop {
+            let firsts: Vec<OnceLock<String>> = parts
+                .iter()
+                .map(|p| p.first.clone().map(OnceLock::from).unwrap_or_default())
+                .collect();
+            let mut read: Vec<Vec<U>> = parts.iter().map(|_| Vec::new()).collect();
+            let results =
+                futures::future::join_all(parts.iter_mut().zip(read.iter_mut()).enumerate().map(
+                    |(index, (part, out))| {
+                        self.read_stretch(
+                            &op, list_key, index, part, &firsts, pace, pages, out, convert, id_of,
+                        )
+                    },
+                ))
+                .await;
+            items.extend(read.into_iter().flatten());
+            let (mut failed, mut refused) = (None, Vec::new());
+            for (index, result) in results.into_iter().enumerate() {
+                match result {
+                    Ok(true) => refused.push(index),
+                    Ok(false) => {}
+                    Err(e) => failed = failed.or(Some(e)),
+                }
+            }
+            // A stretch whose remembered first page the provider refused is left to the one
+            // before it, which reads on through it (from its own last page again if it had
+            // stopped: what it reads twice is made unique with the rest).
+            for &index in refused.iter().rev() {
+                let gone = parts.remove(index);
+                if let Some(before) = index.checked_sub(1).and_then(|i| parts.get_mut(i)) {
+                    before.stop = gone.stop;
+                    if before.next.is_none() {
+                        before.next = before.last.clone();
+                    }
+                }
+            }
+            if refused.is_empty() || failed.is_some() {
+                break failed;
+            }
+        };
+        if parts.iter().any(|p| p.next.is_some()) {
+            *cursor = Some(Cursor::Stretches(parts));
+            return Err(failed.unwrap_or_else(|| ProviderError {
+                provider: self.name.clone(),
+                operation: op.operation.clone(),
+                user: None,
+                status: None,
+                code: None,
+                message: "the listing stopped before the list's end".into(),
+                class: ErrorClass::Transient,
+            }));
+        }
+        *cursor = Some(Cursor::Done);
+        // The pages are numbered across the stretches in list order.
+        let (mut base, mut marks) = (0, Vec::new());
+        for part in parts {
+            marks.extend(part.marks.into_iter().map(|m| Mark {
+                page: base + m.page,
+                ..m
+            }));
+            base += part.pages;
+        }
+        Ok(Some(ListMarks::thinned(base, marks)))
+    }
+
+    /// Reads stretch `index` of a list on: up to its `stop` item, or up to the first item a
+    /// later stretch read (`firsts`: when the account changed since the marks were taken), or
+    /// to the list's end. True when the stretch's remembered first page was refused (it then
+    /// read nothing, and the stretch before it must read on through it).
+    #[allow(clippy::too_many_arguments)]
+    async fn read_stretch<T: DeserializeOwned, U>(
+        &self,
+        op: &Op,
+        list_key: &str,
+        index: usize,
+        part: &mut Stretch,
+        firsts: &[OnceLock<String>],
+        pace: Option<&Pace>,
+        pages: &AtomicU64,
+        items: &mut Vec<U>,
+        convert: impl Fn(T) -> U,
+        id_of: fn(&U) -> &str,
+    ) -> Result<bool, ProviderError> {
+        while let Some(url) = part.next.clone() {
+            if let Some(p) = pace {
+                p.wait().await;
+            }
+            let (batch, next) = match self.read_page::<T>(op, list_key, &url).await {
+                Ok(page) => page,
+                Err(e) if index > 0 && part.pages == 0 && e.class == ErrorClass::Rejected => {
+                    tracing::debug!("a remembered page was refused; read from before it: {e}");
+                    part.next = None;
+                    part.marks.clear();
+                    return Ok(true);
+                }
+                Err(e) => return Err(e),
+            };
+            part.last = Some(url);
+            let mut batch: Vec<U> = batch.into_iter().map(&convert).collect();
+            pages.fetch_add(1, Ordering::Relaxed);
+            part.pages += 1;
+            if part.first.is_none()
+                && let Some(first) = batch.first()
+            {
+                part.first = Some(id_of(first).to_string());
+                let _ = firsts[index].set(id_of(first).to_string());
+            }
+            let later = firsts.get(index + 1..).unwrap_or_default();
+            let cut = batch.iter().enumerate().find_map(|(i, item)| {
+                let id = id_of(item);
+                if part.stop.as_deref() == Some(id) {
+                    Some(i + 1)
+                } else if later.iter().any(|f| f.get().is_some_and(|f| f == id)) {
+                    Some(i)
+                } else {
+                    None
+                }
+            });
+            match cut {
+                Some(at) => {
+                    batch.truncate(at);
+                    part.next = None;
+                }
+                None => {
+                    if let (Some(next), Some(last)) = (&next, batch.last()) {
+                        part.marks.push(Mark {
+                            page: part.pages,
+                            uri: next.clone(),
+                            after: id_of(last).to_string(),
+                        });
+                    }
+                    part.next = next;
+                }
+            }
+            items.extend(batch);
+        }
+        Ok(false)
     }
 
     /// One service user by id and the keys it owns (`None` when the provider no longer has it).
@@ -416,11 +624,25 @@ impl Provider for NgrokProvider {
         pace: Option<&Pace>,
     ) -> Result<(), ProviderError> {
         // The key lists are account-wide: listing them whole costs the same few pages. The
-        // three lists are independent: they are read concurrently, each from where it stands.
+        // three lists are independent: they are read concurrently, each from where it stands,
+        // and at a fresh start each in stretches from the pages the last complete listing
+        // marked, so that the longest list is not read one page after the other.
         const USERS: &str = "service_users";
         const API_KEYS: &str = "api_keys";
         const CREDENTIALS: &str = "credentials";
-        let mut at = [USERS, API_KEYS, CREDENTIALS].map(|l| listing.cursors.get(l).cloned());
+        const LISTS: [&str; 3] = [USERS, API_KEYS, CREDENTIALS];
+        let earlier = match (&self.marks, listing.begun()) {
+            (Some(marks), false) => marks.get(&self.name, &self.base_url),
+            _ => BTreeMap::new(),
+        };
+        // As many stretches as requests may be in flight, shared out by the lists' lengths.
+        let pages_of = |list: &str| earlier.get(list).map_or(1, |m| m.pages.max(1));
+        let total: u64 = LISTS.iter().map(|l| pages_of(l)).sum();
+        let stretch = total.div_ceil(self.concurrency.max(1) as u64).max(1);
+        let [users_parts, api_key_parts, credential_parts] =
+            LISTS.map(|l| usize::try_from(pages_of(l).div_ceil(stretch)).unwrap_or(1));
+        listing.stretched |= users_parts.max(api_key_parts).max(credential_parts) > 1;
+        let mut at = LISTS.map(|l| listing.cursors.get(l).cloned());
         let [users_at, api_keys_at, credentials_at] = &mut at;
         let (mut users, mut api_keys, mut credentials) = (Vec::new(), Vec::new(), Vec::new());
         let pages = AtomicU64::new(0);
@@ -428,35 +650,41 @@ impl Provider for NgrokProvider {
         // list runs to its end or its own failure: a page on the wire when another list fails
         // is kept, not read again.
         let (users_read, api_keys_read, credentials_read) = tokio::join!(
-            self.list_from::<WireUser, _>(
+            self.read_list::<WireUser, _>(
                 "/service_users",
                 "service_users",
-                None,
                 users_at,
+                earlier.get(USERS),
+                users_parts,
                 pace,
                 &pages,
                 &mut users,
                 RemoteUser::from,
+                |u: &RemoteUser| u.id.as_str(),
             ),
-            self.list_from::<WireKey, _>(
+            self.read_list::<WireKey, _>(
                 "/api_keys",
                 "keys",
-                None,
                 api_keys_at,
+                earlier.get(API_KEYS),
+                api_key_parts,
                 pace,
                 &pages,
                 &mut api_keys,
                 |k| k.into_remote(KeyKind::ApiKey).0,
+                |k: &RemoteKey| k.id.as_str(),
             ),
-            self.list_from::<WireKey, _>(
+            self.read_list::<WireKey, _>(
                 "/credentials",
                 "credentials",
-                None,
                 credentials_at,
+                earlier.get(CREDENTIALS),
+                credential_parts,
                 pace,
                 &pages,
                 &mut credentials,
                 |k| k.into_remote(KeyKind::Credential).0,
+                |k: &RemoteKey| k.id.as_str(),
             ),
         );
         // What was read stays, also when a list failed: the next call goes on from here.
@@ -464,12 +692,41 @@ impl Provider for NgrokProvider {
         listing.keys.append(&mut api_keys);
         listing.keys.append(&mut credentials);
         listing.pages += pages.into_inner();
-        for (list, cursor) in [USERS, API_KEYS, CREDENTIALS].into_iter().zip(at) {
+        for (list, cursor) in LISTS.into_iter().zip(at) {
             if let Some(c) = cursor {
                 listing.cursors.insert(list, c);
             }
         }
-        users_read.and(api_keys_read).and(credentials_read)
+        let mut failed = None;
+        for (list, read) in LISTS
+            .into_iter()
+            .zip([users_read, api_keys_read, credentials_read])
+        {
+            match read {
+                Ok(Some(marks)) => {
+                    listing.marks.insert(list, marks);
+                }
+                Ok(None) => {}
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if listing.stretched {
+            listing.make_unique();
+        }
+        if let Some(keep) = &self.marks {
+            let lists = listing
+                .marks
+                .iter()
+                .map(|(list, marks)| (list.to_string(), marks.clone()))
+                .collect();
+            let (keep, name, base) = (Arc::clone(keep), self.name.clone(), self.base_url.clone());
+            // A small file, written off the async threads; losing it costs only speed.
+            let _ = tokio::task::spawn_blocking(move || keep.put(&name, &base, lists)).await;
+        }
+        Ok(())
     }
 
     async fn observe_users(
