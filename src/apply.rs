@@ -914,6 +914,9 @@ impl Executor {
                 let previous = crate::files::read_own_file(&p);
                 (p, previous)
             });
+            // A leader that may have lost its lead (a long pause) delivers nothing: the next
+            // leader may have moved the slot on, and this key would overwrite its newer one.
+            self.store.check_lease()?;
             (|| async { sinks::deliver(sink, doc).await })
                 .retry(
                     ExponentialBuilder::default()

@@ -63,6 +63,12 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--lock-timeout`: a duration as the config writes them (`0s`, `30s`, `5m`).
+fn lock_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let d = crate::duration::parse(text)?;
+    std::time::Duration::try_from(d).map_err(|e| format!("--lock-timeout {text}: {e}"))
+}
+
 /// The `keyward` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -91,6 +97,10 @@ pub enum Command {
         /// Limit the run to these users (NAME or PROVIDER:NAME); repeatable.
         #[arg(long, value_name = "USER")]
         only: Vec<String>,
+        /// How long to wait for the state lock another keyward process holds (e.g. `30s`,
+        /// `5m`); default `0s`: fail at once, naming the holder.
+        #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = lock_timeout)]
+        lock_timeout: std::time::Duration,
         /// A plan saved by `keyward plan --out`: executes exactly that plan, refused if stale.
         planfile: Option<PathBuf>,
     },
@@ -102,6 +112,10 @@ pub enum Command {
         /// Do not ask for confirmation.
         #[arg(long)]
         auto_approve: bool,
+        /// How long to wait for the state lock another keyward process holds (e.g. `30s`,
+        /// `5m`); default `0s`: fail at once, naming the holder.
+        #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = lock_timeout)]
+        lock_timeout: std::time::Duration,
     },
     /// Every managed key: age, expiry, next rotation, state.
     Status {
@@ -128,6 +142,10 @@ pub enum Command {
         /// The id of the existing key to adopt.
         #[arg(value_name = "KEY_ID")]
         key_id: Option<String>,
+        /// How long to wait for the state lock another keyward process holds (e.g. `30s`,
+        /// `5m`); default `0s`: fail at once, naming the holder.
+        #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = lock_timeout)]
+        lock_timeout: std::time::Duration,
     },
     /// Look inside keyward's state (what it created and adopted: ids and times, never a
     /// secret).
@@ -370,8 +388,10 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
             auto_approve,
             only,
             planfile,
+            lock_timeout,
         } => {
-            let ctx = Context_::load(cli, shutdown)?;
+            let mut ctx = Context_::load(cli, shutdown)?;
+            ctx.engine.lock_timeout = *lock_timeout;
             check_only(ctx.config(), only)?;
             match planfile {
                 Some(path) => {
@@ -394,8 +414,10 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
         Command::Rotate {
             targets,
             auto_approve,
+            lock_timeout,
         } => {
-            let ctx = Context_::load(cli, shutdown)?;
+            let mut ctx = Context_::load(cli, shutdown)?;
+            ctx.engine.lock_timeout = *lock_timeout;
             let force = resolve_targets(ctx.config(), targets)?;
             let only = force
                 .iter()
@@ -422,8 +444,10 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
             out,
             target,
             key_id,
+            lock_timeout,
         } => {
-            let ctx = Context_::load(cli, shutdown)?;
+            let mut ctx = Context_::load(cli, shutdown)?;
+            ctx.engine.lock_timeout = *lock_timeout;
             if let (Some(t), Some(key_id)) = (target, key_id) {
                 let resolved = resolve_target(ctx.config(), t, "import")?;
                 let slot = resolved.slot.ok_or_else(|| {

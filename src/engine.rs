@@ -65,6 +65,9 @@ pub struct Engine {
     /// The state lock, when this engine holds it for its whole life (the daemon): its runs
     /// then take it no more, and no other keyward process changes the state meanwhile.
     pub held_lock: Option<StoreLock>,
+    /// How long a one-shot command waits for the state lock another process holds
+    /// (`--lock-timeout`; zero: fail at once).
+    pub lock_timeout: std::time::Duration,
 }
 
 /// What a run is for.
@@ -178,6 +181,15 @@ pub struct RunReport {
     pub state_after: Option<State>,
 }
 
+/// The store the settings name: the PostgreSQL database of `state_url`, else the state
+/// directory. Nothing is opened or connected yet.
+pub fn store_for(settings: &crate::config::Settings) -> Arc<dyn Store> {
+    match &settings.state_url {
+        Some(url) => Arc::new(crate::pgstore::PgStore::new(url.clone())),
+        None => Arc::new(StateDir::new(settings.state_dir.clone())),
+    }
+}
+
 impl Engine {
     /// Loads the engine for `loaded`, its provider clients bound to `shutdown`.
     pub fn new(loaded: Loaded, shutdown: CancellationToken) -> anyhow::Result<Engine> {
@@ -208,18 +220,41 @@ impl Engine {
             );
         }
         Ok(Engine {
-            store: Arc::new(StateDir::new(config.settings.state_dir.clone())),
+            store: store_for(&config.settings),
             config,
             warnings: loaded.warnings,
             providers: clients,
             shutdown,
             held_lock: None,
+            lock_timeout: std::time::Duration::ZERO,
         })
     }
 
     /// Takes the state directory's exclusive lock.
     pub fn lock(&self) -> anyhow::Result<StoreLock> {
         self.store.lock()
+    }
+
+    /// Takes the state lock, waiting up to `lock_timeout` for another process to let it go
+    /// (trying every second); then the holder is named in the error.
+    pub async fn take_lock(&self) -> anyhow::Result<StoreLock> {
+        let until = tokio::time::Instant::now() + self.lock_timeout;
+        loop {
+            match self.store.lock() {
+                Err(e) if e.downcast_ref::<crate::store::Locked>().is_some() => {
+                    let now = tokio::time::Instant::now();
+                    if now >= until {
+                        return Err(e);
+                    }
+                    tracing::info!("{e:#}; waiting up to {}s for it", (until - now).as_secs());
+                    tokio::select! {
+                        _ = tokio::time::sleep((until - now).min(std::time::Duration::from_secs(1))) => {}
+                        _ = self.shutdown.cancelled() => return Err(e),
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Runs the pipeline once: observe (recovering what an interrupted run left) → plan (the
@@ -232,7 +267,7 @@ impl Engine {
     ) -> anyhow::Result<RunReport> {
         let apply = req.mode == RunMode::Apply;
         let _lock = if apply && self.held_lock.is_none() {
-            Some(self.lock()?)
+            Some(self.take_lock().await?)
         } else {
             None
         };
@@ -500,7 +535,7 @@ impl Engine {
         &self,
         selection: &crate::import::Selection,
     ) -> anyhow::Result<(String, usize, usize)> {
-        let _lock = self.lock()?;
+        let _lock = self.take_lock().await?;
         let wanted = |name: &str| {
             selection.providers.is_empty() || selection.providers.iter().any(|p| p == name)
         };
@@ -519,7 +554,7 @@ impl Engine {
     /// the current key of the declared slot (see [`crate::import::adopt_one`] for what is
     /// refused). Nothing remote changes.
     pub async fn import_key(&self, target: (&str, &str, &str), key_id: &str) -> anyhow::Result<()> {
-        let _lock = self.lock()?;
+        let _lock = self.take_lock().await?;
         let provider = target.0;
         let mut obs = self
             .observe_where(true, &|name: &str| name == provider, Observe::Managed, None)

@@ -41,6 +41,7 @@ pub mod journal;
 pub mod keys;
 pub mod model;
 pub mod oplog;
+pub mod pgstore;
 pub mod plan;
 pub mod progress;
 pub mod providers;

@@ -23,6 +23,29 @@ use crate::state::{FORMAT_VERSION, State};
 
 /// Where keyward's state, journal and lock live.
 pub trait Store: Send + Sync {
+    /// Where, for messages and for telling two stores apart (a directory, or a database URL
+    /// with its password masked).
+    fn location(&self) -> String;
+    /// Whether several hosts share it (a database): a daemon that finds its lock held then
+    /// waits as a standby instead of exiting.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Why the store can no longer be used, once that is so (a database connection lost, and
+    /// with it the lock): its owner must start over with a new store.
+    fn lost(&self) -> Option<String> {
+        None
+    }
+    /// Whether this process may still act as the lock's holder: a shared store's lock lives in
+    /// a database session the process cannot watch every instant, so before a secret goes to a
+    /// sink it checks that the database answered recently enough. Ok for a local lock.
+    fn check_lease(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// Who holds the lock, as the holder recorded it (a shared store; `None` where unknown).
+    fn leader(&self) -> Option<String> {
+        None
+    }
     /// The state (empty when there is none yet; an error, never a reset, when unreadable).
     fn load(&self) -> anyhow::Result<State>;
     /// Records `state` durably, as it is, replacing what was recorded (O(size of the state)).
@@ -55,6 +78,12 @@ pub type UserRow = (String, String, Option<crate::state::UserRecord>);
 
 /// A held store lock; released when dropped.
 pub struct StoreLock(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl std::fmt::Debug for StoreLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreLock")
+    }
+}
 
 impl StoreLock {
     /// Wraps whatever keeps a backend's lock held.
@@ -354,6 +383,10 @@ fn set_meta(tx: &rusqlite::Transaction<'_>, serial: u64) -> anyhow::Result<()> {
 }
 
 impl Store for StateDir {
+    fn location(&self) -> String {
+        self.dir.display().to_string()
+    }
+
     fn load(&self) -> anyhow::Result<State> {
         StateDir::load(self)
     }

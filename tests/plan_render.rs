@@ -77,6 +77,7 @@ fn config(users: Vec<UserSpec>, prune: Prune) -> Config {
         include_unmatched: Vec::new(),
         settings: Settings {
             state_dir: "/tmp/unused".into(),
+            state_url: None,
             interval: SignedDuration::from_mins(5),
             resync_share: 50,
             mode: Mode::Apply,

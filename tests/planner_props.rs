@@ -377,6 +377,7 @@ fn build(
         include_unmatched: Vec::new(),
         settings: Settings {
             state_dir: state_dir.to_path_buf(),
+            state_url: None,
             interval: SignedDuration::from_mins(5),
             resync_share: 50,
             mode: Mode::Apply,

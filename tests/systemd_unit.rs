@@ -245,3 +245,67 @@ fn documented_install_lets_the_dynamic_user_read_its_config_and_only_root_the_cr
         "the service section shows how the config reads a credential"
     );
 }
+
+/// The unit and the HA drop-in in a temporary unit directory (ExecStart pointed at the binary
+/// under test); `extra` is appended to the drop-in.
+fn unit_with_drop_in(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let (dir, unit) = unit_under_test();
+    let drop_ins = dir.path().join("keyward.service.d");
+    std::fs::create_dir(&drop_ins).unwrap();
+    std::fs::write(
+        drop_ins.join("ha.conf"),
+        repo_file("systemd/keyward.service.d/ha.conf") + extra,
+    )
+    .unwrap();
+    (dir, unit)
+}
+
+/// `systemd-analyze` with `args` on `unit`, whose directory is searched for drop-ins.
+fn systemd_analyze_in_dir(args: &[&str], unit: &Path) -> std::process::Output {
+    let dir = unit.parent().unwrap();
+    Command::new("systemd-analyze")
+        .args(args)
+        .arg(unit)
+        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.display()))
+        .output()
+        .expect("systemd-analyze")
+}
+
+#[test]
+fn the_ha_drop_in_verifies_waits_for_network_and_database_and_keeps_the_exposure() {
+    let drop_in = repo_file("systemd/keyward.service.d/ha.conf");
+    for line in [
+        "Wants=network-online.target",
+        "After=network-online.target postgresql.service",
+        "Restart=always",
+        "StartLimitIntervalSec=0",
+        "LoadCredential=state-url:/etc/keyward/credentials/state-url",
+        "state_url_file: ${CREDENTIALS_DIRECTORY}/state-url",
+    ] {
+        assert!(drop_in.contains(line), "ha.conf lacks `{line}`");
+    }
+    // The drop-in is read: a bad line in it is reported ...
+    let (_d, unit) = unit_with_drop_in("\n[Service]\nNoSuchSetting=1\n");
+    let out = systemd_analyze_in_dir(&["verify"], &unit);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ha.conf"), "the drop-in was not read:\n{err}");
+    // ... and as shipped it is clean.
+    let (_d, unit) = unit_with_drop_in("");
+    let out = systemd_analyze_in_dir(&["verify"], &unit);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("keyward") || l.contains("ha.conf"))
+        .collect();
+    assert!(out.status.success() && ours.is_empty(), "verify:\n{err}");
+    let out = systemd_analyze_in_dir(&["security", "--offline=true", "--threshold=20"], &unit);
+    let report = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = report
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{report}"));
+    assert!(score <= MAX_EXPOSURE, "exposure {score} with the drop-in");
+}

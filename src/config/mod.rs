@@ -102,8 +102,12 @@ pub struct Config {
 /// How keyward itself runs: the `settings` section, defaults applied.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// `settings.state_dir`, else `$STATE_DIRECTORY`, else `./.keyward`.
+    /// `settings.state_dir`, else `$STATE_DIRECTORY`, else `./.keyward`. With a `state_url` it
+    /// keeps only the page marks of listings (a cache).
     pub state_dir: PathBuf,
+    /// `settings.state_url` (or the content of `state_url_file`): the PostgreSQL database that
+    /// holds the state, the journal and the lock; `None`: the state directory does.
+    pub state_url: Option<secrecy::SecretString>,
     /// Daemon full resync period (default 5m).
     pub interval: SignedDuration,
     /// Daemon: the share of each account's `rate_limit` (percent, 1–100; default 50) that the

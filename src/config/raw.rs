@@ -241,6 +241,14 @@ pub struct RawSettings {
     /// Directory for keyward's state and journal. Default: `$STATE_DIRECTORY` (set by systemd's
     /// `StateDirectory=`), else `./.keyward`. A relative path is relative to this file.
     pub state_dir: Option<Sp<String>>,
+    /// A PostgreSQL database for the state, the journal and the lock instead of `state_dir`
+    /// (`postgres://user:${PASSWORD}@host:5432/db?sslmode=verify-full`): several keyward
+    /// daemons sharing it elect one leader, the others wait. Tables are created on first use.
+    /// `${VAR}` is expanded; the password is never shown.
+    pub state_url: Option<Sp<String>>,
+    /// A file holding the `state_url` (e.g. a systemd credential); a trailing newline is
+    /// ignored. Instead of `state_url`.
+    pub state_url_file: Option<Sp<String>>,
     /// Daemon: full resync period, e.g. `5m` (default). Durations are an integer and a unit
     /// `s`, `m`, `h` or `d`.
     pub interval: Option<Sp<String>>,

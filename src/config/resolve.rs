@@ -14,8 +14,8 @@ use secrecy::SecretString;
 
 use super::raw::{
     Named, Pos, RawConfig, RawKeyKind, RawMode, RawPolicy, RawProvider, RawProviderType,
-    RawPruneKeys, RawPruneUsers, RawSink, RawSinkFormat, RawSinkType, RawSlot, RawUser, SinkNames,
-    Sp,
+    RawPruneKeys, RawPruneUsers, RawSettings, RawSink, RawSinkFormat, RawSinkType, RawSlot,
+    RawUser, SinkNames, Sp,
 };
 use super::yaml::Broken;
 use super::{
@@ -368,8 +368,10 @@ impl Ctx<'_> {
                 None => crate::model::KeyTag::DEFAULT_OWNER.to_string(),
             },
         };
+        let state_url = self.state_url(&s);
         Settings {
             state_dir,
+            state_url,
             interval,
             resync_share,
             mode,
@@ -379,6 +381,53 @@ impl Ctx<'_> {
             metrics_per_key: s.metrics_per_key.as_ref().is_none_or(|b| *b.v()),
             owner,
         }
+    }
+
+    /// `settings.state_url` or `state_url_file`, checked as a PostgreSQL URL. Diagnostics
+    /// name the field (and the file), never the value: it may hold a password.
+    fn state_url(&mut self, s: &RawSettings) -> Option<secrecy::SecretString> {
+        use secrecy::ExposeSecret as _;
+        let (inline, file) = (s.state_url.as_ref(), s.state_url_file.as_ref());
+        let (url, pos) = match (inline, file) {
+            (None, None) => return None,
+            (Some(_), Some(f)) => {
+                self.d
+                    .error(f.pos(), "set either state_url or state_url_file, not both");
+                return None;
+            }
+            (Some(v), None) => {
+                let (text, substituted) = self.expand(v)?;
+                let has_password = crate::pgstore::check_url(&text).is_ok()
+                    && url::Url::parse(&text).is_ok_and(|u| {
+                        u.password().is_some() || u.query_pairs().any(|(k, _)| k == "password")
+                    });
+                if !substituted && has_password {
+                    self.d.warn(
+                        v.pos(),
+                        "state_url holds a password written inline in the file; use ${VAR} or state_url_file",
+                    );
+                }
+                (secrecy::SecretString::from(text), v.pos())
+            }
+            (None, Some(f)) => (
+                self.secret(
+                    "settings",
+                    f.pos(),
+                    ("state_url", None),
+                    ("state_url_file", Some(f)),
+                ),
+                f.pos(),
+            ),
+        };
+        if url.expose_secret().is_empty() {
+            self.d.error(pos, "state_url is empty");
+            return None;
+        }
+        if let Err(e) = crate::pgstore::check_url(url.expose_secret()) {
+            self.d.error(pos, e);
+            return None;
+        }
+        Some(url)
     }
 
     fn providers(&mut self, raw: Option<&Named<RawProvider>>) -> BTreeMap<String, ProviderAccount> {

@@ -35,6 +35,13 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+/// The label of `keyward_leader_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaderLabels {
+    /// The leader's identity (`host pid N, term T`), as it wrote it into the state database.
+    pub leader: String,
+}
+
 /// The label of the per-provider-account series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderLabels {
@@ -80,6 +87,8 @@ pub struct Metrics {
     last_success: TimeGauge,
     pending_changes: Gauge,
     config_valid: Gauge,
+    leader: Gauge,
+    leader_info: Family<LeaderLabels, Gauge>,
     provider_requests: Family<ProviderLabels, Counter>,
     provider_rate_limited: Family<ProviderLabels, Counter>,
     provider_up: Family<ProviderLabels, Gauge>,
@@ -112,6 +121,8 @@ impl Metrics {
             last_success: TimeGauge::default(),
             pending_changes: Gauge::default(),
             config_valid: Gauge::default(),
+            leader: Gauge::default(),
+            leader_info: Family::default(),
             provider_requests: Family::default(),
             provider_rate_limited: Family::default(),
             provider_up: Family::default(),
@@ -176,6 +187,16 @@ impl Metrics {
             "keyward_config_valid",
             "1 while the config file on disk validates, 0 after an invalid edit",
             m.config_valid.clone(),
+        );
+        registry.register(
+            "keyward_leader",
+            "1 while this daemon holds the state lock and reconciles, 0 while it waits as a standby",
+            m.leader.clone(),
+        );
+        registry.register(
+            "keyward_leader_info",
+            "The leader of the daemons sharing the state database, as last seen (always 1)",
+            m.leader_info.clone(),
         );
         registry.register(
             "keyward_provider_requests",
@@ -319,6 +340,20 @@ impl Metrics {
     /// Sets whether the config file on disk validates (`keyward_config_valid`).
     pub fn set_config_valid(&self, valid: bool) {
         self.config_valid.set(i64::from(valid));
+    }
+
+    /// Sets whether this daemon leads (`keyward_leader`) and who does, if known
+    /// (`keyward_leader_info{leader}`).
+    pub fn set_leader(&self, leading: bool, leader: Option<&str>) {
+        self.leader.set(i64::from(leading));
+        self.leader_info.clear();
+        if let Some(l) = leader {
+            self.leader_info
+                .get_or_create(&LeaderLabels {
+                    leader: l.to_string(),
+                })
+                .set(1);
+        }
     }
 
     /// Sets when the daemon next wakes up unless something wakes it earlier

@@ -51,6 +51,8 @@ const REQUEUE_AFTER_CHANGES: Duration = Duration::from_secs(1);
 const METRICS_REFRESH: Duration = Duration::from_secs(5);
 /// When another keyward holds the state lock, try again this soon.
 const LOCKED_RETRY: Duration = Duration::from_secs(5);
+/// A standby tries to take the shared state's lock this often.
+const STANDBY_RETRY: Duration = Duration::from_secs(2);
 
 /// Why a reconcile runs (kube-rs's `ReconcileReason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +170,11 @@ struct Daemon {
     stale: BTreeMap<String, BTreeSet<String>>,
     last_outcome: String,
     shutdown: CancellationToken,
+    /// While another daemon leads (the state is shared and its lock held elsewhere): when to
+    /// try to take the lock next. Nothing is planned or applied meanwhile.
+    standby: Option<Instant>,
+    /// What the last try for the lock said (a standby logs it when it changes, not every try).
+    standby_note: String,
 }
 
 fn backoff(failures: u32) -> Duration {
@@ -316,14 +323,32 @@ impl Daemon {
     /// Gives the reloaded `engine` the state lock the daemon holds (or takes the one of a new
     /// state directory); an engine in observe mode holds none.
     fn hand_over_lock(&mut self, engine: &mut Engine) -> anyhow::Result<()> {
+        let same = engine.store.location() == self.engine.store.location();
+        if same {
+            // The same state: the same store (a database session is what holds its lock).
+            engine.store = Arc::clone(&self.engine.store);
+        }
         if engine.config.settings.mode != Mode::Apply {
             return Ok(());
         }
-        if engine.config.settings.state_dir == self.engine.config.settings.state_dir {
+        if same {
             engine.held_lock = self.engine.held_lock.take();
         }
-        if engine.held_lock.is_none() {
-            engine.held_lock = Some(engine.lock()?);
+        if engine.held_lock.is_none() && (self.standby.is_none() || !same) {
+            match engine.lock() {
+                Ok(lock) => {
+                    engine.held_lock = Some(lock);
+                    self.standby = None;
+                }
+                Err(e)
+                    if engine.store.shared()
+                        && e.downcast_ref::<crate::store::Locked>().is_some() =>
+                {
+                    tracing::info!("standby: {e:#}; waiting to take over");
+                    self.standby = Some(Instant::now() + STANDBY_RETRY);
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -922,6 +947,80 @@ impl Daemon {
 
     /// The `STATUS=` line: one line, whatever an error quoted (a line break there would add
     /// assignments such as `READY=1` to the notify message).
+    /// Tries to take the shared state's lock; true when this daemon now leads.
+    fn try_lead(&mut self) -> bool {
+        if self.engine.store.lost().is_some() {
+            // A lost connection is not reused: a new one waits for the lock.
+            self.engine.store = crate::engine::store_for(&self.engine.config.settings);
+        }
+        // A database that does not answer may keep this a while: the other tasks run on.
+        match tokio::task::block_in_place(|| self.engine.lock()) {
+            Ok(lock) => {
+                self.engine.held_lock = Some(lock);
+                self.standby = None;
+                self.standby_note.clear();
+                let leader = tokio::task::block_in_place(|| self.engine.store.leader());
+                tracing::info!(
+                    "leading: took the lock of the state in {}{}",
+                    self.engine.store.location(),
+                    leader
+                        .as_deref()
+                        .map(|l| format!(" ({l})"))
+                        .unwrap_or_default()
+                );
+                self.metrics.set_leader(true, leader.as_deref());
+                // As at start: every account listed, what an earlier leader left recovered.
+                self.next_interval = Instant::now();
+                true
+            }
+            Err(e) => {
+                let note = format!("{e:#}");
+                if note != self.standby_note {
+                    if e.downcast_ref::<crate::store::Locked>().is_some() {
+                        tracing::info!("standby: {note}");
+                    } else {
+                        tracing::warn!("standby: cannot take the lock: {note}; trying again");
+                    }
+                    self.standby_note = note;
+                }
+                let leader = tokio::task::block_in_place(|| self.engine.store.leader());
+                self.metrics.set_leader(false, leader.as_deref());
+                self.last_outcome = "standby (another keyward daemon leads)".to_string();
+                self.standby = Some(Instant::now() + STANDBY_RETRY);
+                false
+            }
+        }
+    }
+
+    /// Gives up the lead once the shared state's connection (and with it the lock) is lost:
+    /// nothing more is started, what is known of the accounts is dropped, and the daemon waits
+    /// to take over again like any standby.
+    fn step_down_if_lost(&mut self) {
+        let Some(why) = self.engine.store.lost() else {
+            return;
+        };
+        if self.standby.is_some() {
+            return;
+        }
+        tracing::error!("lost the lead: {why}; no change is started, waiting to take over again");
+        self.engine.held_lock = None;
+        self.engine.store = crate::engine::store_for(&self.engine.config.settings);
+        if let Some(r) = self.resync.take() {
+            r.task.abort();
+        }
+        self.listings.clear();
+        self.fresher.clear();
+        self.stale.clear();
+        self.health.clear();
+        self.seen = None;
+        self.upcoming.clear();
+        self.changed.clear();
+        self.requeue = None;
+        self.metrics.set_leader(false, None);
+        self.last_outcome = "standby (lost the lead)".to_string();
+        self.standby = Some(Instant::now() + STANDBY_RETRY);
+    }
+
     fn status_line(&self) -> String {
         let wake = self.next().at;
         let secs = wake.saturating_duration_since(Instant::now()).as_secs();
@@ -1026,14 +1125,25 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
     };
     let text = read_config_text(&path);
     let mut engine = Engine::new(loaded, shutdown.clone())?;
+    let mut standby = None;
     if engine.config.settings.mode == Mode::Apply {
-        // One daemon applies to a state directory, and no one-shot apply or rotate changes it
-        // under the daemon's feet: the daemon holds the lock for its life.
-        engine.held_lock = Some(
-            engine
-                .lock()
-                .with_context(|| format!("{}: not starting", path.display()))?,
-        );
+        // One daemon applies to a state, and no one-shot apply or rotate changes it under the
+        // daemon's feet: the daemon holds the lock for its life. A state several hosts share
+        // (a database) has one leader: the others wait to take over.
+        match engine.lock() {
+            Ok(lock) => engine.held_lock = Some(lock),
+            Err(e) if engine.store.shared() => {
+                // Another daemon leads, or the database is not up yet (a host booting): wait
+                // for it rather than exit, as a standby does.
+                if e.downcast_ref::<crate::store::Locked>().is_some() {
+                    tracing::info!("standby: {e:#}; waiting to take over");
+                } else {
+                    tracing::warn!("standby: cannot take the lock: {e:#}; trying again");
+                }
+                standby = Some(Instant::now() + STANDBY_RETRY);
+            }
+            Err(e) => return Err(e.context(format!("{}: not starting", path.display()))),
+        }
     }
     for w in &engine.warnings {
         tracing::warn!("{w}");
@@ -1055,10 +1165,20 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
         resync: None,
         fresher: BTreeMap::new(),
         stale: BTreeMap::new(),
-        last_outcome: "starting".to_string(),
+        last_outcome: if standby.is_some() {
+            "standby (another keyward daemon leads)".to_string()
+        } else {
+            "starting".to_string()
+        },
         shutdown: shutdown.clone(),
+        standby,
+        standby_note: String::new(),
         engine,
     };
+    if daemon.engine.config.settings.mode == Mode::Apply {
+        let leader = daemon.engine.store.leader();
+        metrics.set_leader(daemon.standby.is_none(), leader.as_deref());
+    }
 
     {
         // The process's signal handler cancels `shutdown`; systemd hears about it at once.
@@ -1111,9 +1231,16 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
         if shutdown.is_cancelled() {
             break;
         }
-        let work = match listed_now.take() {
-            Some(results) => Some((Wake::Listed, Some(results))),
-            None => run_now.take().map(|why| (why, None)),
+        let work = if daemon.standby.is_some() {
+            // A standby plans and applies nothing; its turn comes when it takes the lock.
+            listed_now = None;
+            run_now = None;
+            None
+        } else {
+            match listed_now.take() {
+                Some(results) => Some((Wake::Listed, Some(results))),
+                None => run_now.take().map(|why| (why, None)),
+            }
         };
         if let Some((why, results)) = work {
             // The loop answers the watchdog while the run is under way: a run that waits on the
@@ -1131,6 +1258,7 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
                     }
                 }
             }
+            daemon.step_down_if_lost();
             let status = daemon.status_line();
             tracing::debug!("{status}; next run because of {:?}", next.because);
             systemd::status(&status);
@@ -1143,7 +1271,15 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep_until(next.at) => run_now = Some(next.because),
+            _ = sleep_until_or_forever(daemon.standby.is_none().then_some(next.at)) => {
+                run_now = Some(next.because);
+            }
+            _ = sleep_until_or_forever(daemon.standby) => {
+                if daemon.try_lead() {
+                    run_now = Some(Wake::Start);
+                }
+                systemd::status(&daemon.status_line());
+            }
             // An editor's save is a burst of events: let it settle before re-reading.
             Some(()) = watch.events.recv() => {
                 settle_until.get_or_insert(Instant::now() + watch::SETTLE);
@@ -1171,7 +1307,10 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
                 systemd::ready(&daemon.status_line());
             }
             results = listing_finished(&mut daemon.resync) => listed_now = Some(results),
-            _ = metrics_tick.tick() => daemon.live_metrics(),
+            _ = metrics_tick.tick() => {
+                daemon.step_down_if_lost();
+                daemon.live_metrics();
+            }
             _ = heartbeat.asked() => heartbeat.answer(),
         }
     }

@@ -5,6 +5,7 @@
 
 pub mod asa;
 pub mod crash;
+pub mod pg;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
