@@ -482,16 +482,7 @@ fn serve(
 fn describe(e: &postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => {
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(e);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            text
-        }
+        None => crate::text::with_sources(e.to_string(), e),
     }
 }
 
@@ -659,21 +650,7 @@ impl Store for PgStore {
                 ..State::default()
             };
             for row in tx.query("SELECT provider, name, record FROM keyward_users", &[])? {
-                let (provider, name, record): (String, String, String) =
-                    (row.get(0), row.get(1), row.get(2));
-                let rec = serde_json::from_str(&record).with_context(|| {
-                    format!(
-                        "the state database's record of {} / {} is not valid; keyward will not overwrite it",
-                        crate::text::escape(&provider),
-                        crate::text::escape(&name)
-                    )
-                })?;
-                state
-                    .accounts
-                    .entry(provider)
-                    .or_default()
-                    .users
-                    .insert(name, rec);
+                crate::store::add_user_row(&mut state, row.get(0), row.get(1), row.get(2))?;
             }
             tx.commit()?;
             Ok(state)

@@ -330,25 +330,40 @@ fn read_db(conn: &mut rusqlite::Connection) -> anyhow::Result<State> {
         let mut rows = tx.prepare("SELECT provider, name, record FROM users")?;
         let mut rows = rows.query([])?;
         while let Some(row) = rows.next()? {
-            let (provider, name, record): (String, String, String) =
-                (row.get(0)?, row.get(1)?, row.get(2)?);
-            let rec = serde_json::from_str(&record).with_context(|| {
-                format!(
-                    "the state database's record of {} / {} is not valid; keyward will not overwrite it",
-                    crate::text::escape(&provider),
-                    crate::text::escape(&name)
-                )
-            })?;
-            state
-                .accounts
-                .entry(provider)
-                .or_default()
-                .users
-                .insert(name, rec);
+            add_user_row(
+                &mut state,
+                row.get(0)?,
+                row.get(1)?,
+                &row.get::<_, String>(2)?,
+            )?;
         }
     }
     tx.commit()?;
     Ok(state)
+}
+
+/// Adds one stored user row (a record's JSON) to `state`; a record that does not parse is an
+/// error naming the user, never skipped (the database backends share this).
+pub(crate) fn add_user_row(
+    state: &mut State,
+    provider: String,
+    name: String,
+    record: &str,
+) -> anyhow::Result<()> {
+    let rec = serde_json::from_str(record).with_context(|| {
+        format!(
+            "the state database's record of {} / {} is not valid; keyward will not overwrite it",
+            crate::text::escape(&provider),
+            crate::text::escape(&name)
+        )
+    })?;
+    state
+        .accounts
+        .entry(provider)
+        .or_default()
+        .users
+        .insert(name, rec);
+    Ok(())
 }
 
 /// Replaces every row with `state`'s, in one transaction.

@@ -86,6 +86,18 @@ pub fn has_control(text: &str) -> bool {
     text.chars().any(needs_escape)
 }
 
+/// `head`, then the messages of the errors beneath `e`, each after `: ` (a driver's or
+/// transport's error reads as one line with its causes).
+pub fn with_sources(mut head: String, e: &dyn std::error::Error) -> String {
+    let mut source = e.source();
+    while let Some(s) = source {
+        head.push_str(": ");
+        head.push_str(&s.to_string());
+        source = s.source();
+    }
+    head
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -83,18 +83,7 @@ fn refuse_credentials_after(sb: &Sandbox, n: u64) -> std::thread::JoinHandle<()>
 fn an_ngrok_listing_cut_short_goes_on_and_reads_every_page_once() {
     let sb = Sandbox::start(&["--latency", "10ms"]);
     // 3,000 users with an API key and a credential each: about 30 pages per list.
-    let names: Vec<String> = (0..3000).map(|i| format!("edge-{i:04}")).collect();
-    let keys = |d: &str| -> Vec<serde_json::Value> {
-        names
-            .iter()
-            .map(|n| json!({"owner_name": n, "description": d}))
-            .collect()
-    };
-    sb.seed(json!({
-        "service_users": names.iter().map(|n| json!({"name": n})).collect::<Vec<_>>(),
-        "api_keys": keys("deploy"),
-        "credentials": keys("agent"),
-    }));
+    seed_users(&sb, "edge", 3000);
     let ws = Workspace::new(&sb);
     ws.write_config("", "users: []\n");
     let rt = tokio::runtime::Runtime::new().unwrap();

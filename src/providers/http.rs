@@ -486,20 +486,14 @@ fn quota(rate: RateLimit) -> Quota {
 
 /// A transport error in words, without the URL's query (which could one day carry a token).
 fn describe_transport_error(e: &reqwest::Error) -> String {
-    let mut text = if e.is_timeout() {
+    let text = if e.is_timeout() {
         "request timed out".to_string()
     } else if e.is_connect() {
         "could not connect".to_string()
     } else {
         "request failed".to_string()
     };
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+    crate::text::with_sources(text, e)
 }
 
 #[cfg(test)]
