@@ -198,6 +198,14 @@ impl Engine {
         let marks = Arc::new(providers::marks::PageMarks::new(
             config.settings.state_dir.clone(),
         ));
+        if let Some(password) = config
+            .settings
+            .state_url
+            .as_ref()
+            .and_then(crate::pgstore::password_of)
+        {
+            crate::redact::remember("settings.state_url", &password);
+        }
         for (name, account) in &config.providers {
             // Whatever keyward quotes later (a sink program's output, an error body) is masked
             // for these.

@@ -184,6 +184,27 @@ pub fn masked(url: &str) -> String {
     }
 }
 
+/// The password `url` carries (in its user part or as `password=`), to be masked wherever
+/// keyward quotes text.
+pub fn password_of(url: &SecretString) -> Option<SecretString> {
+    let u = url::Url::parse(url.expose_secret()).ok()?;
+    let password = match u.password() {
+        Some(p) => percent_decode(p),
+        None => u
+            .query_pairs()
+            .find(|(k, _)| k == "password")
+            .map(|(_, v)| v.into_owned())?,
+    };
+    Some(SecretString::from(password))
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("p={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
 /// Checks that `url` is a PostgreSQL URL keyward can use; the error never quotes it.
 pub fn check_url(url: &str) -> Result<(), String> {
     let (config, _) = parse(url)?;
@@ -891,6 +912,16 @@ mod tests {
         let m = masked("postgres://db.example/keyward?password=s3cret&sslmode=disable");
         assert!(!m.contains("s3cret"), "{m}");
         assert!(!masked("not a url s3cret").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_password_is_found_for_masking() {
+        use secrecy::ExposeSecret as _;
+        let url = SecretString::from("postgres://kw:p%40ss+word@h/db".to_string());
+        assert_eq!(password_of(&url).unwrap().expose_secret(), "p@ss+word");
+        let url = SecretString::from("postgres://h/db?password=qwerty".to_string());
+        assert_eq!(password_of(&url).unwrap().expose_secret(), "qwerty");
+        assert!(password_of(&SecretString::from("postgres://h/db".to_string())).is_none());
     }
 
     #[test]

@@ -268,3 +268,30 @@ fn postgresql_a_terminated_session_loses_the_lock_and_the_next_leader_sees_every
         assert_eq!(before, Some(true), "term {term} wrote after the next began");
     }
 }
+
+#[test]
+fn postgresql_connections_use_tls_as_sslmode_says_and_check_the_server() {
+    let pg = Pg::with_tls();
+    let (ca, port) = (pg.ca(), pg.port());
+    let load = |host: &str, query: String| {
+        PgStore::new(SecretString::from(format!(
+            "postgres://postgres@{host}:{port}/postgres?{query}"
+        )))
+        .load()
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"))
+    };
+    let root = format!("sslrootcert={}", ca.display());
+    // TLS, the server's certificate checked against the given root and for its name.
+    load("localhost", format!("sslmode=verify-full&{root}")).unwrap();
+    load("localhost", format!("sslmode=prefer&{root}")).unwrap();
+    // Plain: this server takes none.
+    let e = load("localhost", "sslmode=disable".into()).unwrap_err();
+    assert!(e.contains("no encryption"), "{e}");
+    // `require` checks the certificate too: the system's roots do not know this CA.
+    let e = load("localhost", "sslmode=require".into()).unwrap_err();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    // The name is checked: the certificate is for localhost, not 127.0.0.1.
+    let e = load("127.0.0.1", format!("sslmode=verify-full&{root}")).unwrap_err();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+}

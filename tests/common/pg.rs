@@ -40,6 +40,32 @@ impl Pg {
                 cluster: None,
             };
         }
+        Self::own_cluster(false)
+    }
+
+    /// A cluster of the test's own that takes TLS connections only, its certificate signed by
+    /// [`Pg::ca`] for the name `localhost` alone.
+    pub fn with_tls() -> Pg {
+        Self::own_cluster(true)
+    }
+
+    /// The CA that signed a TLS cluster's certificate (a PEM file).
+    pub fn ca(&self) -> PathBuf {
+        self.cluster
+            .as_ref()
+            .expect("a cluster of the test's own")
+            .join("ca.crt")
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        url::Url::parse(&self.url)
+            .ok()
+            .and_then(|u| u.port())
+            .expect("a port in the URL")
+    }
+
+    fn own_cluster(tls: bool) -> Pg {
         let dir = std::env::temp_dir().join(format!(
             "keyward-pg-{}-{}",
             std::process::id(),
@@ -48,6 +74,7 @@ impl Pg {
         let out = Command::new(script())
             .arg("start")
             .arg(&dir)
+            .env("PG_CLUSTER_TLS", if tls { "1" } else { "0" })
             .output()
             .expect("running tests/support/pg-cluster");
         assert!(
@@ -63,7 +90,7 @@ impl Pg {
         }
     }
 
-    /// A client of the database (for the test's own checks).
+    /// A client of the database (for the test's own checks; not for a TLS cluster).
     pub fn client(&self) -> postgres::Client {
         postgres::Client::connect(&self.url, postgres::NoTls).unwrap()
     }
