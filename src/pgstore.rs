@@ -377,7 +377,9 @@ impl Inner {
                     drop(l);
                     lost()
                 }
-                _ => e,
+                // The server's own words and code, where it said something.
+                Some(pg) => anyhow::anyhow!("the state database {}: {}", self.shown, describe(pg)),
+                None => e,
             }
         })
     }
@@ -508,7 +510,26 @@ fn describe(e: &postgres::Error) -> String {
 }
 
 /// Creates the tables if needed and refuses a database a newer keyward has migrated.
+/// Tables already there at this version are only read: a user that may only read (for `plan`
+/// and `status`) needs no more.
 fn ensure_schema(client: &mut postgres::Client) -> anyhow::Result<()> {
+    let present: bool = client
+        .query_one(
+            "SELECT to_regclass('keyward_meta') IS NOT NULL AND to_regclass('keyward_terms') IS NOT NULL",
+            &[],
+        )?
+        .get(0);
+    if present {
+        let current: Option<String> = client
+            .query_opt(
+                "SELECT value FROM keyward_meta WHERE key = 'schema_version'",
+                &[],
+            )?
+            .map(|r| r.get(0));
+        if current.is_some_and(|v| v == SCHEMA_VERSION.to_string()) {
+            return Ok(());
+        }
+    }
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
     tx.batch_execute(SCHEMA)?;

@@ -169,6 +169,30 @@ fn postgresql_keeps_the_store_contract() {
             "keyward_users"
         ]
     );
+    // A role that may only read (for `plan` and `status`) reads the state; it cannot lead.
+    let db: String = client
+        .query_one("SELECT current_database()::text", &[])
+        .unwrap()
+        .get(0);
+    let reader = format!("{db}_reader");
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE {reader} LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {reader}"
+        ))
+        .unwrap();
+    let mut as_reader = url::Url::parse(&pg.url).unwrap();
+    as_reader.set_username(&reader).unwrap();
+    let store = PgStore::new(SecretString::from(as_reader.to_string()));
+    let loaded = store.load();
+    assert!(loaded.is_ok(), "{loaded:?}");
+    let e = store.lock().expect_err("a reader cannot begin a term");
+    assert!(e.to_string().contains("permission denied"), "{e:#}");
+    drop(store);
+    client
+        .batch_execute(&format!(
+            "REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {reader}; DROP ROLE {reader}"
+        ))
+        .unwrap();
 }
 
 #[test]
