@@ -63,6 +63,28 @@ pub enum LogFormat {
     Json,
 }
 
+/// Writes to stdout. A reader that went away (`keyward status | head -1`) ends the output
+/// quietly, as a pipe's reader expects, instead of a panic.
+fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush())
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("error: writing to stdout: {e}");
+    }
+}
+
+/// `print!` through [`write_stdout`].
+macro_rules! out {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` through [`write_stdout`].
+macro_rules! outln {
+    ($($arg:tt)*) => { write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 /// `--lock-timeout`: a duration as the config writes them (`0s`, `30s`, `5m`).
 fn lock_timeout(text: &str) -> Result<std::time::Duration, String> {
     let d = crate::duration::parse(text)?;
@@ -334,7 +356,7 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
     match &cli.command {
         Command::Validate => Ok(validate(cli)),
         Command::Schema => {
-            println!("{}", serde_json::to_string_pretty(&config::schema())?);
+            outln!("{}", serde_json::to_string_pretty(&config::schema())?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {
@@ -432,9 +454,9 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
             let entries = crate::status::entries(ctx.config(), &observed, &state, now);
             if *json {
                 let doc = serde_json::json!({"keys": entries});
-                println!("{}", serde_json::to_string_pretty(&doc)?);
+                outln!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
-                print!("{}", crate::status::table(&entries, now));
+                out!("{}", crate::status::table(&entries, now));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -495,7 +517,7 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
                             path.display()
                         )
                     })?,
-                _ => print!("{doc}"),
+                _ => out!("{doc}"),
             }
             eprintln!(
                 "imported {n_users} service user(s); {n_keys} key(s) recorded as adopted. Add the document to the config{}: `keyward plan` then leaves them as they are until their policy rotates them.",
@@ -510,7 +532,7 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
         } => {
             let ctx = Context_::load(cli, shutdown)?;
             let state = ctx.engine.store.load()?;
-            println!("{}", serde_json::to_string_pretty(&state)?);
+            outln!("{}", serde_json::to_string_pretty(&state)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Daemon => {
@@ -584,7 +606,7 @@ fn validate(cli: &Cli) -> ExitCode {
     match config::load(&path) {
         Ok(loaded) => {
             print_diagnostics(&loaded.warnings);
-            println!(
+            outln!(
                 "{}: valid ({} provider(s), {} user(s), {} sink(s))",
                 path.display(),
                 loaded.config.providers.len(),
@@ -695,7 +717,7 @@ fn print_plan(plan: &Plan, json: bool) {
 
 fn print_plan_now(plan: &Plan, json: bool) {
     if json {
-        print!("{}", plan::render::json(plan));
+        out!("{}", plan::render::json(plan));
     } else {
         let colored = anstream::stdout().is_terminal()
             && anstream::ColorChoice::global() != anstream::ColorChoice::Never;
@@ -894,7 +916,7 @@ fn finish_run(run: RunReport) -> anyhow::Result<ExitCode> {
         RunOutcome::Unchanged | RunOutcome::Planned => Ok(ExitCode::SUCCESS),
         RunOutcome::Executed => {
             let report = run.report.unwrap_or_default();
-            print!("\n{}", report.summary());
+            out!("\n{}", report.summary());
             Ok(if report.ok() {
                 ExitCode::SUCCESS
             } else {

@@ -371,7 +371,7 @@ impl Inner {
             }
             // A broken connection is a lost one, said so.
             match e.downcast_ref::<postgres::Error>() {
-                Some(pg) if pg.is_closed() => {
+                Some(pg) if ends_session(pg) => {
                     let mut l = self.lost.lock().unwrap_or_else(|e| e.into_inner());
                     l.get_or_insert_with(|| describe(pg));
                     drop(l);
@@ -499,6 +499,19 @@ fn serve(
             *heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         }
     }
+}
+
+/// Whether the error means the session is over: the connection closed, or the server ending
+/// it (a FATAL error, SQLSTATE class 57 "operator intervention" such as
+/// `pg_terminate_backend` or `idle_session_timeout`, or class 08 "connection exception").
+fn ends_session(e: &postgres::Error) -> bool {
+    e.is_closed()
+        || e.as_db_error().is_some_and(|db| {
+            let code = db.code().code();
+            code.starts_with("57")
+                || code.starts_with("08")
+                || matches!(db.severity(), "FATAL" | "PANIC")
+        })
 }
 
 /// A driver error in one line: the server's own message and code where there is one.

@@ -471,3 +471,45 @@ fn never_panics_on_mangled_input() {
         }
     }
 }
+
+#[test]
+fn a_warning_about_a_default_names_the_config_file_where_it_is_written_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join("keyward.yaml");
+    std::fs::write(
+        &main,
+        "version: 1\ninclude: [\"users.d/*.yaml\"]\nproviders:\n  ng: {type: ngrok, api_key: \"${NGROK_API_KEY}\"}\nsinks:\n  s: {type: file, path: \"/tmp/kw/{user}/{slot}.json\"}\ndefaults:\n  sink: s\n  timezone: Europe/Berlin\n  spread: 7d\n",
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("users.d")).unwrap();
+    std::fs::write(
+        dir.path().join("users.d/a.yaml"),
+        "users:\n  - provider: ng\n    names: [a1, a2]\n    keys:\n      agent: {rotate_every: 1d}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("users.d/b.yaml"),
+        "users:\n  - provider: ng\n    name: b1\n    keys:\n      agent: {rotate_every: 1d}\n",
+    )
+    .unwrap();
+    let creds = tempfile::tempdir().unwrap();
+    let loaded =
+        config::load_with_env(&main, &env_with(creds.path())).unwrap_or_else(|d| panic!("{d:?}"));
+    let warned: Vec<String> = loaded
+        .warnings
+        .iter()
+        .map(|d| format!("{}:{}:{} {}", d.file.display(), d.line, d.column, d.message))
+        .collect();
+    let spread: Vec<&String> = warned.iter().filter(|w| w.contains("spread 7d")).collect();
+    assert_eq!(spread.len(), 1, "{warned:#?}");
+    assert!(
+        spread[0].starts_with(&format!("{}:10:11 ", main.display())),
+        "{warned:#?}"
+    );
+    let tz: Vec<&String> = warned.iter().filter(|w| w.contains("timezone")).collect();
+    assert_eq!(tz.len(), 1, "{warned:#?}");
+    assert!(
+        tz[0].starts_with(&format!("{}:9:", main.display())),
+        "{warned:#?}"
+    );
+}

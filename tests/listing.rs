@@ -216,7 +216,9 @@ fn a_listing_read_in_stretches_from_remembered_pages_reads_every_item_once() {
     // Remembered pages the provider refuses: the stretch before reads on through them.
     let path = marks.path().join("listing-marks.json");
     let text = std::fs::read_to_string(&path).unwrap();
-    let broken = text.replace("before_id=ak_", "before_id=nonsense_");
+    // Cursors of another kind, consistent with their items: they fit the list's links, and
+    // the provider refuses them.
+    let broken = text.replace("ak_", "cr_");
     assert_ne!(broken, text);
     std::fs::write(&path, broken).unwrap();
     let provider = connect_with(&rt, &ws, "ng", Some(marks.path()));
@@ -283,4 +285,185 @@ fn an_asa_listing_cut_short_goes_on_from_the_user_where_it_stopped() {
     );
     let resumed = listing.into_snapshot();
     assert_eq!(ids(&resumed), ids(&whole));
+}
+
+/// Rewrites the marks file through `edit` (on its JSON).
+fn edit_marks(dir: &std::path::Path, edit: impl Fn(&mut serde_json::Value)) {
+    let path = dir.join("listing-marks.json");
+    let mut file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut file);
+    std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+}
+
+/// Every mark of one list in the file, mutably.
+fn each_mark(
+    file: &mut serde_json::Value,
+    list: &str,
+    mut f: impl FnMut(usize, &mut serde_json::Value),
+) {
+    for (i, m) in file["accounts"]["ng"]["lists"][list]["marks"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .enumerate()
+    {
+        f(i, m);
+    }
+}
+
+#[test]
+fn remembered_pages_that_do_not_fit_the_list_are_never_followed() {
+    let sb = Sandbox::start(&[]);
+    seed_users(&sb, "fleet", 1500);
+    let ws = Workspace::new(&sb);
+    ws.write_config("", "users: []\n");
+    let marks = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let truth = rt.block_on(connect(&rt, &ws, "ng").observe(None)).unwrap();
+    let fresh_marks = || {
+        let _ = std::fs::remove_file(marks.path().join("listing-marks.json"));
+        rt.block_on(connect_with(&rt, &ws, "ng", Some(marks.path())).observe(None))
+            .unwrap();
+    };
+    let listed = || {
+        let snap = rt
+            .block_on(connect_with(&rt, &ws, "ng", Some(marks.path())).observe(None))
+            .unwrap();
+        let (users, keys) = ids(&snap);
+        assert_eq!(users.len(), snap.users.len(), "a user listed twice");
+        assert_eq!(keys.len(), snap.keys.len(), "a key listed twice");
+        (users, keys)
+    };
+
+    // Links to another host: never followed, the API key never sent there.
+    let elsewhere = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let other = elsewhere.local_addr().unwrap();
+    // Whatever reaches the other host is counted and hung up on at once.
+    let reached = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let reached = std::sync::Arc::clone(&reached);
+        std::thread::spawn(move || {
+            for conn in elsewhere.incoming() {
+                reached.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(conn);
+            }
+        });
+    }
+    let own = url::Url::parse(&sb.url).unwrap();
+    let own_origin = format!("{}:{}", own.host_str().unwrap(), own.port().unwrap());
+    let mut tampered = Vec::new();
+    type Edit = Box<dyn Fn(usize, &mut serde_json::Value)>;
+    let origin = own_origin.clone();
+    tampered.push((
+        "another host",
+        Box::new(move |_: usize, m: &mut serde_json::Value| {
+            let uri = m["uri"]
+                .as_str()
+                .unwrap()
+                .replace(&origin, &other.to_string());
+            m["uri"] = uri.into();
+        }) as Edit,
+    ));
+    let origin = own_origin.clone();
+    tampered.push((
+        "user info",
+        Box::new(move |_: usize, m: &mut serde_json::Value| {
+            let uri = m["uri"]
+                .as_str()
+                .unwrap()
+                .replace(&origin, &format!("{origin}@{other}"));
+            m["uri"] = uri.into();
+        }),
+    ));
+    // One character of a link's cursor changed: the stretch before must not stop short.
+    tampered.push((
+        "a changed cursor",
+        Box::new(|_: usize, m: &mut serde_json::Value| {
+            let uri = m["uri"]
+                .as_str()
+                .unwrap()
+                .replacen("before_id=ak_", "before_id=ak_X", 1);
+            m["uri"] = uri.into();
+        }),
+    ));
+    tampered.push((
+        "a filter",
+        Box::new(|_: usize, m: &mut serde_json::Value| {
+            let uri = format!(
+                "{}&filter=obj.description+%3D%3D+%22deploy%22",
+                m["uri"].as_str().unwrap()
+            );
+            m["uri"] = uri.into();
+        }),
+    ));
+    tampered.push((
+        "another list",
+        Box::new(|_: usize, m: &mut serde_json::Value| {
+            let uri = m["uri"]
+                .as_str()
+                .unwrap()
+                .replace("/api_keys?", "/credentials?");
+            m["uri"] = uri.into();
+        }),
+    ));
+    for (what, edit) in &tampered {
+        fresh_marks();
+        edit_marks(marks.path(), |file| each_mark(file, "api_keys", edit));
+        assert_eq!(listed(), ids(&truth), "{what}");
+        assert_eq!(
+            reached.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "{what}: a connection reached the other host"
+        );
+        // Nothing the listing wrote back carries the change.
+        let text = std::fs::read_to_string(marks.path().join("listing-marks.json")).unwrap();
+        assert!(
+            !text.contains(&other.to_string())
+                && !text.contains("filter")
+                && !text.contains("ak_X"),
+            "{what}: {text}"
+        );
+    }
+    assert_eq!(
+        reached.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a connection reached the other host"
+    );
+}
+
+#[test]
+fn after_the_account_shrinks_the_next_listing_costs_one_request_per_page_again() {
+    let sb = Sandbox::start(&["--latency", "5ms"]);
+    seed_users(&sb, "fleet", 2000);
+    let ws = Workspace::new(&sb);
+    ws.write_config("", "users: []\n");
+    let marks = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let provider = connect_with(&rt, &ws, "ng", Some(marks.path()));
+    rt.block_on(provider.observe(None)).unwrap();
+    // 700 users go, and with them their keys: stretches no longer end on whole pages.
+    let users = sb.list("/service_users", "service_users");
+    for u in users.iter().take(1100).skip(400) {
+        let id = u["id"].as_str().unwrap();
+        assert_eq!(
+            sb.api("DELETE", &format!("/service_users/{id}"), None).0,
+            204
+        );
+    }
+    sb.reset_stats();
+    let plain = rt.block_on(connect(&rt, &ws, "ng").observe(None)).unwrap();
+    let pages = sb.stats()["requests"].as_u64().unwrap();
+    sb.reset_stats();
+    let changed = rt.block_on(provider.observe(None)).unwrap();
+    let first = sb.stats()["requests"].as_u64().unwrap();
+    assert_eq!(ids(&changed), ids(&plain));
+    assert!(first >= pages, "{first} requests for {pages} pages");
+    // The marks it left are in line with whole pages again.
+    sb.reset_stats();
+    let again = rt.block_on(provider.observe(None)).unwrap();
+    let stats = sb.stats();
+    assert_eq!(stats["requests"].as_u64().unwrap(), pages, "{stats}");
+    assert!(stats["max_in_flight"].as_u64().unwrap() > 3, "{stats}");
+    assert_eq!(ids(&again), ids(&plain));
 }

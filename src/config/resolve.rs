@@ -39,6 +39,8 @@ const PLACEHOLDERS: &[&str] = &["provider", "user", "slot", "key_id"];
 /// Collects diagnostics for one file.
 pub struct Diags {
     file: PathBuf,
+    /// The config file itself (where `defaults` are written).
+    main: PathBuf,
     pub list: Vec<Diagnostic>,
     /// The warnings given so far: one written in `defaults` or a `names:` entry and met by
     /// every user it covers is given once.
@@ -49,6 +51,7 @@ impl Diags {
     pub fn new(file: &Path) -> Diags {
         Diags {
             file: file.to_path_buf(),
+            main: file.to_path_buf(),
             list: Vec::new(),
             warned: std::collections::HashSet::new(),
         }
@@ -76,6 +79,17 @@ impl Diags {
 
     pub fn error(&mut self, pos: Pos, message: impl Into<String>) {
         self.push(pos, Severity::Error, message.into());
+    }
+
+    /// A warning about a value that may come from `defaults`: given in the config file itself
+    /// when it does (`own` false), else in the file being read.
+    pub fn warn_where(&mut self, own: bool, pos: Pos, message: impl Into<String>) {
+        if own {
+            return self.warn(pos, message);
+        }
+        let here = std::mem::replace(&mut self.file, self.main.clone());
+        self.warn(pos, message);
+        self.file = here;
     }
 
     pub fn warn(&mut self, pos: Pos, message: impl Into<String>) {
@@ -1265,6 +1279,12 @@ impl Ctx<'_> {
             );
             // A present-but-invalid slot field must not fall back to defaults silently; its
             // error is recorded, and the config will not be used.
+            // Where each value is written: the slot (this file), or `defaults` (the config file).
+            let (tz_own, overlap_own, spread_own) = (
+                own.timezone.is_some(),
+                own.overlap.is_some(),
+                own.spread.is_some(),
+            );
             let rotate_every = own.rotate_every.or(defaults.rotate_every.clone());
             let schedule = own.schedule.or(defaults.schedule.clone());
             let timezone = own.timezone.or(defaults.timezone.clone());
@@ -1299,12 +1319,13 @@ impl Ctx<'_> {
             }
             if let (Some(tz), None) = (&timezone, &schedule) {
                 self.d
-                    .warn(tz.pos, "timezone has no effect without a schedule");
+                    .warn_where(tz_own, tz.pos, "timezone has no effect without a schedule");
             }
             if let (Some(every), Some(s)) = (&rotate_every, &spread_at)
                 && s.value > every.value
             {
-                self.d.warn(
+                self.d.warn_where(
+                    spread_own,
                     s.pos,
                     format!(
                         "spread {} is longer than rotate_every {} (slot `{slot_name}`): its rotations come up to {} late",
@@ -1321,7 +1342,8 @@ impl Ctx<'_> {
             if let (Some(ProviderType::OktaAsa), Some(o)) = (kind, &overlap)
                 && o.value > ASA_MAX_OVERLAP
             {
-                self.d.warn(
+                self.d.warn_where(
+                    overlap_own,
                     o.pos,
                     format!("overlap {} is longer than 48h: ASA expires the replaced key 2 days after a rotation, so it stops working before the overlap ends", duration::format(o.value)),
                 );

@@ -784,21 +784,22 @@ impl Daemon {
             let pages = listing.pages.saturating_sub(before);
             match read {
                 Ok(()) => {
-                    // The share of the budget it took, stated: pages a minute against the
-                    // account's rate_limit.
-                    let per_minute = pages as f64 * 60.0 / took.as_secs_f64().max(0.001);
-                    let budget = self.engine.config.providers.get(&name).map(|a| {
-                        let secs = a.rate_limit.per.as_secs_f64().max(0.001);
-                        f64::from(a.rate_limit.requests) * 60.0 / secs
+                    // The share of the budget it took, stated: its pages against what the
+                    // account's rate_limit allows over the time it took (at least one window
+                    // of the limit: the budget is counted per window).
+                    let share = self.engine.config.providers.get(&name).map(|a| {
+                        let window = a.rate_limit.per.as_secs_f64().max(0.001);
+                        let span = took.as_secs_f64().max(window);
+                        let allowed = f64::from(a.rate_limit.requests) * span / window;
+                        (pages as f64 / allowed.max(1.0) * 100.0, span, allowed)
                     });
                     tracing::info!(
-                        "provider {name}: full listing complete: {} page(s), {pages} of them in {:.1}s: {per_minute:.1} a minute{}",
+                        "provider {name}: full listing complete: {} page(s), {pages} of them in {:.1}s{}",
                         listing.pages,
                         took.as_secs_f64(),
-                        budget
-                            .map(|b| format!(
-                                ", {:.0}% of its rate_limit ({b:.0} a minute)",
-                                per_minute / b * 100.0
+                        share
+                            .map(|(percent, span, allowed)| format!(
+                                ": {percent:.0}% of its rate_limit ({allowed:.0} requests in {span:.0}s)"
                             ))
                             .unwrap_or_default()
                     );

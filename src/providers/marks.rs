@@ -154,6 +154,13 @@ impl PageMarks {
             );
             serde_json::to_vec(f)
         });
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.is_dir()) {
+            tracing::debug!(
+                "page marks not kept: {} is a directory",
+                self.path.display()
+            );
+            return;
+        }
         let written = match (self.path.parent(), bytes) {
             (Some(dir), Ok(bytes)) if dir.is_dir() => {
                 crate::files::write_private_file(&self.path, &bytes)

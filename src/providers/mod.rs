@@ -86,6 +86,9 @@ pub struct Stretch {
     pub pages: u64,
     /// The last page it read (a URL).
     pub last: Option<String>,
+    /// Whether every next-page link the provider gave it was the plain one for the page's last
+    /// item (`before_id=ID&limit=100`): then marks may be put back in line with whole pages.
+    pub canonical: bool,
 }
 
 /// A full listing of one account, in progress: what it has read so far and where each of the
@@ -119,6 +122,7 @@ impl Stretch {
             marks: Vec::new(),
             pages: 0,
             last: None,
+            canonical: true,
         }
     }
 }

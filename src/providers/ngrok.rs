@@ -255,6 +255,7 @@ impl NgrokProvider {
         convert: impl Fn(T) -> U + Copy,
         id_of: fn(&U) -> &str,
     ) -> Result<Option<ListMarks>, ProviderError> {
+        let fresh = !matches!(cursor, Some(Cursor::Stretches(_) | Cursor::Page(_)));
         let mut parts = match cursor.take() {
             Some(Cursor::Done) => {
                 *cursor = Some(Cursor::Done);
@@ -263,7 +264,25 @@ impl NgrokProvider {
             Some(Cursor::Stretches(parts)) => parts,
             Some(Cursor::Page(next)) => vec![Stretch::from_page(Some(next), None)],
             None | Some(Cursor::User(_)) => {
-                let starts = earlier.map(|e| e.starts(stretches)).unwrap_or_default();
+                // Only marks that fit this list as the provider itself would link it.
+                let fitting = earlier.map(|e| {
+                    let mut marks: Vec<Mark> = e
+                        .marks
+                        .iter()
+                        .filter(|m| self.mark_fits(path, m))
+                        .cloned()
+                        .collect();
+                    marks.sort_by_key(|m| m.page);
+                    marks.dedup_by_key(|m| m.page);
+                    ListMarks {
+                        pages: e.pages,
+                        marks,
+                    }
+                });
+                let starts = fitting
+                    .as_ref()
+                    .map(|e| e.starts(stretches))
+                    .unwrap_or_default();
                 let mut parts = vec![Stretch::from_page(
                     Some(self.first_page(path, None)),
                     starts.first().map(|m| m.after.clone()),
@@ -283,6 +302,8 @@ impl NgrokProvider {
             }
         };
         let op = Op::new(format!("list {path}"), None);
+        // Whether a refused stretch was left to the one before it (items then come out of order).
+        let mut merged = false;
         let failed = loop {
             let firsts: Vec<OnceLock<String>> = parts
                 .iter()
@@ -293,7 +314,8 @@ impl NgrokProvider {
                 futures::future::join_all(parts.iter_mut().zip(read.iter_mut()).enumerate().map(
                     |(index, (part, out))| {
                         self.read_stretch(
-                            &op, list_key, index, part, &firsts, pace, pages, out, convert, id_of,
+                            &op, path, list_key, index, part, &firsts, pace, pages, out, convert,
+                            id_of,
                         )
                     },
                 ))
@@ -311,6 +333,7 @@ impl NgrokProvider {
             // before it, which reads on through it (from its own last page again if it had
             // stopped: what it reads twice is made unique with the rest).
             for &index in refused.iter().rev() {
+                merged = true;
                 let gone = parts.remove(index);
                 if let Some(before) = index.checked_sub(1).and_then(|i| parts.get_mut(i)) {
                     before.stop = gone.stop;
@@ -336,6 +359,12 @@ impl NgrokProvider {
             }));
         }
         *cursor = Some(Cursor::Done);
+        if fresh && !merged && parts.len() > 1 && parts.iter().all(|p| p.canonical) {
+            // Read whole in this call, and every link the provider gave was the plain one for
+            // its last item: the marks are put back in line with pages of 100 from the start,
+            // so that the next listing's stretches end on whole pages.
+            return Ok(Some(self.aligned_marks(path, items, id_of)));
+        }
         // The pages are numbered across the stretches in list order.
         let (mut base, mut marks) = (0, Vec::new());
         for part in parts {
@@ -348,6 +377,80 @@ impl NgrokProvider {
         Ok(Some(ListMarks::thinned(base, marks)))
     }
 
+    /// Whether `mark` is a page of the list at `path` as the provider links it: this account's
+    /// API (scheme, host and port; no user info), the list's own path, and only `before_id`
+    /// (the mark's own `after` item) and `limit=100`. A mark from a corrupted or tampered file
+    /// therefore never sends the API key elsewhere, never reads another list or a filtered one,
+    /// and never starts a stretch anywhere but right after the item the stretch before it
+    /// ends at.
+    fn mark_fits(&self, path: &str, mark: &Mark) -> bool {
+        let (Ok(u), Ok(base)) = (url::Url::parse(&mark.uri), url::Url::parse(&self.base_url))
+        else {
+            return false;
+        };
+        let same_api = u.scheme() == base.scheme()
+            && u.host_str() == base.host_str()
+            && u.port_or_known_default() == base.port_or_known_default()
+            && u.username().is_empty()
+            && u.password().is_none()
+            && u.fragment().is_none()
+            && u.path() == format!("{}{path}", base.path().trim_end_matches('/'));
+        let (mut before, mut limit, mut other) = (None, None, false);
+        for (k, v) in u.query_pairs() {
+            match k.as_ref() {
+                "before_id" if before.is_none() => before = Some(v.into_owned()),
+                "limit" if limit.is_none() => limit = Some(v.into_owned()),
+                _ => other = true,
+            }
+        }
+        same_api
+            && !other
+            && !mark.after.is_empty()
+            && before.as_deref() == Some(mark.after.as_str())
+            && limit.as_deref() == Some(PAGE_LIMIT.to_string().as_str())
+    }
+
+    /// The link to the page after the item `after` of the list at `path`, as ngrok writes it.
+    fn page_after(&self, path: &str, after: &str) -> String {
+        let mut url = format!("{}{path}?", self.base_url);
+        url.push_str(
+            &url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("before_id", after)
+                .append_pair("limit", &PAGE_LIMIT.to_string())
+                .finish(),
+        );
+        url
+    }
+
+    /// Marks at every 100th item of a list read whole (`items` in list order; an item read
+    /// twice counts once), linked as the provider links them.
+    fn aligned_marks<U>(&self, path: &str, items: &[U], id_of: fn(&U) -> &str) -> ListMarks {
+        let mut seen = foldhash::HashSet::with_capacity_and_hasher(
+            items.len(),
+            foldhash::fast::RandomState::default(),
+        );
+        let ids: Vec<&str> = items
+            .iter()
+            .map(id_of)
+            .filter(|id| seen.insert(*id))
+            .collect();
+        let per = PAGE_LIMIT as usize;
+        let marks = ids
+            .chunks(per)
+            .enumerate()
+            .filter(|(_, page)| page.len() == per)
+            .filter_map(|(i, page)| {
+                let after = page.last()?;
+                Some(Mark {
+                    page: i as u64 + 1,
+                    uri: self.page_after(path, after),
+                    after: (*after).to_string(),
+                })
+            })
+            .collect();
+        ListMarks::thinned(ids.len().div_ceil(per).max(1) as u64, marks)
+    }
+
     /// Reads stretch `index` of a list on: up to its `stop` item, or up to the first item a
     /// later stretch read (`firsts`: when the account changed since the marks were taken), or
     /// to the list's end. True when the stretch's remembered first page was refused (it then
@@ -356,6 +459,7 @@ impl NgrokProvider {
     async fn read_stretch<T: DeserializeOwned, U>(
         &self,
         op: &Op,
+        path: &str,
         list_key: &str,
         index: usize,
         part: &mut Stretch,
@@ -408,6 +512,7 @@ impl NgrokProvider {
                 }
                 None => {
                     if let (Some(next), Some(last)) = (&next, batch.last()) {
+                        part.canonical &= *next == self.page_after(path, id_of(last));
                         part.marks.push(Mark {
                             page: part.pages,
                             uri: next.clone(),
