@@ -185,7 +185,9 @@ pub struct RunReport {
 /// directory. Nothing is opened or connected yet.
 pub fn store_for(settings: &crate::config::Settings) -> Arc<dyn Store> {
     match &settings.state_url {
-        Some(url) => Arc::new(crate::pgstore::PgStore::new(url.clone())),
+        Some(url) => Arc::new(
+            crate::pgstore::PgStore::new(url.clone()).migrating_from(settings.state_dir.clone()),
+        ),
         None => Arc::new(StateDir::new(settings.state_dir.clone())),
     }
 }

@@ -140,6 +140,8 @@ struct Inner {
     lost: Arc<Mutex<Option<String>>>,
     /// When the database last answered.
     heard: Arc<Mutex<Instant>>,
+    /// A state directory whose state is copied in when the database holds none yet.
+    migrate_from: Mutex<Option<std::path::PathBuf>>,
 }
 
 /// The PostgreSQL backend of the [`Store`] (see the module doc). Connects on first use.
@@ -306,8 +308,94 @@ impl PgStore {
                 term: AtomicI64::new(0),
                 lost: Arc::default(),
                 heard: Arc::new(Mutex::new(Instant::now())),
+                migrate_from: Mutex::new(None),
             }),
         }
+    }
+
+    /// Copies the state and journal of the state directory `dir` (an installation that ran on
+    /// one host until now) into the database the first time this process takes the lock of a
+    /// database that holds no state yet.
+    pub fn migrating_from(self, dir: impl Into<std::path::PathBuf>) -> PgStore {
+        *self
+            .inner
+            .migrate_from
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(dir.into());
+        self
+    }
+
+    /// See [`PgStore::migrating_from`]; under the lock, with this process's term.
+    fn migrate(&self) -> anyhow::Result<()> {
+        let Some(dir) = self
+            .inner
+            .migrate_from
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            return Ok(());
+        };
+        let done = || {
+            // Asked once a process, and again after a failure only.
+            *self
+                .inner
+                .migrate_from
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = None;
+        };
+        let local = crate::store::StateDir::new(&dir);
+        let journal_file = crate::journal::Journal::path_in(&dir);
+        if !(local.db_path().exists() || local.legacy_path().exists() || journal_file.exists()) {
+            done();
+            return Ok(());
+        }
+        let holds_state: bool = self.inner.run(|client| {
+            Ok(client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM keyward_users) OR EXISTS (SELECT 1 FROM keyward_journal) OR EXISTS (SELECT 1 FROM keyward_meta WHERE key = 'serial')",
+                    &[],
+                )?
+                .get(0))
+        })?;
+        if holds_state {
+            done();
+            return Ok(());
+        }
+        let state = local.load()?;
+        let entries = local.journal_entries()?;
+        if state.accounts.is_empty() && entries.is_empty() {
+            done();
+            return Ok(());
+        }
+        self.write(&state)?;
+        let term = self.inner.fenced()?;
+        let rows: Vec<(i64, String)> = entries
+            .iter()
+            .map(|e| Ok((i64::try_from(e.seq)?, serde_json::to_string(e)?)))
+            .collect::<anyhow::Result<_>>()?;
+        let shown = self.inner.shown.clone();
+        self.inner.run(move |client| {
+            let mut tx = client.transaction()?;
+            check_term(&mut tx, term, &shown)?;
+            for (seq, entry) in &rows {
+                tx.execute(
+                    "INSERT INTO keyward_journal (seq, term, entry) VALUES ($1, $2, $3)",
+                    &[seq, &term, entry],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })?;
+        done();
+        let users: usize = state.accounts.values().map(|a| a.users.len()).sum();
+        tracing::info!(
+            "the state of {} ({users} user record(s), {} journal entr(ies)) was copied into the state database {}; that directory's state is no longer read (keep it as a backup)",
+            dir.display(),
+            entries.len(),
+            self.inner.shown
+        );
+        Ok(())
     }
 
     /// The database, password masked.
@@ -807,9 +895,16 @@ impl Store for PgStore {
             "holding the lock of the state database {} (term {term})",
             self.inner.shown
         );
-        Ok(StoreLock::new(LeaderLock {
+        let lock = StoreLock::new(LeaderLock {
             inner: Arc::clone(&self.inner),
-        }))
+        });
+        self.migrate().with_context(|| {
+            format!(
+                "copying the state directory's state into the state database {}",
+                self.inner.shown
+            )
+        })?;
+        Ok(lock)
     }
 
     fn journal(&self) -> anyhow::Result<Arc<dyn JournalLog>> {

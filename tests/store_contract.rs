@@ -319,3 +319,37 @@ fn postgresql_connections_use_tls_as_sslmode_says_and_check_the_server() {
     let e = load("127.0.0.1", format!("sslmode=verify-full&{root}")).unwrap_err();
     assert!(e.to_lowercase().contains("certificate"), "{e}");
 }
+
+#[test]
+fn postgresql_takes_over_a_state_directory_once_on_first_use() {
+    let pg = Pg::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    // An installation that ran on one host: a state and an unfinished operation.
+    let mut state = state_with(&[("ng", "alpha", "bot_a"), ("ng", "beta", "bot_b")]);
+    state.serial = 7;
+    {
+        let local = StateDir::new(&first);
+        let _held = Store::lock(&local).unwrap();
+        Store::write(&local, &state).unwrap();
+        let journal = local.journal().unwrap();
+        journal
+            .append(journal.next_seq(), intent("alpha"), true)
+            .unwrap();
+    }
+    let store = pg_store(&pg).migrating_from(&first);
+    let held = store.lock().unwrap();
+    assert_eq!(store.load().unwrap(), state);
+    let open = keyward::oplog::unfinished(&store.journal_entries().unwrap());
+    assert_eq!(open.len(), 1, "the unfinished operation came along");
+    drop(held);
+    // Once the database holds a state, no directory is copied in again.
+    {
+        let local = StateDir::new(&second);
+        let _held = Store::lock(&local).unwrap();
+        Store::write(&local, &state_with(&[("ng", "gamma", "bot_c")])).unwrap();
+    }
+    let other = pg_store(&pg).migrating_from(&second);
+    let _held = other.lock().unwrap();
+    assert_eq!(other.load().unwrap(), state);
+}
