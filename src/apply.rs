@@ -916,8 +916,11 @@ impl Executor {
             });
             // A leader that may have lost its lead (a long pause) delivers nothing: the next
             // leader may have moved the slot on, and this key would overwrite its newer one.
+            // Checked again right before a file sink's file is replaced, under its lock.
             self.store.check_lease()?;
-            (|| async { sinks::deliver(sink, doc).await })
+            let store = Arc::clone(&self.store);
+            let fence: crate::files::Fence = Arc::new(move || store.check_lease());
+            (|| async { sinks::deliver(sink, doc, &fence).await })
                 .retry(
                     ExponentialBuilder::default()
                         .with_min_delay(Duration::from_millis(200))

@@ -267,6 +267,68 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A check made right before a write takes effect (the state lock's lease); an error stops the
+/// write with nothing replaced.
+pub type Fence = std::sync::Arc<dyn Fn() -> anyhow::Result<()> + Send + Sync>;
+
+/// How long a writer waits for another keyward process's write of the same file.
+const WRITE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// [`write_private_file`] for a file several keyward processes may write (a sink on shared
+/// storage): under an exclusive lock on `.NAME.keyward-lock` beside it, and only if `fence`
+/// still passes once the new content is on disk, just before it replaces the old. A writer
+/// that stopped after the check (a paused process) holds the lock meanwhile, so no other
+/// keyward's newer write can come between its check and its replace.
+pub fn write_private_file_fenced(path: &Path, bytes: &[u8], fence: &Fence) -> anyhow::Result<()> {
+    use atomic_write_file::AtomicWriteFile;
+    use atomic_write_file::unix::OpenOptionsExt as _;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lock_path = path.with_file_name(format!(".{name}.keyward-lock"));
+    let lock = open_private(&lock_path, false)
+        .with_context(|| format!("opening the write lock {}", lock_path.display()))?;
+    let waited = std::time::Instant::now();
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if waited.elapsed() < WRITE_LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "{} is being written by another keyward process (its lock {} stayed held for {}s)",
+                path.display(),
+                lock_path.display(),
+                WRITE_LOCK_WAIT.as_secs()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", lock_path.display()));
+            }
+        }
+    }
+    fence()?;
+    let mut options = AtomicWriteFile::options();
+    options.preserve_mode(false).preserve_owner(false);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("opening {} for writing", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    // The slow part (the data on disk) is done: the check that counts is the one right
+    // before the replace. Dropping the file uncommitted removes its temp file.
+    fence()?;
+    file.commit()
+        .with_context(|| format!("committing {}", path.display()))?;
+    let perms = std::fs::symlink_metadata(path)?.permissions();
+    if perms.mode() & 0o777 != 0o600 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    drop(lock);
+    Ok(())
+}
+
 /// Creates `path`, which must not exist yet (`O_CREAT|O_EXCL`: an existing file or a link is
 /// never replaced or followed), mode 0644, empty: the caller fills it with [`fill_new_file`]
 /// once it has the content, or removes it. For documents people keep, such as the config

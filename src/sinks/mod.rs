@@ -257,10 +257,18 @@ pub fn file_path(sink: &SinkConfig, doc: &SinkDocument) -> Option<std::path::Pat
 }
 
 /// Delivers `doc` to one sink.
-pub async fn deliver(sink: &SinkConfig, doc: &SinkDocument) -> Result<(), SinkError> {
+pub async fn deliver(
+    sink: &SinkConfig,
+    doc: &SinkDocument,
+    fence: &crate::files::Fence,
+) -> Result<(), SinkError> {
     match &sink.kind {
-        SinkKind::File { path, format } => file::deliver(path, *format, doc).await,
-        SinkKind::Exec { command, timeout } => exec::deliver(command, *timeout, doc).await,
+        SinkKind::File { path, format } => file::deliver(path, *format, doc, fence).await,
+        SinkKind::Exec { command, timeout } => {
+            // A program cannot be asked to check: the check comes right before it runs.
+            fence().map_err(SinkError::permanent)?;
+            exec::deliver(command, *timeout, doc).await
+        }
     }
 }
 
