@@ -57,8 +57,11 @@ pub struct Engine {
     pub warnings: Vec<Diagnostic>,
     /// One client per provider account, by account name.
     pub providers: BTreeMap<String, Arc<dyn Provider>>,
-    /// Where the state, the journal and the lock live.
+    /// Where the state, the journal and the lock live (replace it with
+    /// [`Engine::replace_store`]).
     pub store: Arc<dyn Store>,
+    /// The store the provider clients check their lease against before each request.
+    current_store: Arc<std::sync::RwLock<Arc<dyn Store>>>,
     /// The process's shutdown: the clients stop waiting and sending, the executor stops
     /// starting changes (the one in flight finishes).
     pub shutdown: CancellationToken,
@@ -229,8 +232,22 @@ impl Engine {
                 )?,
             );
         }
+        let store = store_for(&config.settings);
+        let current: Arc<std::sync::RwLock<Arc<dyn Store>>> =
+            Arc::new(std::sync::RwLock::new(Arc::clone(&store)));
+        for client in clients.values() {
+            let current = Arc::clone(&current);
+            client.fence_requests(Arc::new(move || {
+                let store = current
+                    .read()
+                    .map(|s| Arc::clone(&*s))
+                    .map_err(|_| anyhow::anyhow!("the state store handle is poisoned"))?;
+                store.check_lease()
+            }));
+        }
         Ok(Engine {
-            store: store_for(&config.settings),
+            store,
+            current_store: current,
             config,
             warnings: loaded.warnings,
             providers: clients,
@@ -238,6 +255,14 @@ impl Engine {
             held_lock: None,
             lock_timeout: std::time::Duration::ZERO,
         })
+    }
+
+    /// Puts `store` in the place of the engine's store, for the provider clients' checks too.
+    pub fn replace_store(&mut self, store: Arc<dyn Store>) {
+        if let Ok(mut current) = self.current_store.write() {
+            *current = Arc::clone(&store);
+        }
+        self.store = store;
     }
 
     /// Takes the state directory's exclusive lock.

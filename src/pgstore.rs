@@ -61,6 +61,10 @@ pub const PING_EVERY: Duration = Duration::from_secs(2);
 /// (by its own clock, which runs on while the process is stopped).
 pub const LEASE: Duration = Duration::from_secs(5);
 
+/// The longest a call waits for the database's answer before the connection counts as lost
+/// (a database that accepts connections and never answers must not hang keyward).
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The advisory lock key of the leader's lock (`pg_try_advisory_lock`): one keyward
 /// installation per database.
 pub const LEADER_LOCK: i64 = 0x6b65_7977_6172_6401;
@@ -410,12 +414,29 @@ impl PgStore {
 }
 
 impl Inner {
+    /// Why the connection can no longer be used, if it cannot: the server or the network
+    /// ended it, or (holding the lock) nothing was heard from it for a whole session timeout,
+    /// after which the server counts the session over: this process leads no more, whatever
+    /// its connection says.
+    fn lost_reason(&self) -> Option<String> {
+        if let Some(why) = self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Some(why);
+        }
+        let quiet = self
+            .heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed();
+        (self.term.load(Ordering::SeqCst) != 0 && quiet > SESSION_TIMEOUT)
+            .then(|| format!("no word from the database for {}s", quiet.as_secs()))
+    }
+
     /// Runs `f` on the connection's thread and waits for its answer; connects first if needed.
     fn run<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut postgres::Client) -> anyhow::Result<R> + Send + 'static,
     ) -> anyhow::Result<R> {
-        if let Some(why) = self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(why) = self.lost_reason() {
             return Err(Lost {
                 at: self.shown.clone(),
                 why,
@@ -449,7 +470,16 @@ impl Inner {
             .into()
         };
         jobs.send(job).map_err(|_| lost())?;
-        let result = reply.recv().map_err(|_| lost())?;
+        let result = match reply.recv_timeout(ANSWER_TIMEOUT) {
+            Ok(result) => result,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let mut l = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+                l.get_or_insert_with(|| format!("no answer within {}s", ANSWER_TIMEOUT.as_secs()));
+                drop(l);
+                return Err(lost());
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(lost()),
+        };
         result.map_err(|e| {
             if let Some(over) = e.downcast_ref::<Superseded>() {
                 // Another process leads now: this store writes nothing more.
@@ -522,9 +552,17 @@ impl Inner {
                 }
             })
             .context("starting the state database's thread")?;
-        started
-            .recv()
-            .context("the state database's thread ended before it connected")??;
+        match started.recv_timeout(ANSWER_TIMEOUT) {
+            Ok(connected) => connected?,
+            Err(mpsc::RecvTimeoutError::Timeout) => anyhow::bail!(
+                "cannot connect to the state database {}: no answer within {}s",
+                self.shown,
+                ANSWER_TIMEOUT.as_secs()
+            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                anyhow::bail!("the state database's thread ended before it connected")
+            }
+        }
         Ok(jobs)
     }
 
@@ -711,11 +749,7 @@ impl Store for PgStore {
     }
 
     fn lost(&self) -> Option<String> {
-        self.inner
-            .lost
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.lost_reason()
     }
 
     fn check_lease(&self) -> anyhow::Result<()> {
@@ -958,6 +992,11 @@ struct LeaderLock {
 
 impl Drop for LeaderLock {
     fn drop(&mut self) {
+        if self.inner.lost_reason().is_some() {
+            // The session (and its lock) is gone, or may hang: nothing to let go of.
+            self.inner.term.store(0, Ordering::SeqCst);
+            return;
+        }
         self.inner.term.store(0, Ordering::SeqCst);
         // Best effort: a lost session released it already.
         let _ = self.inner.run(|client| {

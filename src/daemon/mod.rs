@@ -326,7 +326,7 @@ impl Daemon {
         let same = engine.store.location() == self.engine.store.location();
         if same {
             // The same state: the same store (a database session is what holds its lock).
-            engine.store = Arc::clone(&self.engine.store);
+            engine.replace_store(Arc::clone(&self.engine.store));
         }
         if engine.config.settings.mode != Mode::Apply {
             return Ok(());
@@ -952,7 +952,8 @@ impl Daemon {
     fn try_lead(&mut self) -> bool {
         if self.engine.store.lost().is_some() {
             // A lost connection is not reused: a new one waits for the lock.
-            self.engine.store = crate::engine::store_for(&self.engine.config.settings);
+            let fresh = crate::engine::store_for(&self.engine.config.settings);
+            self.engine.replace_store(fresh);
         }
         // A database that does not answer may keep this a while: the other tasks run on.
         match tokio::task::block_in_place(|| self.engine.lock()) {
@@ -1005,7 +1006,8 @@ impl Daemon {
         }
         tracing::error!("lost the lead: {why}; no change is started, waiting to take over again");
         self.engine.held_lock = None;
-        self.engine.store = crate::engine::store_for(&self.engine.config.settings);
+        let fresh = crate::engine::store_for(&self.engine.config.settings);
+        self.engine.replace_store(fresh);
         if let Some(r) = self.resync.take() {
             r.task.abort();
         }
@@ -1115,6 +1117,9 @@ fn read_config_text(path: &std::path::Path) -> Zeroizing<String> {
 /// Runs the daemon until `shutdown` is cancelled (the process's SIGTERM or SIGINT).
 pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    // The file as it was before it was read: an edit made while the daemon starts (before the
+    // watch is set up) is read once the watch is.
+    let before_load = config::digest_of(&path, &[]);
     let loaded = match config::load(&path) {
         Ok(l) => l,
         Err(diags) => {
@@ -1192,6 +1197,9 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
     let mut hup = signal(SignalKind::hangup())?;
     let mut watch = watch::watch(&path)?;
     watch.include(&daemon.engine.config.include_patterns);
+    if config::digest_of(&path, &[]) != before_load && daemon.reload(true) {
+        watch.include(&daemon.engine.config.include_patterns);
+    }
     let listener = match daemon.engine.config.settings.metrics {
         Some(addr) => Some(
             metrics::listen(addr)
@@ -1228,6 +1236,10 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
     // Requests, the budget used and a listing's pages move between runs: scrapes see them live.
     let mut metrics_tick = tokio::time::interval(METRICS_REFRESH);
     metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A leader of a shared state looks at its lease every second: one that lost it says so
+    // (`keyward_leader 0`) and stops at once.
+    let mut lease_tick = tokio::time::interval(Duration::from_secs(1));
+    lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if shutdown.is_cancelled() {
             break;
@@ -1308,6 +1320,9 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
                 systemd::ready(&daemon.status_line());
             }
             results = listing_finished(&mut daemon.resync) => listed_now = Some(results),
+            _ = lease_tick.tick(), if daemon.engine.store.shared() && daemon.standby.is_none() => {
+                daemon.step_down_if_lost();
+            }
             _ = metrics_tick.tick() => {
                 daemon.step_down_if_lost();
                 daemon.live_metrics();

@@ -834,6 +834,10 @@ impl Provider for AsaProvider {
         gone_is_done(self.call(&op, Method::DELETE, &url, None).await)
     }
 
+    fn fence_requests(&self, fence: crate::files::Fence) {
+        self.http.set_fence(fence);
+    }
+
     fn requests_sent(&self) -> u64 {
         self.http.requests_sent()
     }

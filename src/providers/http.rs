@@ -75,9 +75,17 @@ pub struct HttpClient {
     /// The process's shutdown: once cancelled, every wait for a rate budget, a `Retry-After` or
     /// a backoff ends and nothing new is sent (a request already on the wire completes).
     shutdown: CancellationToken,
+    /// Checked right before each request goes out (the state lock's lease): a leader that was
+    /// paused past its lease sends nothing, not even the request it was about to send.
+    fence: std::sync::OnceLock<crate::files::Fence>,
 }
 
 impl HttpClient {
+    /// Sets the check made right before each request goes out (once; later calls are ignored).
+    pub fn set_fence(&self, fence: crate::files::Fence) {
+        let _ = self.fence.set(fence);
+    }
+
     /// A client for the account at `base_url`. It never follows a redirect (a 3xx is an error:
     /// following one would send the credential to another host, perhaps over plain http), and
     /// never sends a request for a loopback `base_url` through a proxy (`HTTP_PROXY` would
@@ -111,6 +119,7 @@ impl HttpClient {
             recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
             decode_error,
             shutdown,
+            fence: std::sync::OnceLock::new(),
         }))
     }
 
@@ -219,6 +228,15 @@ impl HttpClient {
                     retry_after: None,
                 });
             }
+        }
+        if let Some(fence) = self.fence.get()
+            && let Err(e) = fence()
+        {
+            // Nothing was sent: the next leader does what is still to do.
+            return Err(Failure {
+                error: self.local_error(op, &format!("not sent: {e:#}")),
+                retry_after: None,
+            });
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut recent) = self.recent.lock() {
@@ -500,6 +518,43 @@ fn describe_transport_error(e: &reqwest::Error) -> String {
 mod tests {
     use super::*;
     use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+
+    #[tokio::test]
+    async fn a_fence_that_fails_sends_nothing() {
+        // A listener that counts connections: none may arrive.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let decode: ErrorDecoder = |provider, op, _| ProviderError {
+            provider: provider.to_string(),
+            operation: op.operation.clone(),
+            user: None,
+            status: None,
+            code: None,
+            message: String::new(),
+            class: ErrorClass::Rejected,
+        };
+        let rate = RateLimit {
+            requests: 100,
+            per: jiff::SignedDuration::from_secs(60),
+        };
+        let client =
+            HttpClient::new("ng", &url, rate, 2, decode, CancellationToken::new()).unwrap();
+        client.set_fence(Arc::new(|| {
+            anyhow::bail!("no word from the state database")
+        }));
+        let op = Op::new("create key", Some("edge-1"));
+        let e = client
+            .send(&op, |c| c.post(format!("{url}/api_keys")))
+            .await
+            .expect_err("fenced");
+        assert!(
+            e.message.contains("not sent") && e.message.contains("no word"),
+            "{e}"
+        );
+        assert_eq!(client.requests_sent(), 0);
+        assert!(listener.accept().is_err(), "a connection was made");
+    }
 
     #[test]
     fn retry_after_seconds_and_date() {

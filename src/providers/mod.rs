@@ -234,6 +234,11 @@ pub trait Provider: Send + Sync {
     ) -> Result<RemoteKey, ProviderError>;
     /// Revokes `key` of the user named `user`. A key already gone (404) is success.
     async fn revoke_key(&self, user: &str, key: &RemoteKey) -> Result<(), ProviderError>;
+    /// Sets the check made right before each request goes out (the state lock's lease); a
+    /// client that sends nothing over HTTP ignores it.
+    fn fence_requests(&self, fence: crate::files::Fence) {
+        let _ = fence;
+    }
     /// How many HTTP requests this client has sent (retries included).
     fn requests_sent(&self) -> u64;
     /// How many of them the provider answered 429 (rate limited).
