@@ -247,6 +247,18 @@ pub fn open_private(path: &Path, append: bool) -> std::io::Result<File> {
 /// directory, fsync, rename over the target (a link at `path` is replaced, never followed),
 /// fsync of the directory.
 pub fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let file = written_private(path, bytes)?;
+    file.commit()
+        .with_context(|| format!("committing {}", path.display()))?;
+    keep_private(path)
+}
+
+/// A new temporary file beside `path` (mode 0600) holding `bytes`, synced on commit, which
+/// replaces `path`; dropped uncommitted, it is removed.
+fn written_private(
+    path: &Path,
+    bytes: &[u8],
+) -> anyhow::Result<atomic_write_file::AtomicWriteFile> {
     use atomic_write_file::AtomicWriteFile;
     use atomic_write_file::unix::OpenOptionsExt as _;
     let mut options = AtomicWriteFile::options();
@@ -257,9 +269,11 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("opening {} for writing", path.display()))?;
     file.write_all(bytes)
         .with_context(|| format!("writing {}", path.display()))?;
-    file.commit()
-        .with_context(|| format!("committing {}", path.display()))?;
-    // The mode is set at creation, but make sure an umask never widened it.
+    Ok(file)
+}
+
+/// The mode is set at creation, but makes sure an umask never widened it.
+fn keep_private(path: &Path) -> anyhow::Result<()> {
     let perms = std::fs::symlink_metadata(path)?.permissions();
     if perms.mode() & 0o777 != 0o600 {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
@@ -280,8 +294,6 @@ const WRITE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// that stopped after the check (a paused process) holds the lock meanwhile, so no other
 /// keyward's newer write can come between its check and its replace.
 pub fn write_private_file_fenced(path: &Path, bytes: &[u8], fence: &Fence) -> anyhow::Result<()> {
-    use atomic_write_file::AtomicWriteFile;
-    use atomic_write_file::unix::OpenOptionsExt as _;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -308,23 +320,13 @@ pub fn write_private_file_fenced(path: &Path, bytes: &[u8], fence: &Fence) -> an
         }
     }
     fence()?;
-    let mut options = AtomicWriteFile::options();
-    options.preserve_mode(false).preserve_owner(false);
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("opening {} for writing", path.display()))?;
-    file.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
+    let file = written_private(path, bytes)?;
     // The slow part (the data on disk) is done: the check that counts is the one right
     // before the replace. Dropping the file uncommitted removes its temp file.
     fence()?;
     file.commit()
         .with_context(|| format!("committing {}", path.display()))?;
-    let perms = std::fs::symlink_metadata(path)?.permissions();
-    if perms.mode() & 0o777 != 0o600 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    keep_private(path)?;
     drop(lock);
     Ok(())
 }

@@ -1302,10 +1302,13 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
                 while watch.events.try_recv().is_ok() {}
                 // A symlink may point elsewhere now: watch where the file lives before reading it.
                 watch.refresh();
+                let before = daemon.hash.clone();
                 if daemon.reload(false) {
                     watch.include(&daemon.engine.config.include_patterns);
                     run_now = Some(Wake::ConfigEdited);
-                } else {
+                } else if daemon.hash != before {
+                    // An edit that did not validate: say so. Other files written in the
+                    // watched directory change nothing and are not worth a word.
                     systemd::status(&daemon.status_line());
                 }
             }
