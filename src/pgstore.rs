@@ -801,31 +801,16 @@ impl Store for PgStore {
                 .isolation_level(postgres::IsolationLevel::RepeatableRead)
                 .read_only(true)
                 .start()?;
-            let meta = |tx: &mut postgres::Transaction<'_>, key: &str| -> anyhow::Result<Option<String>> {
-                Ok(tx
-                    .query_opt("SELECT value FROM keyward_meta WHERE key = $1", &[&key])?
-                    .map(|r| r.get(0)))
-            };
-            let version: u32 = meta(&mut tx, "format_version")?
-                .map(|v| v.parse())
-                .transpose()
-                .context("the state database's format_version is not a number")?
-                .unwrap_or(FORMAT_VERSION);
-            if version > FORMAT_VERSION {
-                anyhow::bail!(
-                    "the state in {shown} has format version {version}, newer than this keyward understands ({FORMAT_VERSION})"
-                );
-            }
-            let serial: u64 = meta(&mut tx, "serial")?
-                .map(|v| v.parse())
-                .transpose()
-                .context("the state database's serial is not a number")?
-                .unwrap_or(0);
-            let mut state = State {
-                format_version: FORMAT_VERSION,
-                serial,
-                ..State::default()
-            };
+            let meta =
+                |tx: &mut postgres::Transaction<'_>, key: &str| -> anyhow::Result<Option<String>> {
+                    Ok(tx
+                        .query_opt("SELECT value FROM keyward_meta WHERE key = $1", &[&key])?
+                        .map(|r| r.get(0)))
+                };
+            let version = meta(&mut tx, "format_version")?;
+            let serial = meta(&mut tx, "serial")?;
+            let mut state =
+                crate::store::state_from_meta(version, serial, std::path::Path::new(&shown))?;
             for row in tx.query("SELECT provider, name, record FROM keyward_users", &[])? {
                 crate::store::add_user_row(&mut state, row.get(0), row.get(1), row.get(2))?;
             }

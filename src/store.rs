@@ -310,22 +310,11 @@ fn read_db(conn: &mut rusqlite::Connection) -> anyhow::Result<State> {
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()?)
     };
-    let version: u32 = meta("format_version")?
-        .map(|v| v.parse())
-        .transpose()
-        .context("the state database's format_version is not a number")?
-        .unwrap_or(FORMAT_VERSION);
-    check_version(version, std::path::Path::new("the state database"))?;
-    let serial: u64 = meta("serial")?
-        .map(|v| v.parse())
-        .transpose()
-        .context("the state database's serial is not a number")?
-        .unwrap_or(0);
-    let mut state = State {
-        format_version: FORMAT_VERSION,
-        serial,
-        ..State::default()
-    };
+    let mut state = state_from_meta(
+        meta("format_version")?,
+        meta("serial")?,
+        std::path::Path::new("the state database"),
+    )?;
     {
         let mut rows = tx.prepare("SELECT provider, name, record FROM users")?;
         let mut rows = rows.query([])?;
@@ -340,6 +329,32 @@ fn read_db(conn: &mut rusqlite::Connection) -> anyhow::Result<State> {
     }
     tx.commit()?;
     Ok(state)
+}
+
+/// An empty state with the stored `format_version` and `serial` (absent: this keyward's
+/// version, serial 0); a version newer than this keyward's, or a value that is no number, is
+/// an error (the database backends share this).
+pub(crate) fn state_from_meta(
+    version: Option<String>,
+    serial: Option<String>,
+    at: &std::path::Path,
+) -> anyhow::Result<State> {
+    let version: u32 = version
+        .map(|v| v.parse())
+        .transpose()
+        .context("the state database's format_version is not a number")?
+        .unwrap_or(FORMAT_VERSION);
+    check_version(version, at)?;
+    let serial: u64 = serial
+        .map(|v| v.parse())
+        .transpose()
+        .context("the state database's serial is not a number")?
+        .unwrap_or(0);
+    Ok(State {
+        format_version: FORMAT_VERSION,
+        serial,
+        ..State::default()
+    })
 }
 
 /// Adds one stored user row (a record's JSON) to `state`; a record that does not parse is an
