@@ -402,11 +402,6 @@ impl PgStore {
         Ok(())
     }
 
-    /// The database, password masked.
-    pub fn shown(&self) -> &str {
-        &self.inner.shown
-    }
-
     /// The term this process holds (0: none).
     pub fn term(&self) -> i64 {
         self.inner.term.load(Ordering::SeqCst)
@@ -422,13 +417,17 @@ impl Inner {
         if let Some(why) = self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Some(why);
         }
-        let quiet = self
-            .heard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed();
+        let quiet = self.quiet();
         (self.term.load(Ordering::SeqCst) != 0 && quiet > SESSION_TIMEOUT)
             .then(|| format!("no word from the database for {}s", quiet.as_secs()))
+    }
+
+    /// How long since the database last answered.
+    fn quiet(&self) -> Duration {
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
     }
 
     /// Runs `f` on the connection's thread and waits for its answer; connects first if needed.
@@ -763,12 +762,7 @@ impl Store for PgStore {
             }
             .into());
         }
-        let quiet = self
-            .inner
-            .heard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed();
+        let quiet = self.inner.quiet();
         if quiet > LEASE {
             anyhow::bail!(
                 "no word from the state database {} for {}s (the process was paused, or the network is gone): it may no longer lead, so it starts nothing more",
