@@ -920,7 +920,8 @@ impl Executor {
             self.store.check_lease()?;
             let store = Arc::clone(&self.store);
             let fence: crate::files::Fence = Arc::new(move || store.check_lease());
-            (|| async { sinks::deliver(sink, doc, &fence).await })
+            let watch = self.store.shared();
+            (|| async { sinks::deliver(sink, doc, &fence, watch).await })
                 .retry(
                     ExponentialBuilder::default()
                         .with_min_delay(Duration::from_millis(200))

@@ -189,6 +189,12 @@ pub enum Command {
     /// Runs an exec sink's program so that it dies with keyward (internal).
     #[command(name = "sink-guard", hide = true)]
     SinkGuard {
+        /// The descriptor keyward's heartbeats arrive on (a shared state store's lease).
+        #[arg(long, requires = "heartbeat_gap_ms")]
+        heartbeat_fd: Option<i32>,
+        /// How long without a heartbeat before the program's group is killed, in ms.
+        #[arg(long, requires = "heartbeat_fd")]
+        heartbeat_gap_ms: Option<u64>,
         /// The program and its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         argv: Vec<String>,
@@ -209,8 +215,14 @@ pub enum StateCommand {
 /// Entry point of the `keyward` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::SinkGuard { argv } = &cli.command {
-        return crate::sinks::exec::guard(argv);
+    if let Command::SinkGuard {
+        argv,
+        heartbeat_fd,
+        heartbeat_gap_ms,
+    } = &cli.command
+    {
+        let heartbeat = heartbeat_fd.zip(heartbeat_gap_ms.map(std::time::Duration::from_millis));
+        return crate::sinks::exec::guard(argv, heartbeat);
     }
     if let Ok(exe) = std::env::current_exe() {
         crate::sinks::exec::use_guard(exe);
@@ -540,7 +552,14 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => demo(cli).await,
-        Command::SinkGuard { argv } => Ok(crate::sinks::exec::guard(argv)),
+        Command::SinkGuard {
+            argv,
+            heartbeat_fd,
+            heartbeat_gap_ms,
+        } => Ok(crate::sinks::exec::guard(
+            argv,
+            heartbeat_fd.zip(heartbeat_gap_ms.map(std::time::Duration::from_millis)),
+        )),
     }
 }
 

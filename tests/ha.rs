@@ -37,6 +37,34 @@ fn config_text(pg: &Pg, metrics: u16, cache: &str, rotate: &str) -> String {
     )
 }
 
+/// The sink program of [`slow_sink_config`]: reads the document, waits as many seconds as the
+/// workspace's `delay` file says, then hands the key to `consumer/USER.json` and notes its id
+/// in `finished` (`started` notes it once the wait begins).
+const SLOW_SINK: &str = r#"doc=$(cat)
+cd "$(dirname "$0")"
+d=$(cat delay 2>/dev/null || echo 0)
+echo "$KEYWARD_KEY_ID" >> started
+sleep "$d"
+mkdir -p consumer
+printf '%s' "$doc" > "consumer/.$KEYWARD_USER.tmp" && mv "consumer/.$KEYWARD_USER.tmp" "consumer/$KEYWARD_USER.json"
+echo "$KEYWARD_KEY_ID" >> finished
+"#;
+
+/// [`config_text`] with a second sink after the file sink: an exec sink running [`SLOW_SINK`].
+fn slow_sink_config(pg: &Pg, metrics: u16, cache: &str, dir: &std::path::Path) -> String {
+    let script = dir.join("slow-sink.sh");
+    std::fs::write(&script, SLOW_SINK).unwrap();
+    config_text(pg, metrics, cache, ROTATE)
+        .replace(
+            "sinks:\n",
+            &format!(
+                "sinks:\n  slow:\n    type: exec\n    command: [/bin/sh, \"{}\"]\n    timeout: 60s\n",
+                script.display()
+            ),
+        )
+        .replace("  sink: local\n", "  sink: [local, slow]\n")
+}
+
 /// One of the two daemons: its config, metrics port, and the process while it runs.
 struct Node {
     name: &'static str,
@@ -50,17 +78,18 @@ struct Node {
 
 impl Node {
     fn new(name: &'static str, ws: &Workspace, pg: &Pg) -> Node {
+        Node::with_config(name, ws, |port, cache| config_text(pg, port, cache, ROTATE))
+    }
+
+    /// A daemon whose config `text` writes, given its metrics port and cache directory.
+    fn with_config(name: &'static str, ws: &Workspace, text: impl Fn(u16, &str) -> String) -> Node {
         let port = common::free_port();
         let config = if name == "a" {
             ws.config_path()
         } else {
             ws.path(&format!("{name}.yaml"))
         };
-        std::fs::write(
-            &config,
-            config_text(pg, port, &format!("cache-{name}"), ROTATE),
-        )
-        .unwrap();
+        std::fs::write(&config, text(port, &format!("cache-{name}"))).unwrap();
         Node {
             name,
             config,
@@ -432,6 +461,82 @@ fn a_leader_stopped_past_its_session_timeout_completes_no_write_and_steps_down()
     b.kill();
     within(Duration::from_secs(10), || a.leads())
         .unwrap_or_else(|| panic!("the old leader never led again\n{}", a.log()));
+    wind_down(&sb, &ws, &pg, &mut [&mut a, &mut b]);
+}
+
+/// The key ids a [`SLOW_SINK`] log file lists.
+fn noted(ws: &Workspace, file: &str) -> Vec<String> {
+    std::fs::read_to_string(ws.path(file))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn an_exec_sink_of_a_stopped_leader_is_stopped_before_the_next_leader_delivers() {
+    let (sb, ws, pg) = setup();
+    let dir = ws.dir.path().to_path_buf();
+    let mut a = Node::with_config("a", &ws, |port, cache| {
+        slow_sink_config(&pg, port, cache, &dir)
+    });
+    let mut b = Node::with_config("b", &ws, |port, cache| {
+        slow_sink_config(&pg, port, cache, &dir)
+    });
+    start_pair(&sb, &ws, &mut a, &mut b);
+    let (leader, standby) = if a.leads() {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    // The next delivery takes 20 s: the leader is stopped while its program runs.
+    std::fs::write(ws.path("delay"), "20").unwrap();
+    let before = noted(&ws, "started").len();
+    within(Duration::from_secs(15), || {
+        noted(&ws, "started").len() > before
+    })
+    .unwrap_or_else(|| panic!("no delivery began\n{}", leader.log()));
+    leader.signal("STOP");
+    let stalled = noted(&ws, "started")[before].clone();
+    std::fs::write(ws.path("delay"), "0").unwrap();
+    within(Duration::from_secs(20), || standby.leads()).unwrap_or_else(|| {
+        panic!(
+            "the standby never took over\n{}",
+            logs_of(&[&*leader, &*standby])
+        )
+    });
+    // Past the time the stalled program would have finished: the new leader delivered since,
+    // and the stalled program never did.
+    std::thread::sleep(Duration::from_secs(22));
+    let finished = noted(&ws, "finished");
+    assert!(
+        !finished.contains(&stalled),
+        "the stopped leader's program handed over {stalled} after all: {finished:?}\n{}",
+        logs_of(&[&*leader, &*standby])
+    );
+    leader.signal("CONT");
+    within(Duration::from_secs(15), || {
+        leader.log().contains("lost the lead")
+    })
+    .unwrap_or_else(|| panic!("the woken leader did not step down\n{}", leader.log()));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !noted(&ws, "finished").contains(&stalled),
+        "handed over after SIGCONT"
+    );
+    // Every consumer holds a key that works.
+    for u in USERS {
+        let text = std::fs::read_to_string(ws.path(&format!("consumer/{u}.json"))).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            sb.secret_works("credential", doc["secret"].as_str().unwrap_or_default()),
+            "{u}: the consumer's key {} does not authenticate\n{}",
+            doc["key_id"],
+            logs_of(&[&*leader, &*standby])
+        );
+    }
+    sinks_work(&sb, &ws).unwrap_or_else(|e| panic!("{e}\n{}", logs_of(&[&*leader, &*standby])));
+    terms_fenced(&pg).unwrap_or_else(|e| panic!("{e}\n{}", logs_of(&[&*leader, &*standby])));
     wind_down(&sb, &ws, &pg, &mut [&mut a, &mut b]);
 }
 

@@ -83,13 +83,31 @@ impl Drop for KillGroup {
     }
 }
 
-/// `keyward sink-guard -- PROGRAM ARGS...`: runs the sink program in the guard's own process
-/// group (keyward made the guard its leader) and exits with the program's status. keyward set
-/// the guard's parent-death signal to SIGTERM: when keyward dies, even by `kill -9`, the guard
-/// kills its whole group, so no program a sink started, nor anything it forked, lives on to
-/// hand over a key after keyward has decided about it. Stdin, stdout, stderr and the
-/// environment pass through untouched.
-pub fn guard(argv: &[String]) -> std::process::ExitCode {
+/// How often keyward tells a guard that its lead still holds, while a program runs for a
+/// shared state store.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+
+/// How long a guard waits for word that the lead still holds before it kills the program's
+/// group. Shorter than the least time another keyward can take the lead after this one went
+/// quiet: the database ends a silent session after its 10 s timeout, counted from the last of
+/// the pings keyward sends every 2 s, so no successor leads within 8 s of the silence (see
+/// `pgstore`). A program is thus stopped before a successor can deliver a newer key, and can
+/// never overwrite it later.
+pub const HEARTBEAT_GAP: Duration = Duration::from_secs(3);
+
+/// The descriptor the guard reads heartbeats from (keyward places the pipe there).
+const HEARTBEAT_FD: i32 = 3;
+
+/// `keyward sink-guard [--heartbeat-fd N --heartbeat-gap-ms MS] -- PROGRAM ARGS...`: runs the
+/// sink program in the guard's own process group (keyward made the guard its leader) and exits
+/// with the program's status. keyward set the guard's parent-death signal to SIGTERM: when
+/// keyward dies, even by `kill -9`, the guard kills its whole group, so no program a sink
+/// started, nor anything it forked, lives on to hand over a key after keyward has decided
+/// about it. With a heartbeat descriptor (a shared state store), the guard also kills the
+/// group when keyward stops saying, at least every `gap`, that it still leads: a keyward that
+/// is paused (SIGSTOP, a stalled VM) or lost its lead cannot have a program finish a delivery
+/// after a successor's. Stdin, stdout, stderr and the environment pass through untouched.
+pub fn guard(argv: &[String], heartbeat: Option<(i32, Duration)>) -> std::process::ExitCode {
     use std::process::ExitCode;
     let Some((program, args)) = argv.split_first() else {
         eprintln!("keyward sink-guard: no program given");
@@ -115,6 +133,14 @@ pub fn guard(argv: &[String]) -> std::process::ExitCode {
                 return ExitCode::from(1);
             }
         };
+        let beats = match heartbeat.map(|(fd, gap)| heartbeats(fd).map(|r| (r, gap))) {
+            None => None,
+            Some(Ok(b)) => Some(b),
+            Some(Err(e)) => {
+                eprintln!("keyward sink-guard: the heartbeat descriptor: {e}");
+                return ExitCode::from(1);
+            }
+        };
         let mut child = match tokio::process::Command::new(program).args(args).spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -122,27 +148,78 @@ pub fn guard(argv: &[String]) -> std::process::ExitCode {
                 return ExitCode::from(127);
             }
         };
+        let lapsed = async {
+            match beats {
+                Some((mut rx, gap)) => lapse(&mut rx, gap).await,
+                None => std::future::pending().await,
+            }
+        };
+        let kill_group = || {
+            let _ = rustix::process::kill_process_group(
+                rustix::process::getpgid(None).unwrap_or_else(|_| rustix::process::getpid()),
+                rustix::process::Signal::KILL,
+            );
+        };
         tokio::select! {
             status = child.wait() => match status.ok().and_then(|s| s.code()) {
                 Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
                 None => ExitCode::from(1),
             },
             _ = term.recv() => {
-                let _ = rustix::process::kill_process_group(
-                    rustix::process::getpgid(None).unwrap_or_else(|_| rustix::process::getpid()),
-                    rustix::process::Signal::KILL,
-                );
+                kill_group();
+                ExitCode::from(1)
+            }
+            why = lapsed => {
+                eprintln!("{GUARD_LAPSED}: {why}; the program's process group was killed");
+                kill_group();
                 ExitCode::from(1)
             }
         }
     })
 }
 
-/// Runs the program of an exec sink with `doc` on its stdin.
+/// How the guard's stderr begins when it stopped the program because keyward's lead lapsed.
+const GUARD_LAPSED: &str = "keyward sink-guard: the lead lapsed";
+
+/// The guard's end of the heartbeat pipe, closed on exec (the program never sees it).
+fn heartbeats(fd: i32) -> std::io::Result<tokio::net::unix::pipe::Receiver> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: keyward placed the pipe's read end at this descriptor for this process alone;
+    // nothing else in the guard owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
+    tokio::net::unix::pipe::Receiver::from_owned_fd(owned)
+}
+
+/// Resolves once no heartbeat came for `gap`, or keyward closed its end: why, in words.
+async fn lapse(rx: &mut tokio::net::unix::pipe::Receiver, gap: Duration) -> String {
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(gap, rx.read(&mut buf)).await {
+            Ok(Ok(0)) => return "keyward closed the heartbeat".to_string(),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("reading the heartbeat: {e}"),
+            Err(_) => {
+                return format!(
+                    "no word from keyward for {:.1}s (paused, or its lead is gone)",
+                    gap.as_secs_f64()
+                );
+            }
+        }
+    }
+}
+
+/// Runs the program of an exec sink with `doc` on its stdin. With `lease` (the lead of a shared
+/// state store), the program runs only while the lease holds: it is checked every
+/// [`HEARTBEAT_EVERY`], and the program's process group is killed once it fails; under the
+/// guard, a keyward that stops checking (paused) has its program killed by the guard after
+/// [`HEARTBEAT_GAP`]. A program that already handed the key on cannot be called back; one
+/// killed before it finished counts as not delivered.
 pub async fn deliver(
     command: &[String],
     timeout: SignedDuration,
     doc: &SinkDocument,
+    lease: Option<&crate::files::Fence>,
 ) -> Result<(), SinkError> {
     let argv: Vec<String> = command
         .iter()
@@ -155,10 +232,29 @@ pub async fn deliver(
     let shown = crate::text::escape(program).into_owned();
     // Through the guard when keyward runs as its binary: the guard dies with keyward and takes
     // the program's whole process group with it (see [`guard`]).
+    // The heartbeat pipe to the guard, when there is a lease to watch: keyward keeps the
+    // write end, the guard gets the read end at [`HEARTBEAT_FD`].
+    let pipe = match (GUARD.get(), lease) {
+        (Some(_), Some(_)) => Some(
+            rustix::pipe::pipe_with(
+                rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+            )
+            .context("exec sink: a heartbeat pipe")
+            .map_err(SinkError::transient)?,
+        ),
+        _ => None,
+    };
     let mut cmd = match GUARD.get() {
         Some(exe) => {
             let mut c = tokio::process::Command::new(exe);
-            c.arg(GUARD_COMMAND).arg("--").arg(program).args(args);
+            c.arg(GUARD_COMMAND);
+            if pipe.is_some() {
+                c.arg("--heartbeat-fd")
+                    .arg(HEARTBEAT_FD.to_string())
+                    .arg("--heartbeat-gap-ms")
+                    .arg(HEARTBEAT_GAP.as_millis().to_string());
+            }
+            c.arg("--").arg(program).args(args);
             c
         }
         None => {
@@ -206,6 +302,28 @@ pub async fn deliver(
             Ok(())
         });
     }
+    if let Some((read, _)) = &pipe {
+        use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+        let raw = read.as_raw_fd();
+        // SAFETY: the closure runs in the child between fork and exec and only makes
+        // async-signal-safe system calls (dup2, fcntl) on descriptors the child owns; the
+        // descriptor it wraps is forgotten, never closed by the closure.
+        unsafe {
+            cmd.pre_exec(move || {
+                let read = BorrowedFd::borrow_raw(raw);
+                if raw == HEARTBEAT_FD {
+                    // Already in place: only keep it open across exec.
+                    rustix::io::fcntl_setfd(read, rustix::io::FdFlags::empty())?;
+                } else {
+                    let mut target = OwnedFd::from_raw_fd(HEARTBEAT_FD);
+                    let placed = rustix::io::dup2(read, &mut target);
+                    std::mem::forget(target);
+                    placed?;
+                }
+                Ok(())
+            });
+        }
+    }
     cmd.env("KEYWARD_PROVIDER", &doc.provider)
         .env("KEYWARD_USER", &doc.user)
         .env("KEYWARD_SLOT", &doc.slot)
@@ -220,6 +338,8 @@ pub async fn deliver(
             permanent,
         }
     })?;
+    // The guard holds the read end now; keyward's copy goes.
+    let beat = pipe.map(|(_, write)| write);
     let group = child.id();
     // Whatever happens from here (an error, a timeout, the future dropped), the program's
     // group goes when this function ends.
@@ -250,12 +370,40 @@ pub async fn deliver(
             tokio::join!(capture(&mut stdout), capture(&mut stderr), child.wait());
         (status, out, err)
     };
-    let outcome = tokio::time::timeout(limit, run).await;
+    // While the program runs: the lease is checked, and the guard told it holds.
+    let watch = async {
+        let Some(fence) = lease else {
+            return std::future::pending::<anyhow::Error>().await;
+        };
+        loop {
+            if let Err(e) = fence() {
+                return e;
+            }
+            if let Some(w) = &beat {
+                // A full pipe (a guard that stopped reading) only means beats are waiting.
+                let _ = rustix::io::write(w, &[1]);
+            }
+            tokio::time::sleep(HEARTBEAT_EVERY).await;
+        }
+    };
+    let outcome = tokio::time::timeout(limit, async {
+        tokio::select! {
+            r = run => Ok(r),
+            lost = watch => Err(lost),
+        }
+    })
+    .await;
     // Whatever the program left running in its group goes with it (on success too: the
     // delivery is over, and a straggler would hold the secret for no one).
     drop(_reaper);
+    drop(beat);
     let (status, out, err) = match outcome {
-        Ok(r) => r,
+        Ok(Ok(r)) => r,
+        Ok(Err(lost)) => {
+            return Err(SinkError::permanent(lost.context(format!(
+                "exec sink {shown}: stopped while it ran (its process group was killed): the lead may be gone"
+            ))));
+        }
         Err(_) => {
             return Err(SinkError::transient(anyhow::anyhow!(
                 "exec sink {shown}: did not finish within {}; its process group was killed",
@@ -328,6 +476,7 @@ mod tests {
             &sh(&script),
             SignedDuration::from_secs(10),
             &crate::sinks::tests::doc(),
+            None,
         )
         .await
         .unwrap();
@@ -342,6 +491,7 @@ mod tests {
             &sh("cat; echo boom >&2; exit 3"),
             SignedDuration::from_secs(10),
             &crate::sinks::tests::doc(),
+            None,
         )
         .await
         .unwrap_err()
@@ -373,6 +523,7 @@ mod tests {
             &sh(&script),
             SignedDuration::from_secs(10),
             &crate::sinks::tests::doc(),
+            None,
         )
         .await
         .unwrap_err()
@@ -398,14 +549,20 @@ mod tests {
             &sh(&script),
             SignedDuration::from_millis(500),
             &crate::sinks::tests::doc(),
+            None,
         )
         .await
         .unwrap_err();
         assert!(err.to_string().contains("did not finish"), "{err}");
         assert!(!err.permanent);
-        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        assert_killed(&pidfile);
+    }
+
+    /// The process whose pid `pidfile` holds is gone (killed at once; it may linger a moment
+    /// as a zombie until it is reaped).
+    fn assert_killed(pidfile: &std::path::Path) {
+        let pid = std::fs::read_to_string(pidfile).unwrap();
         let proc = std::path::PathBuf::from(format!("/proc/{}", pid.trim()));
-        // Killed at once; it may linger a moment as a zombie until it is reaped.
         let gone = (0..100).any(|_| {
             let state = std::fs::read_to_string(proc.join("stat")).unwrap_or_default();
             let alive = !state.is_empty() && !state.contains(") Z");
@@ -418,11 +575,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lease_lost_while_the_program_runs_stops_it_and_all_it_started() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pidfile = tmp.path().join("pid");
+        let done = tmp.path().join("done");
+        let script = format!(
+            "sleep 300 & echo $! > {}; sleep 3; touch {}",
+            pidfile.display(),
+            done.display()
+        );
+        let since = std::time::Instant::now();
+        let lease: crate::files::Fence = std::sync::Arc::new(move || {
+            if since.elapsed() < Duration::from_millis(800) {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("lost the lead: a newer term began"))
+            }
+        });
+        let err = deliver(
+            &sh(&script),
+            SignedDuration::from_secs(60),
+            &crate::sinks::tests::doc(),
+            Some(&lease),
+        )
+        .await
+        .unwrap_err();
+        let text = format!("{:#}", err.error);
+        assert!(text.contains("stopped while it ran"), "{text}");
+        assert!(text.contains("a newer term began"), "{text}");
+        assert!(err.permanent, "{text}");
+        assert_killed(&pidfile);
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(
+            !done.exists(),
+            "the program finished its delivery after all"
+        );
+    }
+
+    #[tokio::test]
     async fn a_missing_program_is_a_permanent_failure() {
         let err = deliver(
             &["/nonexistent/keyward-sink".to_string()],
             SignedDuration::from_secs(5),
             &crate::sinks::tests::doc(),
+            None,
         )
         .await
         .unwrap_err();
@@ -435,6 +631,7 @@ mod tests {
             &sh("sleep 5"),
             SignedDuration::from_millis(200),
             &crate::sinks::tests::doc(),
+            None,
         )
         .await
         .unwrap_err()

@@ -256,18 +256,21 @@ pub fn file_path(sink: &SinkConfig, doc: &SinkDocument) -> Option<std::path::Pat
     }
 }
 
-/// Delivers `doc` to one sink.
+/// Delivers `doc` to one sink, fenced by `fence` (the state lock's lease). A file is replaced
+/// only if the fence passes right before; a program starts only if it passes, and with `watch`
+/// (a lease that can lapse while the program runs: a shared store) is stopped once it fails
+/// (see [`exec::deliver`]).
 pub async fn deliver(
     sink: &SinkConfig,
     doc: &SinkDocument,
     fence: &crate::files::Fence,
+    watch: bool,
 ) -> Result<(), SinkError> {
     match &sink.kind {
         SinkKind::File { path, format } => file::deliver(path, *format, doc, fence).await,
         SinkKind::Exec { command, timeout } => {
-            // A program cannot be asked to check: the check comes right before it runs.
             fence().map_err(SinkError::permanent)?;
-            exec::deliver(command, *timeout, doc).await
+            exec::deliver(command, *timeout, doc, watch.then_some(fence)).await
         }
     }
 }
