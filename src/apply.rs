@@ -117,8 +117,17 @@ impl Report {
             .count()
     }
 
-    /// The closing summary, for stdout.
+    /// The closing summary, for stdout: a failed apply ends telling the operator to run the
+    /// same command again.
     pub fn summary(&self) -> String {
+        self.summary_closing(
+            "Everything done is recorded; run the same command again to finish the rest.",
+        )
+    }
+
+    /// The closing summary; a failed apply's ends with `closing` (one line: what finishes the
+    /// rest).
+    pub fn summary_closing(&self, closing: &str) -> String {
         let counts = format!(
             "{} created, {} updated, {} rotated, {} revoked, {} deleted",
             self.count_done(&[Action::CreateUser, Action::CreateKey]),
@@ -151,9 +160,8 @@ impl Report {
                 Outcome::Done(_) => {}
             }
         }
-        out.push_str(
-            "Everything done is recorded; run the same command again to finish the rest.\n",
-        );
+        out.push_str(closing);
+        out.push('\n');
         out
     }
 }

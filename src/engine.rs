@@ -274,6 +274,8 @@ impl Engine {
     /// (trying every second); then the holder is named in the error.
     pub async fn take_lock(&self) -> anyhow::Result<StoreLock> {
         let until = tokio::time::Instant::now() + self.lock_timeout;
+        // Said once, and again only when the holder changes: not once a second.
+        let mut said = String::new();
         loop {
             match self.store.lock() {
                 Err(e) if e.downcast_ref::<crate::store::Locked>().is_some() => {
@@ -281,7 +283,14 @@ impl Engine {
                     if now >= until {
                         return Err(e);
                     }
-                    tracing::info!("{e:#}; waiting up to {}s for it", (until - now).as_secs());
+                    let holder = format!("{e:#}");
+                    if holder != said {
+                        tracing::info!(
+                            "{holder}; waiting up to {}s for it",
+                            (until - now).as_secs()
+                        );
+                        said = holder;
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep((until - now).min(std::time::Duration::from_secs(1))) => {}
                         _ = self.shutdown.cancelled() => return Err(e),
@@ -453,8 +462,21 @@ impl Engine {
         );
         drop(found);
         drop(index);
-        for note in &recovery.notes {
-            tracing::warn!("recovery: {note}");
+        // Beside a process that holds the lock (a daemon, an apply), its unfinished operations
+        // are in flight, not interrupted: said once, and what is shown may change under it.
+        let in_flight = (!persist && self.held_lock.is_none() && !unfinished.is_empty())
+            .then(|| self.store.busy())
+            .flatten();
+        match in_flight {
+            Some(holder) => tracing::info!(
+                "{holder} holds the lock and is at work: its {} unfinished operation(s) are shown as they stand now, not as an interrupted run; what it leaves may differ",
+                unfinished.len()
+            ),
+            None => {
+                for note in &recovery.notes {
+                    tracing::warn!("recovery: {note}");
+                }
+            }
         }
         if persist && recovery.changed {
             state.serial += 1;
@@ -632,7 +654,7 @@ impl Engine {
         let max = self.config.settings.max_deletions;
         if n > max {
             anyhow::bail!(
-                "refusing to apply: the plan deletes or revokes {n} objects, more than settings.max_deletions ({max}); nothing was changed"
+                "refusing to apply: the plan deletes or revokes {n} objects, more than settings.max_deletions ({max}); nothing was changed (revocations that end a rotation or remove a key keyward never delivered do not count)"
             );
         }
         Ok(())

@@ -220,6 +220,19 @@ pub fn check_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A hint for a URL whose user name or password holds a character that ends that part early
+/// (`#`, `?` or `/` before the URL's last `@`): the usual cause of a URL that will not parse,
+/// or parses into another host.
+fn encoding_hint(url: &str) -> &'static str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    match rest.rfind('@') {
+        Some(at) if rest[..at].contains(['#', '?', '/']) => {
+            "; a `#`, `?` or `/` in the user name or password must be percent-encoded (%23, %3F, %2F)"
+        }
+        _ => "",
+    }
+}
+
 /// How to secure the connection (`sslmode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tls {
@@ -231,7 +244,14 @@ enum Tls {
 /// The driver's config from `url` (its `sslmode` and `sslrootcert` taken out and returned as
 /// what TLS to use and with which roots).
 fn parse(url: &str) -> Result<(postgres::Config, (Tls, Option<String>)), String> {
-    let mut u = url::Url::parse(url).map_err(|e| format!("state_url is not a URL: {e}"))?;
+    // Said when the URL fails to parse: the usual cause.
+    let hint = encoding_hint(url);
+    let mut u = url::Url::parse(url).map_err(|e| format!("state_url is not a URL: {e}{hint}"))?;
+    if u.fragment().is_some() {
+        return Err(
+            "state_url has a `#` part, which a connection URL never has; a `#`, `?` or `/` in the user name or password must be percent-encoded (%23, %3F, %2F)".to_string(),
+        );
+    }
     if !matches!(u.scheme(), "postgres" | "postgresql") {
         return Err(format!(
             "state_url must be a postgres:// URL (got the scheme {:?})",
@@ -259,8 +279,14 @@ fn parse(url: &str) -> Result<(postgres::Config, (Tls, Option<String>)), String>
     if !rest.is_empty() {
         u.query_pairs_mut().extend_pairs(rest);
     }
-    let mut config = postgres::Config::from_str(u.as_str())
-        .map_err(|e| format!("state_url is not a PostgreSQL connection URL: {e}"))?;
+    let mut config = postgres::Config::from_str(u.as_str()).map_err(|e| {
+        if hint.is_empty() {
+            format!("state_url is not a PostgreSQL connection URL: {e}")
+        } else {
+            // The driver quotes the option it did not know: a piece of the password.
+            format!("state_url is not a PostgreSQL connection URL{hint}")
+        }
+    })?;
     config.ssl_mode(match tls {
         Tls::Disable => postgres::config::SslMode::Disable,
         Tls::Prefer => postgres::config::SslMode::Prefer,
@@ -293,6 +319,54 @@ fn tls_connector(root: Option<&str>) -> anyhow::Result<tokio_postgres_rustls::Ma
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// The `application_name` of keyward's sessions: `keyward HOST pid N` (PostgreSQL keeps 63
+/// bytes of it), so an operator sees whose session is whose, and a process refused the lock
+/// can name the holder.
+fn application_name(identity: &str) -> String {
+    let mut name = format!("keyward {identity}");
+    if name.len() > 63 {
+        let cut = (0..=63)
+            .rev()
+            .find(|i| name.is_char_boundary(*i))
+            .unwrap_or(0);
+        name.truncate(cut);
+    }
+    name
+}
+
+/// The `application_name` of the session holding the leader's advisory lock in this database
+/// (a bigint key is held as class id = its high 32 bits, object id = its low 32 bits,
+/// `objsubid` 1; `pg_locks` lists every database's).
+const HOLDER_SESSION: &str = "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     AND l.classid = (($1::bigint >> 32) & 4294967295)::oid AND l.objid = ($1::bigint & 4294967295)::oid \
+     LIMIT 1";
+
+/// [`HOLDER_SESSION`], not counting this session (a row, its name perhaps hidden: the lock
+/// is held elsewhere).
+const HOLDER_SESSION_ELSEWHERE: &str = "SELECT a.application_name FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND l.pid <> pg_backend_pid() \
+     AND l.classid = (($1::bigint >> 32) & 4294967295)::oid AND l.objid = ($1::bigint & 4294967295)::oid \
+     LIMIT 1";
+
+/// Who holds the lock, in words: the recorded leader (`HOST pid N, term T`) when the holding
+/// session is that process, else the holding session's process (it is taking the lead).
+fn holder_of(recorded: Option<String>, session: Option<String>) -> Option<String> {
+    let Some(session) = session.filter(|s| s.starts_with("keyward ")) else {
+        return recorded;
+    };
+    let holds = |r: &str| {
+        r.rsplit_once(", term ")
+            .is_some_and(|(identity, _)| application_name(identity) == session)
+    };
+    match recorded {
+        Some(r) if holds(&r) => Some(r),
+        _ => Some(format!("{}, taking the lead", &session["keyward ".len()..])),
+    }
 }
 
 impl PgStore {
@@ -508,7 +582,7 @@ impl Inner {
             parse(self.url.expose_secret()).map_err(|e| anyhow::anyhow!("{e}"))?;
         config
             // Names the process, so an operator (or a test) can find its session.
-            .application_name(&format!("keyward pid {}", std::process::id()))
+            .application_name(&application_name(&self.identity))
             .connect_timeout(SESSION_TIMEOUT)
             .tcp_user_timeout(SESSION_TIMEOUT)
             .keepalives(true)
@@ -773,6 +847,29 @@ impl Store for PgStore {
         Ok(())
     }
 
+    fn busy(&self) -> Option<String> {
+        if self.term() != 0 {
+            return None;
+        }
+        self.inner
+            .run(|client| {
+                let Some(row) = client.query_opt(HOLDER_SESSION_ELSEWHERE, &[&LEADER_LOCK])? else {
+                    return Ok(None);
+                };
+                let session: Option<String> = row.get(0);
+                let recorded: Option<String> = client
+                    .query_opt("SELECT value FROM keyward_meta WHERE key = 'leader'", &[])?
+                    .map(|r| r.get(0));
+                Ok(Some(
+                    holder_of(recorded, session)
+                        .map(|h| format!("another keyward process ({h})"))
+                        .unwrap_or_else(|| "another keyward process".to_string()),
+                ))
+            })
+            .ok()
+            .flatten()
+    }
+
     fn leader(&self) -> Option<String> {
         if self.lost().is_some() {
             return None;
@@ -867,9 +964,17 @@ impl Store for PgStore {
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])?
                 .get(0);
             if !got {
-                let holder: Option<String> = client
+                let recorded: Option<String> = client
                     .query_opt("SELECT value FROM keyward_meta WHERE key = 'leader'", &[])?
                     .map(|r| r.get(0));
+                // The session that holds the lock names its process; the recorded leader may
+                // be the one before it, when the holder has only just taken the lock.
+                let session: Option<String> = client
+                    .query_opt(HOLDER_SESSION, &[&LEADER_LOCK])
+                    .ok()
+                    .flatten()
+                    .and_then(|r| r.get::<_, Option<String>>(0));
+                let holder = holder_of(recorded, session);
                 return Err(anyhow::Error::new(Locked(format!(
                     "the state database {shown} is locked by another keyward process{}",
                     holder
@@ -1050,6 +1155,60 @@ impl JournalLog for PgJournal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_that_ends_its_part_early_is_refused_with_the_encoding_hint() {
+        for url in [
+            "postgres://kw:pa#ss@db.example/keyward",
+            "postgres://kw:12#34@db.example/keyward",
+            "postgres://kw:pa/ss@db.example/keyward",
+            "postgres://kw:12?x@db.example/keyward",
+        ] {
+            let e = check_url(url).expect_err(url);
+            assert!(e.contains("must be percent-encoded"), "{url}: {e}");
+            assert!(!e.contains("ss@") && !e.contains("34@"), "{url}: {e}");
+        }
+        // A stray `#` elsewhere is refused too, with the same advice.
+        let e = check_url("postgres://db.example/keyward#x").unwrap_err();
+        assert!(e.contains("%23"), "{e}");
+        // Encoded, it is fine; an `@` in the password needs no encoding (the last `@` counts),
+        // nor does one in an option.
+        assert!(check_url("postgres://db.example:5432/k?application_name=a@b").is_ok());
+        assert!(check_url("postgres://kw:pa%23ss%2F@db.example/keyward").is_ok());
+        assert!(check_url("postgres://kw:p@ss@db.example/keyward").is_ok());
+    }
+
+    #[test]
+    fn a_refused_lock_names_the_process_that_holds_it_not_the_one_before() {
+        let recorded = Some("db1 pid 10, term 4".to_string());
+        // The recorded leader still holds it.
+        assert_eq!(
+            holder_of(recorded.clone(), Some("keyward db1 pid 10".into())).as_deref(),
+            Some("db1 pid 10, term 4")
+        );
+        // Another process took it and has not yet recorded its term.
+        assert_eq!(
+            holder_of(recorded.clone(), Some("keyward db2 pid 10".into())).as_deref(),
+            Some("db2 pid 10, taking the lead")
+        );
+        assert_eq!(
+            holder_of(None, Some("keyward db2 pid 7".into())).as_deref(),
+            Some("db2 pid 7, taking the lead")
+        );
+        // A pid that only begins like the recorded one is another process.
+        assert_eq!(
+            holder_of(recorded.clone(), Some("keyward db1 pid 1".into())).as_deref(),
+            Some("db1 pid 1, taking the lead")
+        );
+        // The session cannot be seen (another role, no pg_read_all_stats): the record.
+        assert_eq!(holder_of(recorded.clone(), None), recorded);
+        // A host name too long for application_name: compared as PostgreSQL keeps it.
+        let host = "h".repeat(70);
+        let long = format!("{host} pid 3, term 9");
+        let session = application_name(&format!("{host} pid 3"));
+        assert_eq!(session.len(), 63);
+        assert_eq!(holder_of(Some(long.clone()), Some(session)), Some(long));
+    }
 
     #[test]
     fn passwords_are_masked_wherever_they_are_written() {

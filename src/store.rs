@@ -46,6 +46,12 @@ pub trait Store: Send + Sync {
     fn leader(&self) -> Option<String> {
         None
     }
+    /// Who holds the lock now, when another process does (a running apply or daemon): its
+    /// unfinished operations are in flight, not interrupted. `None` when it is free or cannot
+    /// be told; never takes the lock.
+    fn busy(&self) -> Option<String> {
+        None
+    }
     /// The state (empty when there is none yet; an error, never a reset, when unreadable).
     fn load(&self) -> anyhow::Result<State>;
     /// Records `state` durably, as it is, replacing what was recorded (O(size of the state)).
@@ -135,6 +141,27 @@ impl StateDir {
     /// write in (they could plant links to files keyward would then overwrite).
     pub fn ensure(&self) -> anyhow::Result<()> {
         crate::files::create_private_dir(&self.dir, "state directory")
+    }
+
+    /// Who holds the lock, if another process does now (see [`Store::busy`]): a shared lock is
+    /// tried on the lock file and let go at once.
+    pub fn busy(&self) -> Option<String> {
+        let path = self.dir.join("lock");
+        let file = std::fs::File::open(&path).ok()?;
+        match file.try_lock_shared() {
+            Ok(()) => None,
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = crate::files::read_bounded(&path, 4096, false)
+                    .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+                    .unwrap_or_default();
+                Some(if holder.is_empty() {
+                    "another keyward process".to_string()
+                } else {
+                    format!("another keyward process ({})", crate::text::escape(&holder))
+                })
+            }
+            Err(std::fs::TryLockError::Error(_)) => None,
+        }
     }
 
     /// Takes the exclusive lock, failing at once (with who to blame) if another process holds it.
@@ -417,6 +444,10 @@ impl Store for StateDir {
         self.dir.display().to_string()
     }
 
+    fn busy(&self) -> Option<String> {
+        StateDir::busy(self)
+    }
+
     fn load(&self) -> anyhow::Result<State> {
         StateDir::load(self)
     }
@@ -568,5 +599,22 @@ mod tests {
         let _held = dir.lock().unwrap();
         let err = dir.lock().unwrap_err().to_string();
         assert!(err.contains("locked by another keyward process"), "{err}");
+    }
+
+    #[test]
+    fn busy_names_the_holder_without_taking_the_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        assert_eq!(dir.busy(), None, "no lock file yet");
+        let held = dir.lock().unwrap();
+        let busy = dir.busy().expect("held");
+        assert!(
+            busy.contains(&format!("pid {}", std::process::id())),
+            "{busy}"
+        );
+        drop(held);
+        assert_eq!(dir.busy(), None);
+        // Asking took nothing: the lock can be taken.
+        let _again = dir.lock().unwrap();
     }
 }

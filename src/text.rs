@@ -47,8 +47,10 @@ pub fn hide_url_password(text: &str) -> Cow<'_, str> {
         return Cow::Borrowed(text);
     };
     let rest = &text[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
+    // The last `@`, not the last before the first `/`, `?` or `#`: a password holding one of
+    // those (not percent-encoded, as it should be) is still hidden. A URL with a port and an
+    // `@` further on loses a little more than its password; none of a password shows.
+    let Some(at) = rest.rfind('@') else {
         return Cow::Borrowed(text);
     };
     let Some(colon) = rest[..at].find(':') else {
@@ -109,6 +111,11 @@ mod tests {
             "https://u:***@exa mple.com/x"
         );
         assert_eq!(hide_url_password("https://host/a@b"), "https://host/a@b");
+        // A password holding `/`, `?` or `#` (not percent-encoded) is hidden all the same.
+        assert_eq!(
+            hide_url_password("postgres://kw:pa/s?s#w@db/k"),
+            "postgres://kw:***@db/k"
+        );
         assert_eq!(hide_url_password("no url"), "no url");
     }
 

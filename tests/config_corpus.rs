@@ -10,6 +10,7 @@
 //! shipped example and sandbox configs load, and `${VAR}` / `$${` behave.
 
 use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use keyward::config::{self, Diagnostic, Severity};
@@ -46,7 +47,67 @@ fn credentials() -> tempfile::TempDir {
         format!("{FILE_SECRET}\r\n"),
     )
     .unwrap();
+    // As credential files should be: readable by their owner alone.
+    for name in ["asa-secret", "ngrok-staging"] {
+        std::fs::set_permissions(
+            dir.path().join(name),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+    }
     dir
+}
+
+/// Loads `text` (written as keyward.yaml beside the files `files` names, each with its mode).
+fn load_beside(text: &str, files: &[(&str, &str, u32)]) -> Vec<Diagnostic> {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, content, mode) in files {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
+    }
+    let path = dir.path().join("keyward.yaml");
+    std::fs::write(&path, text).unwrap();
+    match config::load_with_env(&path, &|_| None) {
+        Ok(l) => l.warnings,
+        Err(d) => d,
+    }
+}
+
+#[test]
+fn credential_files_that_others_can_read_or_that_hold_two_lines_are_said_once() {
+    let ngrok = "version: 1\nproviders:\n  ng: {type: ngrok, api_key_file: key}\n";
+    let pg = "version: 1\nsettings:\n  state_url_file: url\n";
+    // Readable by every user: a warning naming the file and its mode, nothing else.
+    let d = load_beside(ngrok, &[("key", "k-1\n", 0o644)]);
+    assert_eq!(d.len(), 1, "{}", render(&d));
+    assert_eq!(d[0].severity, Severity::Warning);
+    assert!(d[0].message.contains("mode 0644"), "{}", render(&d));
+    assert!(load_beside(ngrok, &[("key", "k-1\n", 0o640)]).is_empty());
+    // Two lines are never joined or cut: an error, and the value is not shown.
+    for text in [ngrok, pg] {
+        let name = if text == ngrok { "key" } else { "url" };
+        let d = load_beside(
+            text,
+            &[(name, "postgres://kw:pw-line-1@db/k\nsecond-line\n", 0o600)],
+        );
+        let errors: Vec<_> = d.iter().filter(|x| x.severity == Severity::Error).collect();
+        assert_eq!(errors.len(), 1, "{}", render(&d));
+        assert!(
+            errors[0].message.contains("more than one line"),
+            "{}",
+            render(&d)
+        );
+        assert!(!render(&d).contains("pw-line-1"), "{}", render(&d));
+    }
+    // A state_url_file that is not there: one error, not also "state_url is empty".
+    let d = load_beside(pg, &[]);
+    assert_eq!(d.len(), 1, "{}", render(&d));
+    assert!(
+        d[0].message.contains("cannot read state_url_file"),
+        "{}",
+        render(&d)
+    );
 }
 
 fn load(path: &Path) -> Result<config::Loaded, Vec<Diagnostic>> {

@@ -29,7 +29,9 @@ fn config(ws: &Workspace) {
             "  - provider: asa\n    name: {name}\n    keys:\n      main: {{overlap: {overlap}}}\n"
         ));
     }
-    asa::write_config(ws, "  max_deletions: 100\n", &users);
+    // 0: the revocations of rotations and recoveries are all this test makes, and
+    // max_deletions does not count them.
+    asa::write_config(ws, "  max_deletions: 0\n", &users);
 }
 
 /// Every sink's key pair mints a token.

@@ -1291,3 +1291,36 @@ fn one_daemon_per_state_directory_and_no_apply_beside_it() {
     );
     expect_code(&ws.keyward(&["plan"]), 0, "plan beside the daemon");
 }
+
+#[test]
+fn a_failed_apply_in_the_daemon_says_the_next_run_finishes_it() {
+    let sb = Sandbox::start(&[]);
+    let ws = Workspace::new(&sb);
+    std::fs::write(
+        ws.config_path(),
+        "version: 1
+settings:
+  state_dir: state
+  interval: 10m
+providers:
+  ng:
+    type: ngrok
+    api_key: ${NGROK_API_KEY}
+    base_url: ${KEYWARD_SANDBOX_URL}
+sinks:
+  refusing: {type: exec, command: [/bin/sh, -c, \"exit 3\"], timeout: 5s}
+defaults: {sink: refusing}
+users:
+  - {provider: ng, name: fine, keys: {main: {}}}
+",
+    )
+    .unwrap();
+    let d = Daemon::start(&ws);
+    eventually(&d, Duration::from_secs(30), "a failed apply", || {
+        d.log().contains("Apply failed")
+    });
+    let log = d.log();
+    // A daemon has no command to run again: it says who finishes the rest.
+    assert!(log.contains("the next run finishes the rest"), "{log}");
+    assert!(!log.contains("run the same command again"), "{log}");
+}

@@ -16,6 +16,7 @@ use keyward::pgstore::PgStore;
 use keyward::state::{FORMAT_VERSION, State};
 use keyward::store::{Locked, StateDir, Store};
 use secrecy::SecretString;
+use std::str::FromStr as _;
 
 type Make<'a> = &'a dyn Fn() -> Arc<dyn Store>;
 
@@ -57,6 +58,12 @@ fn contract(make: Make<'_>) {
     let refused = b.lock().expect_err("a second holder");
     assert!(refused.downcast_ref::<Locked>().is_some(), "{refused:#}");
     assert!(refused.to_string().contains("locked"), "{refused:#}");
+    assert!(
+        refused
+            .to_string()
+            .contains(&format!("pid {}", std::process::id())),
+        "{refused:#}"
+    );
 
     // A whole state, then one user recorded and one forgotten, as the executor does.
     let mut state = state_with(&[("ng", "alpha", "bot_a"), ("ng", "beta", "bot_b")]);
@@ -169,6 +176,53 @@ fn postgresql_keeps_the_store_contract() {
             "keyward_users"
         ]
     );
+    // A lock held in another database of the same server guards another state: nobody here
+    // is busy because of it.
+    let elsewhere = Pg::new();
+    let mut far = postgres::Config::from_str(&elsewhere.url)
+        .unwrap()
+        .application_name("keyward far pid 1")
+        .connect(postgres::NoTls)
+        .unwrap();
+    assert!(
+        far.query_one(
+            "SELECT pg_try_advisory_lock($1)",
+            &[&keyward::pgstore::LEADER_LOCK]
+        )
+        .unwrap()
+        .get::<_, bool>(0)
+    );
+    assert_eq!(pg_store(&pg).busy(), None);
+    // A process that has only just taken the lock is named, not the leader recorded before
+    // it (the holder's session says who it is).
+    let mut other = postgres::Config::from_str(&pg.url).unwrap();
+    let mut other = other
+        .application_name("keyward db9 pid 4242")
+        .connect(postgres::NoTls)
+        .unwrap();
+    assert!(
+        other
+            .query_one(
+                "SELECT pg_try_advisory_lock($1)",
+                &[&keyward::pgstore::LEADER_LOCK]
+            )
+            .unwrap()
+            .get::<_, bool>(0)
+    );
+    let refused = pg_store(&pg).lock().expect_err("the lock is held");
+    assert!(
+        refused
+            .to_string()
+            .contains("(db9 pid 4242, taking the lead)"),
+        "{refused:#}"
+    );
+    // And a plan beside it says who is at work.
+    assert_eq!(
+        pg_store(&pg).busy().as_deref(),
+        Some("another keyward process (db9 pid 4242, taking the lead)")
+    );
+    drop(far);
+    drop(other);
     // A role that may only read (for `plan` and `status`) reads the state; it cannot lead.
     let db: String = client
         .query_one("SELECT current_database()::text", &[])

@@ -19,8 +19,8 @@ pub const MASK: &str = "***";
 /// `*password*`, `*token*`, `*private_key*`), in block or flow style, with quoted keys, as block
 /// scalars or multi-line scalars; the value an alias in such a field points to is masked where
 /// its anchor defines it. A value that is just a `${VAR}` reference is kept (it is not the
-/// secret), and so are `*_file` paths. A URL with a password in it (`https://u:p@host`) is
-/// masked wherever it appears. Returns `None` when the text is not valid YAML: nothing of it
+/// secret), and so are `*_file` paths. The password of a URL (`https://u:p@host`) is masked
+/// wherever it appears. Returns `None` when the text is not valid YAML: nothing of it
 /// can then be shown safely.
 pub fn mask_secrets(text: &str) -> Option<String> {
     let tree = Tree::parse(text)?;
@@ -73,6 +73,8 @@ enum Node {
 struct Tree {
     nodes: Vec<Node>,
     roots: Vec<usize>,
+    /// The text, by character (spans count characters).
+    chars: Vec<char>,
 }
 
 impl Tree {
@@ -81,6 +83,7 @@ impl Tree {
         let mut tree = Tree {
             nodes: Vec::new(),
             roots: Vec::new(),
+            chars: text.chars().collect(),
         };
         let mut anchors: BTreeMap<usize, usize> = BTreeMap::new();
         // Open collections: their node index.
@@ -163,7 +166,7 @@ impl Tree {
         match self.nodes.get(index) {
             Some(Node::Scalar { value, span }) => {
                 if url_with_password(value) {
-                    out.insert(range(span));
+                    out.insert(self.password_range(range(span)));
                 }
             }
             Some(Node::Seq(items)) => {
@@ -183,6 +186,26 @@ impl Tree {
             }
             Some(Node::Alias(_)) | None => {}
         }
+    }
+
+    /// The part of the URL written at `span` that holds its password (from the first `:` after
+    /// `://` to the last `@`), so that a diff still shows which host, port or database changed;
+    /// the whole span when the URL is not written on one line in that shape.
+    fn password_range(&self, (start, end): (usize, usize)) -> (usize, usize) {
+        let written = self.chars.get(start..end).unwrap_or_default();
+        if written.contains(&'\n') {
+            return (start, end);
+        }
+        let rest = written
+            .windows(3)
+            .position(|w| w == [':', '/', '/'])
+            .map(|i| i + 3);
+        let part = rest.and_then(|rest| {
+            let at = rest + written[rest..].iter().rposition(|c| *c == '@')?;
+            let colon = rest + written[rest..at].iter().position(|c| *c == ':')?;
+            Some((start + colon + 1, start + at))
+        });
+        part.unwrap_or((start, end))
     }
 
     /// Collects the spans to mask in the node `index`, the value of a secret field: a scalar (or
@@ -373,6 +396,35 @@ mod tests {
             &["hunter2"],
         );
         assert!(m.contains("other: https://api.example.com/x@y"), "{m}");
+        // Only the password: the host, port and database stay readable.
+        assert!(
+            m.contains("base_url: https://bot:***@api.example.com/"),
+            "{m}"
+        );
+        let m = hides(
+            "settings:\n  state_url: \"postgres://kw:pa/ss#w@db1.example:5432/keyward\"\n  block: >-\n    postgres://kw:folded@db\n",
+            &["pa/ss", "ss#w", "folded"],
+        );
+        assert!(
+            m.contains("\"postgres://kw:***@db1.example:5432/keyward\""),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_diff_shows_a_changed_host_of_a_url_with_a_password() {
+        let old = "settings:\n  state_url: postgres://kw:s3cret@db1.example/keyward\n";
+        let new = "settings:\n  state_url: postgres://kw:s3cret@db2.example/keyward\n";
+        let d = crate::daemon::watch::config_diff(old, new);
+        assert!(!d.contains("s3cret"), "{d}");
+        assert!(
+            d.contains("-  state_url: postgres://kw:***@db1.example/keyward"),
+            "{d}"
+        );
+        assert!(
+            d.contains("+  state_url: postgres://kw:***@db2.example/keyward"),
+            "{d}"
+        );
     }
 
     #[test]

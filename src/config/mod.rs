@@ -716,6 +716,25 @@ mod tests {
     }
 
     #[test]
+    fn digest_of_gives_the_digest_load_gives_included_files_and_all() {
+        let (dir, path) = write("version: 1\ninclude: [\"users.d/*.yaml\"]\nusers: []\n");
+        std::fs::create_dir(dir.path().join("users.d")).unwrap();
+        std::fs::write(dir.path().join("users.d/a.yaml"), "users: []\n").unwrap();
+        let loaded = load_with_env(&path, &|_| None).expect("valid");
+        let patterns = &loaded.config.include_patterns;
+        assert_eq!(
+            digest_of(&path, patterns).as_deref(),
+            Some(loaded.config.digest.as_str())
+        );
+        // An edit of the included file alone changes it.
+        std::fs::write(dir.path().join("users.d/a.yaml"), "users: [] # edited\n").unwrap();
+        assert_ne!(
+            digest_of(&path, patterns).as_deref(),
+            Some(loaded.config.digest.as_str())
+        );
+    }
+
+    #[test]
     fn digest_is_sha256_of_the_bytes() {
         let (_dir, path) = write("version: 1\n");
         let loaded = load_with_env(&path, &|_| None).expect("valid");

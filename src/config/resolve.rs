@@ -423,15 +423,23 @@ impl Ctx<'_> {
                 }
                 (secrecy::SecretString::from(text), v.pos())
             }
-            (None, Some(f)) => (
-                self.secret(
+            (None, Some(f)) => {
+                let before = self.d.list.len();
+                let url = self.secret(
                     "settings",
                     f.pos(),
                     ("state_url", None),
                     ("state_url_file", Some(f)),
-                ),
-                f.pos(),
-            ),
+                );
+                // The file's own problem (missing, empty, unreadable) was said: once.
+                if self.d.list[before..]
+                    .iter()
+                    .any(|d| d.severity == Severity::Error)
+                {
+                    return None;
+                }
+                (url, f.pos())
+            }
         };
         if url.expose_secret().is_empty() {
             self.d.error(pos, "state_url is empty");
@@ -634,6 +642,24 @@ impl Ctx<'_> {
                             self.d.error(
                                 f.pos(),
                                 format!("{file_name} `{}` is empty", path.display()),
+                            );
+                        } else if trimmed.contains(['\n', '\r']) {
+                            // Never joined or cut silently: which line would be meant?
+                            self.d.error(
+                                f.pos(),
+                                format!(
+                                    "{file_name} `{}` holds more than one line; it must hold the value alone, on one line",
+                                    path.display()
+                                ),
+                            );
+                        }
+                        if let Some(mode) = readable_by_others(&path) {
+                            self.d.warn(
+                                f.pos(),
+                                format!(
+                                    "{file_name} `{}` can be read by every user of this host (mode {mode:04o}); `chmod 600` it (or `chmod o-r`)",
+                                    path.display()
+                                ),
                             );
                         }
                         SecretString::from(trimmed.to_string())
@@ -1468,4 +1494,12 @@ fn normalize(path: &std::path::Path) -> PathBuf {
         }
     }
     out
+}
+
+/// The mode of the file at `path` when every user of the host may read it (a credential file
+/// left at the umask's 0644), else `None`.
+fn readable_by_others(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o004 != 0).then_some(mode)
 }

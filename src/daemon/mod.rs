@@ -246,7 +246,12 @@ impl Daemon {
             return false;
         }
         self.hash = hash;
-        match config::load(&self.path) {
+        let loaded = config::load(&self.path);
+        if let Ok(l) = &loaded {
+            // What was read, should the file have changed again since the digest above.
+            self.hash = Some(l.config.digest.clone());
+        }
+        match loaded {
             Err(diags) => {
                 for d in &diags {
                     tracing::error!("{d}");
@@ -565,7 +570,12 @@ impl Daemon {
                 if report.ok() {
                     tracing::info!("{summary}");
                 } else {
-                    for line in report.summary().lines() {
+                    let closing = if self.engine.store.lost().is_some() {
+                        "Everything done is recorded; whichever daemon leads next finishes the rest."
+                    } else {
+                        "Everything done is recorded; the next run finishes the rest."
+                    };
+                    for line in report.summary_closing(closing).lines() {
                         tracing::error!("{line}");
                     }
                     // Back off the accounts whose changes failed.
@@ -1117,9 +1127,6 @@ fn read_config_text(path: &std::path::Path) -> Zeroizing<String> {
 /// Runs the daemon until `shutdown` is cancelled (the process's SIGTERM or SIGINT).
 pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    // The file as it was before it was read: an edit made while the daemon starts (before the
-    // watch is set up) is read once the watch is.
-    let before_load = config::digest_of(&path, &[]);
     let loaded = match config::load(&path) {
         Ok(l) => l,
         Err(diags) => {
@@ -1156,7 +1163,8 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
     }
     metrics.set_config_valid(true);
     let mut daemon = Daemon {
-        hash: config::digest_of(&path, &engine.config.include_patterns),
+        // The digest of exactly what was loaded: an edit made since is seen below.
+        hash: Some(engine.config.digest.clone()),
         path: path.clone(),
         text,
         metrics: Arc::clone(&metrics),
@@ -1197,7 +1205,11 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
     let mut hup = signal(SignalKind::hangup())?;
     let mut watch = watch::watch(&path)?;
     watch.include(&daemon.engine.config.include_patterns);
-    if config::digest_of(&path, &[]) != before_load && daemon.reload(true) {
+    // An edit made while the daemon started, before the watch was set up (of the file or of an
+    // included one), is read now.
+    if config::digest_of(&path, &daemon.engine.config.include_patterns) != daemon.hash
+        && daemon.reload(true)
+    {
         watch.include(&daemon.engine.config.include_patterns);
     }
     let listener = match daemon.engine.config.settings.metrics {

@@ -293,6 +293,23 @@ impl Change {
         self.op.action()
     }
 
+    /// Whether it deletes or revokes something that `settings.max_deletions` guards: a service
+    /// user, a key whose slot left the file, a key keyward did not create. Not the revocations
+    /// that end keyward's own rotations (a retiring key whose replacement was delivered and
+    /// whose overlap ended) or that remove a key keyward minted and never delivered (an
+    /// orphan: nobody holds it). Those follow from keys already replaced, not from what the
+    /// file says; counting them let a burst of rotations (a fleet's, or a cluster's after
+    /// failovers) refuse every apply, and with it every rotation, until the limit was raised.
+    pub fn guarded_deletion(&self) -> bool {
+        match &self.op {
+            Op::DeleteUser { .. } => true,
+            Op::RevokeKey { why, .. } => {
+                matches!(why, RevokeReason::SlotUndeclared | RevokeReason::Unknown)
+            }
+            _ => false,
+        }
+    }
+
     /// The slot the change is about, if any.
     pub fn slot(&self) -> Option<&str> {
         match &self.op {
@@ -550,12 +567,10 @@ impl Plan {
         !self.changes.is_empty()
     }
 
-    /// How many objects it deletes or revokes (`settings.max_deletions`).
+    /// How many objects it deletes or revokes that count against `settings.max_deletions`
+    /// (see [`Change::guarded_deletion`]).
     pub fn deletions(&self) -> usize {
-        self.changes
-            .iter()
-            .filter(|c| c.action().is_deletion())
-            .count()
+        self.changes.iter().filter(|c| c.guarded_deletion()).count()
     }
 
     /// The counts, always computed from the changes themselves.
