@@ -89,6 +89,9 @@ pub struct Metrics {
     config_valid: Gauge,
     leader: Gauge,
     leader_info: Family<LeaderLabels, Gauge>,
+    /// While this daemon leads: its lease's check, so that `keyward_leader` turns 0 as soon as
+    /// the lease lapses, even while the daemon's loop waits on the silent database.
+    lease: std::sync::Mutex<Option<crate::files::Fence>>,
     provider_requests: Family<ProviderLabels, Counter>,
     provider_rate_limited: Family<ProviderLabels, Counter>,
     provider_up: Family<ProviderLabels, Gauge>,
@@ -123,6 +126,7 @@ impl Metrics {
             config_valid: Gauge::default(),
             leader: Gauge::default(),
             leader_info: Family::default(),
+            lease: std::sync::Mutex::new(None),
             provider_requests: Family::default(),
             provider_rate_limited: Family::default(),
             provider_up: Family::default(),
@@ -342,9 +346,18 @@ impl Metrics {
         self.config_valid.set(i64::from(valid));
     }
 
+    /// While this daemon leads, how to check its lease (see [`Self::encode`]); `None` when
+    /// there is none to check.
+    pub fn set_lease(&self, lease: Option<crate::files::Fence>) {
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = lease;
+    }
+
     /// Sets whether this daemon leads (`keyward_leader`) and who does, if known
     /// (`keyward_leader_info{leader}`).
     pub fn set_leader(&self, leading: bool, leader: Option<&str>) {
+        if !leading {
+            self.set_lease(None);
+        }
         self.leader.set(i64::from(leading));
         self.leader_info.clear();
         if let Some(l) = leader {
@@ -409,6 +422,11 @@ impl Metrics {
 
     /// The OpenMetrics text.
     pub fn encode(&self) -> String {
+        let lease = self.lease.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if self.leader.get() == 1 && lease.is_some_and(|check| check().is_err()) {
+            // The lease lapsed: whatever the daemon's loop last said, this one may not lead.
+            self.leader.set(0);
+        }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -463,6 +481,28 @@ pub async fn serve_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leader_whose_lease_lapsed_says_keyward_leader_0_whatever_its_loop_last_said() {
+        let m = Metrics::new();
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let check = std::sync::Arc::clone(&ok);
+        m.set_leader(true, Some("db1 pid 1, term 3"));
+        m.set_lease(Some(std::sync::Arc::new(move || {
+            if check.load(std::sync::atomic::Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("no word from the state database for 6s"))
+            }
+        })));
+        assert!(m.encode().lines().any(|l| l == "keyward_leader 1"));
+        ok.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(m.encode().lines().any(|l| l == "keyward_leader 0"));
+        // Standing down clears the check; leading again is said by the loop.
+        m.set_leader(false, None);
+        m.set_leader(true, None);
+        assert!(m.encode().lines().any(|l| l == "keyward_leader 1"));
+    }
 
     #[test]
     fn exports_contract_names_and_drops_rotated_keys() {

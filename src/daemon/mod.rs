@@ -981,6 +981,7 @@ impl Daemon {
                         .unwrap_or_default()
                 );
                 self.metrics.set_leader(true, leader.as_deref());
+                self.metrics.set_lease(Some(lease_of(&self.engine.store)));
                 // As at start: every account listed, what an earlier leader left recovered.
                 self.next_interval = Instant::now();
                 true
@@ -1039,6 +1040,12 @@ impl Daemon {
         let secs = wake.saturating_duration_since(Instant::now()).as_secs();
         crate::text::escape(&format!("{}; next run in {secs}s", self.last_outcome)).into_owned()
     }
+}
+
+/// The check of `store`'s lease, for `/metrics` (see [`Metrics::set_lease`]).
+fn lease_of(store: &Arc<dyn crate::store::Store>) -> crate::files::Fence {
+    let store = Arc::clone(store);
+    Arc::new(move || store.check_lease())
 }
 
 /// Folds a targeted read into what is known of the accounts: the scoped users and the keys
@@ -1192,6 +1199,9 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
     if daemon.engine.config.settings.mode == Mode::Apply {
         let leader = daemon.engine.store.leader();
         metrics.set_leader(daemon.standby.is_none(), leader.as_deref());
+        if daemon.standby.is_none() {
+            metrics.set_lease(Some(lease_of(&daemon.engine.store)));
+        }
     }
 
     {
