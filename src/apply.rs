@@ -889,11 +889,15 @@ impl Executor {
             .deliver_each(sinks, doc, &mut written, &mut reached)
             .await;
         if result.is_err() {
+            // Fenced like the delivery: a leader that lost its lead puts nothing back, since
+            // the next leader may have written the file since.
+            let fence = self.lease_fence();
             for (path, previous) in written.into_iter().rev() {
                 let shown = path.display().to_string();
+                let fence = Arc::clone(&fence);
                 let undone = tokio::task::spawn_blocking(move || match previous {
-                    Some(bytes) => crate::files::write_private_file(&path, &bytes),
-                    None => std::fs::remove_file(&path).map_err(anyhow::Error::from),
+                    Some(bytes) => crate::files::write_private_file_fenced(&path, &bytes, &fence),
+                    None => crate::files::remove_private_file_fenced(&path, &fence),
                 })
                 .await;
                 match undone {
@@ -904,6 +908,12 @@ impl Executor {
             }
         }
         result.map_err(|error| DeliveryFailure { error, reached })
+    }
+
+    /// The check of the state lock's lease that fences every write to a sink.
+    fn lease_fence(&self) -> crate::files::Fence {
+        let store = Arc::clone(&self.store);
+        Arc::new(move || store.check_lease())
     }
 
     /// [`Self::deliver_all`]'s loop; records each file sink it wrote with what the file held
@@ -926,8 +936,7 @@ impl Executor {
             // leader may have moved the slot on, and this key would overwrite its newer one.
             // Checked again right before a file sink's file is replaced, under its lock.
             self.store.check_lease()?;
-            let store = Arc::clone(&self.store);
-            let fence: crate::files::Fence = Arc::new(move || store.check_lease());
+            let fence = self.lease_fence();
             let watch = self.store.shared();
             (|| async { sinks::deliver(sink, doc, &fence, watch).await })
                 .retry(

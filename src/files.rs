@@ -294,6 +294,36 @@ const WRITE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// that stopped after the check (a paused process) holds the lock meanwhile, so no other
 /// keyward's newer write can come between its check and its replace.
 pub fn write_private_file_fenced(path: &Path, bytes: &[u8], fence: &Fence) -> anyhow::Result<()> {
+    let lock = write_lock(path)?;
+    fence()?;
+    let file = written_private(path, bytes)?;
+    // The slow part (the data on disk) is done: the check that counts is the one right
+    // before the replace. Dropping the file uncommitted removes its temp file.
+    fence()?;
+    file.commit()
+        .with_context(|| format!("committing {}", path.display()))?;
+    keep_private(path)?;
+    drop(lock);
+    Ok(())
+}
+
+/// Removes `path` (gone already is fine) under the same lock as
+/// [`write_private_file_fenced`], and only if `fence` passes right before.
+pub fn remove_private_file_fenced(path: &Path, fence: &Fence) -> anyhow::Result<()> {
+    let lock = write_lock(path)?;
+    fence()?;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+    drop(lock);
+    Ok(())
+}
+
+/// The exclusive lock on `.NAME.keyward-lock` beside `path`, waited for up to
+/// [`WRITE_LOCK_WAIT`]; released when the file is dropped.
+fn write_lock(path: &Path) -> anyhow::Result<File> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -304,7 +334,7 @@ pub fn write_private_file_fenced(path: &Path, bytes: &[u8], fence: &Fence) -> an
     let waited = std::time::Instant::now();
     loop {
         match lock.try_lock() {
-            Ok(()) => break,
+            Ok(()) => return Ok(lock),
             Err(std::fs::TryLockError::WouldBlock) if waited.elapsed() < WRITE_LOCK_WAIT => {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
@@ -319,16 +349,6 @@ pub fn write_private_file_fenced(path: &Path, bytes: &[u8], fence: &Fence) -> an
             }
         }
     }
-    fence()?;
-    let file = written_private(path, bytes)?;
-    // The slow part (the data on disk) is done: the check that counts is the one right
-    // before the replace. Dropping the file uncommitted removes its temp file.
-    fence()?;
-    file.commit()
-        .with_context(|| format!("committing {}", path.display()))?;
-    keep_private(path)?;
-    drop(lock);
-    Ok(())
 }
 
 /// Creates `path`, which must not exist yet (`O_CREAT|O_EXCL`: an existing file or a link is
