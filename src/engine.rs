@@ -287,7 +287,7 @@ impl Engine {
                     if holder != said {
                         tracing::info!(
                             "{holder}; waiting up to {}s for it",
-                            (until - now).as_secs()
+                            (until - now).as_secs_f64().ceil()
                         );
                         said = holder;
                     }

@@ -65,6 +65,9 @@ pub const LEASE: Duration = Duration::from_secs(5);
 /// (a database that accepts connections and never answers must not hang keyward).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often a caller waiting for an answer looks whether its lead is lost meanwhile.
+const ANSWER_STEP: Duration = Duration::from_millis(250);
+
 /// The advisory lock key of the leader's lock (`pg_try_advisory_lock`): one keyward
 /// installation per database.
 pub const LEADER_LOCK: i64 = 0x6b65_7977_6172_6401;
@@ -164,7 +167,10 @@ impl std::fmt::Debug for PgStore {
 
 /// `url` with any password replaced by `***`.
 pub fn masked(url: &str) -> String {
-    match url::Url::parse(url) {
+    // First by the text's own shape: a password that ends its part early (a `/` in it) would
+    // otherwise parse as a host, a port and a path, and show whole.
+    let url = crate::text::hide_url_password(url);
+    match url::Url::parse(&url) {
         Ok(mut u) => {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
@@ -247,6 +253,13 @@ fn parse(url: &str) -> Result<(postgres::Config, (Tls, Option<String>)), String>
     // Said when the URL fails to parse: the usual cause.
     let hint = encoding_hint(url);
     let mut u = url::Url::parse(url).map_err(|e| format!("state_url is not a URL: {e}{hint}"))?;
+    if u.path().contains('@') {
+        // `postgres://kw:5432/pa@db/k` parses as the host `kw`: a `/` in the password.
+        return Err(format!(
+            "state_url's database name holds `@`, which would be a `/` in the user name or password{}",
+            "; a `#`, `?` or `/` in the user name or password must be percent-encoded (%23, %3F, %2F), and an `@` in a database name as %40"
+        ));
+    }
     if u.fragment().is_some() {
         return Err(
             "state_url has a `#` part, which a connection URL never has; a `#`, `?` or `/` in the user name or password must be percent-encoded (%23, %3F, %2F)".to_string(),
@@ -453,7 +466,7 @@ impl PgStore {
             .map(|e| Ok((i64::try_from(e.seq)?, serde_json::to_string(e)?)))
             .collect::<anyhow::Result<_>>()?;
         let shown = self.inner.shown.clone();
-        self.inner.run(move |client| {
+        self.inner.run_bulk(move |client| {
             let mut tx = client.transaction()?;
             check_term(&mut tx, term, &shown)?;
             for (seq, entry) in &rows {
@@ -505,8 +518,30 @@ impl Inner {
     }
 
     /// Runs `f` on the connection's thread and waits for its answer; connects first if needed.
+    /// A call expected to be quick: while this process holds a term, it counts as lost once
+    /// the database has said nothing for the whole session timeout (a silent network: the
+    /// server has ended the session, and another process may lead), not only after
+    /// [`ANSWER_TIMEOUT`].
     fn run<R: Send + 'static>(
         &self,
+        f: impl FnOnce(&mut postgres::Client) -> anyhow::Result<R> + Send + 'static,
+    ) -> anyhow::Result<R> {
+        self.run_within(false, f)
+    }
+
+    /// [`Self::run`] for a call whose work grows with the state (a whole load or write, the
+    /// journal read or compacted): it may legitimately take longer than the session timeout,
+    /// so only [`ANSWER_TIMEOUT`] ends it.
+    fn run_bulk<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut postgres::Client) -> anyhow::Result<R> + Send + 'static,
+    ) -> anyhow::Result<R> {
+        self.run_within(true, f)
+    }
+
+    fn run_within<R: Send + 'static>(
+        &self,
+        bulk: bool,
         f: impl FnOnce(&mut postgres::Client) -> anyhow::Result<R> + Send + 'static,
     ) -> anyhow::Result<R> {
         if let Some(why) = self.lost_reason() {
@@ -543,15 +578,27 @@ impl Inner {
             .into()
         };
         jobs.send(job).map_err(|_| lost())?;
-        let result = match reply.recv_timeout(ANSWER_TIMEOUT) {
-            Ok(result) => result,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let mut l = self.lost.lock().unwrap_or_else(|e| e.into_inner());
-                l.get_or_insert_with(|| format!("no answer within {}s", ANSWER_TIMEOUT.as_secs()));
-                drop(l);
-                return Err(lost());
+        let asked = Instant::now();
+        let result = loop {
+            match reply.recv_timeout(ANSWER_STEP) {
+                Ok(result) => break result,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let why = if asked.elapsed() >= ANSWER_TIMEOUT {
+                        Some(format!("no answer within {}s", ANSWER_TIMEOUT.as_secs()))
+                    } else if bulk {
+                        None
+                    } else {
+                        self.lost_reason()
+                    };
+                    if let Some(why) = why {
+                        let mut l = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+                        l.get_or_insert(why);
+                        drop(l);
+                        return Err(lost());
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(lost()),
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(lost()),
         };
         result.map_err(|e| {
             if let Some(over) = e.downcast_ref::<Superseded>() {
@@ -886,7 +933,7 @@ impl Store for PgStore {
 
     fn load(&self) -> anyhow::Result<State> {
         let shown = self.inner.shown.clone();
-        self.inner.run(move |client| {
+        self.inner.run_bulk(move |client| {
             let mut tx = client
                 .build_transaction()
                 .isolation_level(postgres::IsolationLevel::RepeatableRead)
@@ -923,7 +970,7 @@ impl Store for PgStore {
             }
         }
         let (serial, shown) = (state.serial, self.inner.shown.clone());
-        self.inner.run(move |client| {
+        self.inner.run_bulk(move |client| {
             let mut tx = client.transaction()?;
             check_term(&mut tx, term, &shown)?;
             tx.execute("DELETE FROM keyward_users", &[])?;
@@ -1039,7 +1086,7 @@ impl Store for PgStore {
 
     fn journal_entries(&self) -> anyhow::Result<Vec<Entry>> {
         let shown = self.inner.shown.clone();
-        self.inner.run(move |client| {
+        self.inner.run_bulk(move |client| {
             let mut entries = Vec::new();
             for row in client.query("SELECT id, entry FROM keyward_journal ORDER BY id", &[])? {
                 let (id, entry): (i64, String) = (row.get(0), row.get(1));
@@ -1139,7 +1186,7 @@ impl JournalLog for PgJournal {
             .filter_map(|op| i64::try_from(op.seq).ok())
             .collect();
         let shown = self.inner.shown.clone();
-        self.inner.run(move |client| {
+        self.inner.run_bulk(move |client| {
             let mut tx = client.transaction()?;
             check_term(&mut tx, term, &shown)?;
             tx.execute(
@@ -1163,6 +1210,7 @@ mod tests {
             "postgres://kw:12#34@db.example/keyward",
             "postgres://kw:pa/ss@db.example/keyward",
             "postgres://kw:12?x@db.example/keyward",
+            "postgres://kw:5432/Secr3tPW@db.example:5433/keyward",
         ] {
             let e = check_url(url).expect_err(url);
             assert!(e.contains("must be percent-encoded"), "{url}: {e}");
@@ -1176,6 +1224,10 @@ mod tests {
         assert!(check_url("postgres://db.example:5432/k?application_name=a@b").is_ok());
         assert!(check_url("postgres://kw:pa%23ss%2F@db.example/keyward").is_ok());
         assert!(check_url("postgres://kw:p@ss@db.example/keyward").is_ok());
+        // However it parses, a message never shows the password.
+        let m = masked("postgres://kw:5432/Secr3tPW@db.example:5433/keyward");
+        assert!(!m.contains("Secr3tPW"), "{m}");
+        assert!(m.contains("db.example:5433"), "{m}");
     }
 
     #[test]

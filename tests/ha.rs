@@ -352,6 +352,14 @@ fn start_pair<'a>(sb: &Sandbox, ws: &Workspace, a: &'a mut Node, b: &'a mut Node
         b.metrics().lines().any(|l| l == "keyward_leader 0")
     })
     .unwrap_or_else(|| panic!("the second daemon is no standby:\n{}", b.log()));
+    // Said once, not again at each try while the same leader leads.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        b.log().matches("locked by another keyward process").count(),
+        1,
+        "{}",
+        b.log()
+    );
     within(Duration::from_secs(20), || {
         USERS
             .iter()
@@ -566,6 +574,97 @@ fn an_exec_sink_of_a_stopped_leader_is_stopped_before_the_next_leader_delivers()
     wind_down(&sb, &ws, &pg, &mut [&mut a, &mut b]);
 }
 
+/// A TCP proxy in front of the database that forwards until told to go silent, and from then
+/// on forwards nothing while keeping every connection open (a network that carries nothing:
+/// no reset, no close, TCP acknowledged by the proxy).
+struct SilentProxy {
+    port: u16,
+    silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SilentProxy {
+    fn start(target: u16) -> SilentProxy {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silent = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&silent);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let flag = std::sync::Arc::clone(&flag);
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            while flag.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        SilentProxy { port, silent }
+    }
+
+    fn go_silent(&self) {
+        self.silent.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_leader_whose_database_goes_silent_says_so_at_once_and_steps_down() {
+    let (sb, ws, pg) = setup();
+    let proxy = SilentProxy::start(pg.port());
+    let through = pg
+        .url
+        .replace(&format!(":{}/", pg.port()), &format!(":{}/", proxy.port));
+    let mut a = Node::with_config("a", &ws, |port, cache| {
+        config_text(&pg, port, cache, ROTATE).replace(&pg.url, &through)
+    });
+    let mut b = Node::new("b", &ws, &pg);
+    start_pair(&sb, &ws, &mut a, &mut b);
+    assert!(a.leads(), "the daemon behind the proxy leads");
+    proxy.go_silent();
+    let silent = Instant::now();
+    // Its lease lapses: it says it may not lead while it still waits on the silent call.
+    within(Duration::from_secs(10), || {
+        a.metrics().lines().any(|l| l == "keyward_leader 0")
+    })
+    .unwrap_or_else(|| panic!("still says it leads\n{}", logs_of(&[&a, &b])));
+    // The server ends the silent session: the other leads.
+    within(Duration::from_secs(20), || b.leads())
+        .unwrap_or_else(|| panic!("no new leader\n{}", logs_of(&[&a, &b])));
+    // And it steps down when the call it waits on gives up (a short call once the session
+    // timeout passed without a word, a whole read of the state after 30 s).
+    within(Duration::from_secs(30), || {
+        a.log().contains("lost the lead")
+    })
+    .unwrap_or_else(|| panic!("never stepped down\n{}", logs_of(&[&a, &b])));
+    eprintln!(
+        "stepped down {:?} after the database went silent",
+        silent.elapsed()
+    );
+    let before = mints(&sb);
+    within(Duration::from_secs(15), || mints(&sb) > before).expect("the new leader rotates");
+    sinks_work(&sb, &ws).unwrap_or_else(|e| panic!("{e}\n{}", logs_of(&[&a, &b])));
+    terms_fenced(&pg).unwrap_or_else(|e| panic!("{e}\n{}", logs_of(&[&a, &b])));
+    wind_down(&sb, &ws, &pg, &mut [&mut a, &mut b]);
+}
+
 #[test]
 fn the_leaders_backend_terminated_mid_rotation_loses_nothing() {
     let (sb, ws, pg) = setup();
@@ -646,8 +745,9 @@ fn one_shot_commands_take_the_leaders_lock_and_wait_for_it_with_lock_timeout() {
     let out = waiting.wait_with_output().unwrap();
     expect_code(&out, 0, "apply with --lock-timeout");
     let err = common::text(&out.stderr);
-    // Said once while the same holder held it, not once a second.
+    // Said once while the same holder held it, not once a second, with the whole wait.
     assert_eq!(err.matches("waiting up to").count(), 1, "{err}");
+    assert!(err.contains("waiting up to 30s"), "{err}");
     assert!(
         !err.contains("locked by another keyward process (") || err.contains("waiting"),
         "{err}"

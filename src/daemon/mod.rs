@@ -350,6 +350,8 @@ impl Daemon {
                         && e.downcast_ref::<crate::store::Locked>().is_some() =>
                 {
                     tracing::info!("standby: {e:#}; waiting to take over");
+                    // Said: the retries say it again only when it changes.
+                    self.standby_note = format!("{e:#}");
                     self.standby = Some(Instant::now() + STANDBY_RETRY);
                 }
                 Err(e) => return Err(e),
@@ -1146,6 +1148,7 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
     let text = read_config_text(&path);
     let mut engine = Engine::new(loaded, shutdown.clone())?;
     let mut standby = None;
+    let mut standby_note = String::new();
     if engine.config.settings.mode == Mode::Apply {
         // One daemon applies to a state, and no one-shot apply or rotate changes it under the
         // daemon's feet: the daemon holds the lock for its life. A state several hosts share
@@ -1160,6 +1163,8 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
                 } else {
                     tracing::warn!("standby: cannot take the lock: {e:#}; trying again");
                 }
+                // Said: the retries say it again only when it changes.
+                standby_note = format!("{e:#}");
                 standby = Some(Instant::now() + STANDBY_RETRY);
             }
             Err(e) => return Err(e.context(format!("{}: not starting", path.display()))),
@@ -1193,7 +1198,7 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
         },
         shutdown: shutdown.clone(),
         standby,
-        standby_note: String::new(),
+        standby_note,
         engine,
     };
     if daemon.engine.config.settings.mode == Mode::Apply {
