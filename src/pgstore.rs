@@ -239,6 +239,16 @@ fn encoding_hint(url: &str) -> &'static str {
     }
 }
 
+/// What to do about a server certificate keyward could not verify (it checks issuer and host
+/// name whenever TLS is used, `prefer` and `require` included).
+fn certificate_hint(why: &str) -> &'static str {
+    if why.contains("UnknownIssuer") || why.contains("invalid peer certificate") {
+        " (keyward verifies the server's certificate and host name whenever TLS is used: add sslrootcert=FILE to state_url naming the CA that signed it, connect by the name the certificate holds, or use sslmode=disable on a network you trust)"
+    } else {
+        ""
+    }
+}
+
 /// How to secure the connection (`sslmode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tls {
@@ -652,9 +662,10 @@ impl Inner {
                 };
                 let client = connected
                     .map_err(|e| {
+                        let why = describe(&e);
                         anyhow::anyhow!(
-                            "cannot connect to the state database {shown}: {}",
-                            describe(&e)
+                            "cannot connect to the state database {shown}: {why}{}",
+                            certificate_hint(&why)
                         )
                     })
                     .and_then(|mut client| {

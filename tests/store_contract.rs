@@ -369,6 +369,8 @@ fn postgresql_connections_use_tls_as_sslmode_says_and_check_the_server() {
     // `require` checks the certificate too: the system's roots do not know this CA.
     let e = load("localhost", "sslmode=require".into()).unwrap_err();
     assert!(e.to_lowercase().contains("certificate"), "{e}");
+    // And says what to do about it.
+    assert!(e.contains("sslrootcert=FILE"), "{e}");
     // The name is checked: the certificate is for localhost, not 127.0.0.1.
     let e = load("127.0.0.1", format!("sslmode=verify-full&{root}")).unwrap_err();
     assert!(e.to_lowercase().contains("certificate"), "{e}");
