@@ -356,7 +356,7 @@ fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<()> {
                 shutdown.cancel();
             } else {
                 tracing::warn!(
-                    "{which}: still finishing the step in flight (a minted key is being delivered); kill -9 abandons it to crash recovery"
+                    "{which}: already stopping; a step in flight (a minted key being delivered) is still finished; kill -9 abandons it to crash recovery"
                 );
             }
         }

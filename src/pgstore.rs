@@ -146,7 +146,7 @@ struct Inner {
     /// Why the connection was lost, once it was.
     lost: Arc<Mutex<Option<String>>>,
     /// When the database last answered.
-    heard: Arc<Mutex<Instant>>,
+    heard: Arc<Mutex<Boot>>,
     /// A state directory whose state is copied in when the database holds none yet.
     migrate_from: Mutex<Option<std::path::PathBuf>>,
 }
@@ -408,7 +408,7 @@ impl PgStore {
                 jobs: Mutex::new(None),
                 term: AtomicI64::new(0),
                 lost: Arc::default(),
-                heard: Arc::new(Mutex::new(Instant::now())),
+                heard: Arc::new(Mutex::new(Boot::now())),
                 migrate_from: Mutex::new(None),
             }),
         }
@@ -502,6 +502,26 @@ impl PgStore {
     /// The term this process holds (0: none).
     pub fn term(&self) -> i64 {
         self.inner.term.load(Ordering::SeqCst)
+    }
+}
+
+/// A reading of the clock that keeps counting while the host is suspended (`CLOCK_BOOTTIME`),
+/// as the database server's clock does: [`Instant`] stops during a suspend (and some VM
+/// pauses), and a lease measured by it would still look fresh to a host just resumed.
+#[derive(Debug, Clone, Copy)]
+struct Boot(Duration);
+
+impl Boot {
+    fn now() -> Boot {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        Boot(Duration::new(
+            u64::try_from(t.tv_sec).unwrap_or(0),
+            u32::try_from(t.tv_nsec).unwrap_or(0),
+        ))
+    }
+
+    fn elapsed(self) -> Duration {
+        Boot::now().0.saturating_sub(self.0)
     }
 }
 
@@ -731,7 +751,7 @@ fn serve(
     mut client: postgres::Client,
     queue: mpsc::Receiver<Job>,
     lost: Arc<Mutex<Option<String>>>,
-    heard: Arc<Mutex<Instant>>,
+    heard: Arc<Mutex<Boot>>,
 ) {
     let mark = |why: String| {
         let mut l = lost.lock().unwrap_or_else(|e| e.into_inner());
@@ -753,7 +773,7 @@ fn serve(
         if client.is_closed() {
             mark("the server closed it".into());
         } else {
-            *heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            *heard.lock().unwrap_or_else(|e| e.into_inner()) = Boot::now();
         }
     }
 }

@@ -573,7 +573,7 @@ impl Daemon {
                     tracing::info!("{summary}");
                 } else {
                     let closing = if self.engine.store.lost().is_some() {
-                        "Everything done is recorded; whichever daemon leads next finishes the rest."
+                        "The lead was lost: whichever daemon leads next finishes the rest, recovering from the journal what this one could not record."
                     } else {
                         "Everything done is recorded; the next run finishes the rest."
                     };
