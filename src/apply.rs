@@ -891,7 +891,7 @@ impl Executor {
         if result.is_err() {
             // Fenced like the delivery: a leader that lost its lead puts nothing back, since
             // the next leader may have written the file since.
-            let fence = self.lease_fence();
+            let fence = crate::store::lease_fence(&self.store);
             for (path, previous) in written.into_iter().rev() {
                 let shown = path.display().to_string();
                 let fence = Arc::clone(&fence);
@@ -908,12 +908,6 @@ impl Executor {
             }
         }
         result.map_err(|error| DeliveryFailure { error, reached })
-    }
-
-    /// The check of the state lock's lease that fences every write to a sink.
-    fn lease_fence(&self) -> crate::files::Fence {
-        let store = Arc::clone(&self.store);
-        Arc::new(move || store.check_lease())
     }
 
     /// [`Self::deliver_all`]'s loop; records each file sink it wrote with what the file held
@@ -936,7 +930,7 @@ impl Executor {
             // leader may have moved the slot on, and this key would overwrite its newer one.
             // Checked again right before a file sink's file is replaced, under its lock.
             self.store.check_lease()?;
-            let fence = self.lease_fence();
+            let fence = crate::store::lease_fence(&self.store);
             let watch = self.store.shared();
             (|| async { sinks::deliver(sink, doc, &fence, watch).await })
                 .retry(

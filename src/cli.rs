@@ -212,6 +212,12 @@ pub enum StateCommand {
     Show,
 }
 
+/// `keyward sink-guard`, its heartbeat given as descriptor and gap in ms (both or neither).
+fn sink_guard(argv: &[String], fd: Option<i32>, gap_ms: Option<u64>) -> ExitCode {
+    let heartbeat = fd.zip(gap_ms.map(std::time::Duration::from_millis));
+    crate::sinks::exec::guard(argv, heartbeat)
+}
+
 /// Entry point of the `keyward` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -221,8 +227,7 @@ pub fn main() -> ExitCode {
         heartbeat_gap_ms,
     } = &cli.command
     {
-        let heartbeat = heartbeat_fd.zip(heartbeat_gap_ms.map(std::time::Duration::from_millis));
-        return crate::sinks::exec::guard(argv, heartbeat);
+        return sink_guard(argv, *heartbeat_fd, *heartbeat_gap_ms);
     }
     if let Ok(exe) = std::env::current_exe() {
         crate::sinks::exec::use_guard(exe);
@@ -556,10 +561,7 @@ async fn dispatch(cli: &Cli, shutdown: &CancellationToken) -> anyhow::Result<Exi
             argv,
             heartbeat_fd,
             heartbeat_gap_ms,
-        } => Ok(crate::sinks::exec::guard(
-            argv,
-            heartbeat_fd.zip(heartbeat_gap_ms.map(std::time::Duration::from_millis)),
-        )),
+        } => Ok(sink_guard(argv, *heartbeat_fd, *heartbeat_gap_ms)),
     }
 }
 

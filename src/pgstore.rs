@@ -359,22 +359,27 @@ fn application_name(identity: &str) -> String {
     name
 }
 
-/// The `application_name` of the session holding the leader's advisory lock in this database
-/// (a bigint key is held as class id = its high 32 bits, object id = its low 32 bits,
-/// `objsubid` 1; `pg_locks` lists every database's).
-const HOLDER_SESSION: &str = "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-     AND l.classid = (($1::bigint >> 32) & 4294967295)::oid AND l.objid = ($1::bigint & 4294967295)::oid \
-     LIMIT 1";
-
-/// [`HOLDER_SESSION`], not counting this session (a row, its name perhaps hidden: the lock
-/// is held elsewhere).
-const HOLDER_SESSION_ELSEWHERE: &str = "SELECT a.application_name FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+/// The `application_name` of another session holding the leader's advisory lock in this
+/// database: a row when one holds it, its name `NULL` where this role may not see it (a bigint
+/// key is held as class id = its high 32 bits, object id = its low 32 bits, `objsubid` 1;
+/// `pg_locks` lists every database's).
+const HOLDER_SESSION: &str = "SELECT a.application_name FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND l.pid <> pg_backend_pid() \
      AND l.classid = (($1::bigint >> 32) & 4294967295)::oid AND l.objid = ($1::bigint & 4294967295)::oid \
      LIMIT 1";
+
+/// Who holds the lock, in words (see [`holder_of`]), given the holding session's name: the
+/// recorded leader is read here.
+fn name_holder(
+    client: &mut postgres::Client,
+    session: Option<String>,
+) -> anyhow::Result<Option<String>> {
+    let recorded: Option<String> = client
+        .query_opt("SELECT value FROM keyward_meta WHERE key = 'leader'", &[])?
+        .map(|r| r.get(0));
+    Ok(holder_of(recorded, session))
+}
 
 /// Who holds the lock, in words: the recorded leader (`HOST pid N, term T`) when the holding
 /// session is that process, else the holding session's process (it is taking the lead).
@@ -931,15 +936,11 @@ impl Store for PgStore {
         }
         self.inner
             .run(|client| {
-                let Some(row) = client.query_opt(HOLDER_SESSION_ELSEWHERE, &[&LEADER_LOCK])? else {
+                let Some(row) = client.query_opt(HOLDER_SESSION, &[&LEADER_LOCK])? else {
                     return Ok(None);
                 };
-                let session: Option<String> = row.get(0);
-                let recorded: Option<String> = client
-                    .query_opt("SELECT value FROM keyward_meta WHERE key = 'leader'", &[])?
-                    .map(|r| r.get(0));
                 Ok(Some(
-                    holder_of(recorded, session)
+                    name_holder(client, row.get(0))?
                         .map(|h| format!("another keyward process ({h})"))
                         .unwrap_or_else(|| "another keyward process".to_string()),
                 ))
@@ -1042,9 +1043,6 @@ impl Store for PgStore {
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])?
                 .get(0);
             if !got {
-                let recorded: Option<String> = client
-                    .query_opt("SELECT value FROM keyward_meta WHERE key = 'leader'", &[])?
-                    .map(|r| r.get(0));
                 // The session that holds the lock names its process; the recorded leader may
                 // be the one before it, when the holder has only just taken the lock.
                 let session: Option<String> = client
@@ -1052,7 +1050,7 @@ impl Store for PgStore {
                     .ok()
                     .flatten()
                     .and_then(|r| r.get::<_, Option<String>>(0));
-                let holder = holder_of(recorded, session);
+                let holder = name_holder(client, session)?;
                 return Err(anyhow::Error::new(Locked(format!(
                     "the state database {shown} is locked by another keyward process{}",
                     holder

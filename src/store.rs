@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -77,6 +77,25 @@ pub trait JournalLog: Send + Sync {
     fn append(&self, seq: u64, event: Event, durable: bool) -> anyhow::Result<()>;
     /// Keeps only the unfinished operations `keep` accepts.
     fn compact(&self, keep: &dyn Fn(&Unfinished) -> bool) -> anyhow::Result<()>;
+}
+
+/// ` (pid N)`: who the lock file at `path` says holds it, escaped; empty when it says nothing.
+fn holder_in(path: &Path) -> String {
+    let holder = crate::files::read_bounded(path, 4096, false)
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    if holder.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", crate::text::escape(&holder))
+    }
+}
+
+/// The check of `store`'s lease, as a fence for writes that must stop once the lead may be
+/// gone (sinks, `/metrics`; see [`Store::check_lease`]).
+pub fn lease_fence(store: &Arc<dyn Store>) -> crate::files::Fence {
+    let store = Arc::clone(store);
+    Arc::new(move || store.check_lease())
 }
 
 /// One user's record to store: provider account, user name, and the record (`None`: forgotten).
@@ -151,14 +170,7 @@ impl StateDir {
         match file.try_lock_shared() {
             Ok(()) => None,
             Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = crate::files::read_bounded(&path, 4096, false)
-                    .map(|b| String::from_utf8_lossy(&b).trim().to_string())
-                    .unwrap_or_default();
-                Some(if holder.is_empty() {
-                    "another keyward process".to_string()
-                } else {
-                    format!("another keyward process ({})", crate::text::escape(&holder))
-                })
+                Some(format!("another keyward process{}", holder_in(&path)))
             }
             Err(std::fs::TryLockError::Error(_)) => None,
         }
@@ -173,17 +185,10 @@ impl StateDir {
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = crate::files::read_bounded(&path, 4096, false)
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .unwrap_or_default();
                 return Err(anyhow::Error::new(Locked(format!(
                     "the state directory {} is locked by another keyward process{}; wait for it to finish",
                     self.dir.display(),
-                    if holder.trim().is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", crate::text::escape(holder.trim()))
-                    }
+                    holder_in(&path)
                 ))));
             }
             Err(std::fs::TryLockError::Error(e)) => {

@@ -983,7 +983,8 @@ impl Daemon {
                         .unwrap_or_default()
                 );
                 self.metrics.set_leader(true, leader.as_deref());
-                self.metrics.set_lease(Some(lease_of(&self.engine.store)));
+                self.metrics
+                    .set_lease(Some(crate::store::lease_fence(&self.engine.store)));
                 // As at start: every account listed, what an earlier leader left recovered.
                 self.next_interval = Instant::now();
                 true
@@ -1042,12 +1043,6 @@ impl Daemon {
         let secs = wake.saturating_duration_since(Instant::now()).as_secs();
         crate::text::escape(&format!("{}; next run in {secs}s", self.last_outcome)).into_owned()
     }
-}
-
-/// The check of `store`'s lease, for `/metrics` (see [`Metrics::set_lease`]).
-fn lease_of(store: &Arc<dyn crate::store::Store>) -> crate::files::Fence {
-    let store = Arc::clone(store);
-    Arc::new(move || store.check_lease())
 }
 
 /// Folds a targeted read into what is known of the accounts: the scoped users and the keys
@@ -1205,7 +1200,7 @@ pub async fn run(path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<(
         let leader = daemon.engine.store.leader();
         metrics.set_leader(daemon.standby.is_none(), leader.as_deref());
         if daemon.standby.is_none() {
-            metrics.set_lease(Some(lease_of(&daemon.engine.store)));
+            metrics.set_lease(Some(crate::store::lease_fence(&daemon.engine.store)));
         }
     }
 
